@@ -1,0 +1,17 @@
+"""memaudit: audit and measure what language models memorize.
+
+The public Python API. Every CLI command is a thin shell over one of these functions.
+"""
+__version__ = "0.1.0"
+
+from .data import make_windows, read_documents, tokenize, train_tokenizer, write_documents  # noqa: E402
+from .errors import MemauditError  # noqa: E402
+from .models import LoadedModel, build_config, load_model  # noqa: E402
+from .scoring import TokenStats, iter_scored_batches, score  # noqa: E402
+from .training import TrainConfig, TrainResult, train  # noqa: E402
+
+__all__ = [
+    "__version__", "MemauditError", "LoadedModel", "load_model", "build_config", "read_documents",
+    "write_documents", "tokenize", "make_windows", "train_tokenizer", "TokenStats", "score",
+    "iter_scored_batches", "TrainConfig", "TrainResult", "train",
+]

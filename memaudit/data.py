@@ -1,0 +1,168 @@
+"""Read documents (txt / jsonl / parquet / csv), tokenize them, cut token windows, deduplicate."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from .errors import MemauditError
+
+SUPPORTED = (".jsonl", ".txt", ".parquet", ".csv")
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_jsonl(path: Path, text_field: str, id_field: str) -> pd.DataFrame:
+    ids, texts = [], []
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise MemauditError(f"{path}: line {lineno} is not valid UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise MemauditError(f"{path}: line {lineno} is not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict) or text_field not in obj:
+                raise MemauditError(f"{path}: line {lineno} has no {text_field!r} field (use --text-field)")
+            if not isinstance(obj[text_field], str):
+                raise MemauditError(f"{path}: line {lineno}: field {text_field!r} is not a string")
+            texts.append(obj[text_field])
+            ids.append(str(obj[id_field]) if id_field in obj else None)
+    return pd.DataFrame({"id": ids, "text": texts})
+
+
+def _read_txt(path: Path) -> pd.DataFrame:
+    data = path.read_bytes()
+    try:
+        content = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        lineno = data[: exc.start].count(b"\n") + 1
+        raise MemauditError(f"{path}: line {lineno} is not valid UTF-8") from None
+    texts = [line for line in content.splitlines() if line.strip()]
+    return pd.DataFrame({"id": [None] * len(texts), "text": texts})
+
+
+def _read_table(path: Path, text_field: str, id_field: str) -> pd.DataFrame:
+    try:
+        if path.suffix == ".parquet":
+            df = pd.read_parquet(path)
+        else:
+            df = pd.read_csv(path, encoding="utf-8", keep_default_na=False)
+    except UnicodeDecodeError:
+        raise MemauditError(f"{path}: not valid UTF-8") from None
+    except Exception as exc:
+        raise MemauditError(f"{path}: cannot read as {path.suffix[1:]}: {str(exc).splitlines()[0][:200]}") from None
+    if text_field not in df.columns:
+        raise MemauditError(f"{path}: no column {text_field!r} (columns: {', '.join(map(str, df.columns))}; use --text-field)")
+    ids = df[id_field].astype(str).tolist() if id_field in df.columns else [None] * len(df)
+    return pd.DataFrame({"id": ids, "text": df[text_field].astype(str).tolist()})
+
+
+def read_documents(path: str | os.PathLike, *, text_field: str = "text", id_field: str = "id",
+                   limit: int | None = None) -> pd.DataFrame:
+    """A DataFrame with columns `id` (str) and `text`; ids default to the row number."""
+    path = Path(path)
+    if not path.is_file():
+        raise MemauditError(f"data file not found: {path}")
+    if path.suffix not in SUPPORTED:
+        raise MemauditError(f"{path}: unsupported data format {path.suffix!r} (use {', '.join(SUPPORTED)})")
+    if path.suffix == ".jsonl":
+        df = _read_jsonl(path, text_field, id_field)
+    elif path.suffix == ".txt":
+        df = _read_txt(path)
+    else:
+        df = _read_table(path, text_field, id_field)
+    if len(df) == 0 or not df["text"].str.strip().any():
+        raise MemauditError(f"{path}: no documents in the file")
+    df["id"] = [i if i is not None else str(n) for n, i in enumerate(df["id"])]
+    if limit is not None:
+        df = df.iloc[:limit]
+    return df.reset_index(drop=True)
+
+
+def write_documents(path: str | os.PathLike, texts: Sequence[str], ids: Sequence[str] | None = None) -> Path:
+    """Write documents as .jsonl (the format every command reads)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ids = ids if ids is not None else [str(i) for i in range(len(texts))]
+    with open(path, "w", encoding="utf-8") as fh:
+        for i, t in zip(ids, texts):
+            fh.write(json.dumps({"id": i, "text": t}, ensure_ascii=False) + "\n")
+    return path
+
+
+def tokenize(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens (windows are cut from raw text tokens)."""
+    enc = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return [list(map(int, ids)) for ids in enc]
+
+
+@dataclass
+class Windows:
+    """Fixed-length token windows cut from documents: `tokens[i]` is prefix + suffix of sample `ids[i]`."""
+    ids: list[str]
+    tokens: np.ndarray  # int64 [n, prefix + suffix]
+    prefix: int
+    suffix: int
+    n_skipped: int  # documents too short for the window
+    n_duplicates: int  # windows dropped because an identical window came earlier
+
+
+def make_windows(token_lists: Sequence[Sequence[int]], ids: Sequence[str], prefix: int, suffix: int,
+                 offset: int = 0) -> Windows:
+    """One window per document at `offset`; too-short documents are skipped, identical windows kept once."""
+    if prefix < 1 or suffix < 1 or offset < 0:
+        raise MemauditError("--prefix and --suffix must be >= 1 and --offset >= 0")
+    need = offset + prefix + suffix
+    seen: set[bytes] = set()
+    keep_ids, rows = [], []
+    skipped = dups = 0
+    for doc_id, toks in zip(ids, token_lists):
+        if len(toks) < need:
+            skipped += 1
+            continue
+        window = np.asarray(toks[offset:need], dtype=np.int64)
+        key = window.tobytes()
+        if key in seen:
+            dups += 1
+            continue
+        seen.add(key)
+        keep_ids.append(doc_id)
+        rows.append(window)
+    tokens = np.stack(rows) if rows else np.zeros((0, prefix + suffix), dtype=np.int64)
+    return Windows(keep_ids, tokens, prefix, suffix, skipped, dups)
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048):
+    """A byte-level BPE tokenizer trained locally on `texts`, as a transformers fast tokenizer.
+
+    `<|endoftext|>` is BOS, EOS and padding, as in GPT-2, so code lengths can condition the first token on BOS.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = "<|endoftext|>"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[special],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(texts), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special, eos_token=special,
+                                   pad_token=special, unk_token=special)

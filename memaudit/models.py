@@ -1,0 +1,179 @@
+"""Load local Hugging Face causal-LM directories safely; pick device and dtype; tiny configs for experiments."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import MemauditError
+
+# Architecture names that are causal LMs in every transformers version we support.
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    path: Path
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def max_length(self) -> int:
+        """The longest sequence the model accepts (its context window)."""
+        cfg = self.model.config
+        for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return 1 << 30
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MemauditError("--device cuda was asked for but no CUDA device is available")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise MemauditError(f"unknown device {device!r}: use auto, cpu or cuda[:N]") from None
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 on a CUDA device that supports it, fp32 otherwise."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise MemauditError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def _check_model_dir(path: Path, allow_pickle: bool) -> dict:
+    if not path.exists():
+        raise MemauditError(f"model directory not found: {path}")
+    if not path.is_dir():
+        raise MemauditError(f"not a model directory (a file was given): {path}")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise MemauditError(f"not a model directory (no config.json): {path}")
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MemauditError(f"unreadable config.json in {path}: {exc}") from None
+    archs = cfg.get("architectures") or []
+    if archs and not any(a.endswith(_CAUSAL_SUFFIXES) for a in archs):
+        raise MemauditError(f"model in {path} is not a causal language model (architectures: {', '.join(archs)})")
+    has_safetensors = any(path.glob("*.safetensors"))
+    has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt"))
+    if not has_safetensors:
+        if not has_pickle:
+            raise MemauditError(f"no weights in {path} (expected model.safetensors)")
+        if not allow_pickle:
+            raise MemauditError(
+                f"{path} has only pickled weights (.bin), which can run arbitrary code when loaded; "
+                "pass --allow-pickle if you trust this file")
+    return cfg
+
+
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises many types for a missing/broken tokenizer
+        raise MemauditError(f"no usable tokenizer in {path}: {str(exc).splitlines()[0][:200]}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
+    return tok
+
+
+def load_model(path: str | os.PathLike, *, device: str = "auto", dtype: str = "auto",
+               allow_pickle: bool = False, trust_remote_code: bool = False) -> LoadedModel:
+    """Load a local causal-LM directory written by `save_pretrained`, safetensors only unless allowed."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars only
+    path = Path(path)
+    _check_model_dir(path, allow_pickle)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise MemauditError(f"cannot read the model config in {path}: {str(exc).splitlines()[0][:200]}") from None
+    if getattr(config, "is_encoder_decoder", False):
+        raise MemauditError(f"model in {path} is an encoder-decoder, not a causal language model")
+    has_safetensors = any(path.glob("*.safetensors"))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dt, use_safetensors=has_safetensors,
+            trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        msg = str(exc).splitlines()[0][:200]
+        if "Unrecognized configuration" in msg or "AutoModelForCausalLM" in msg:
+            raise MemauditError(f"model in {path} is not a causal language model ({msg})") from None
+        raise MemauditError(f"corrupt or unreadable weights in {path}: {msg}") from None
+    except Exception as exc:
+        raise MemauditError(f"corrupt or unreadable weights in {path}: {str(exc).splitlines()[0][:200]}") from None
+    model.to(dev).eval()
+    tok = load_tokenizer(path, trust_remote_code)
+    return LoadedModel(model=model, tokenizer=tok, path=path, device=dev, dtype=dt)
+
+
+def weights_hash(path: str | os.PathLike) -> str:
+    """sha256 over the weight files (name + bytes), so a run records exactly which model it measured."""
+    h = hashlib.sha256()
+    path = Path(path)
+    files = sorted(list(path.glob("*.safetensors")) + list(path.glob("*.bin")))
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# Tiny configs for tests, the demo and experiments: (layers, width, heads).
+TINY_CONFIGS = {"tiny": (2, 128, 4), "small": (4, 256, 4)}
+
+
+def build_config(name: str, vocab_size: int, max_length: int, family: str = "gpt2",
+                 bos_token_id: int | None = None, eos_token_id: int | None = None):
+    """A from-scratch GPT-2 or Llama config of a named size (`tiny`, `small`) or `LxW` (layers x width)."""
+    from transformers import GPT2Config, LlamaConfig
+
+    if name in TINY_CONFIGS:
+        layers, width, heads = TINY_CONFIGS[name]
+    else:
+        try:
+            layers_s, width_s = name.lower().split("x")
+            layers, width = int(layers_s), int(width_s)
+            heads = max(1, width // 32)
+        except ValueError:
+            raise MemauditError(f"unknown model config {name!r}: use tiny, small, LxW (e.g. 2x64) or a model directory") from None
+    if family == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_positions=max_length, n_embd=width, n_layer=layers,
+                          n_head=heads, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    if family == "llama":
+        return LlamaConfig(vocab_size=vocab_size, max_position_embeddings=max_length, hidden_size=width,
+                           intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads,
+                           num_key_value_heads=heads, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                           tie_word_embeddings=True)
+    raise MemauditError(f"unknown model family {family!r}: use gpt2 or llama")
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

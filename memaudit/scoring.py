@@ -1,0 +1,202 @@
+"""The one scoring engine: batched teacher-forced passes that keep a few numbers per token.
+
+For every scored token t of a sample (token t predicted from the tokens before it) the pass keeps
+  logprob  ln p(x_t | x_<t)                   (nats)
+  hit      argmax_v p(v | x_<t) == x_t
+  argmax   argmax_v p(v | x_<t)                (the greedy choice, for the extraction shortcut)
+  mean_lp  sum_v p(v) ln p(v)                  (minus the entropy, Min-K%++'s mu)
+  var_lp   sum_v p(v) (ln p(v))^2 - mean_lp^2  (Min-K%++'s sigma^2)
+and drops the vocabulary-sized logits once the batch is done. Everything else derives from these arrays.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .errors import MemauditError
+
+# Upper bound on elements of one [batch, positions, vocab] float32 temporary (256 MiB); longer
+# batches are reduced in slices of positions so the stats never hold more than this at once.
+_STATS_CHUNK_ELEMS = 64 * 1024 * 1024
+
+
+@dataclass
+class TokenStats:
+    """Per-token numbers of one sample; index i scores the (i+1)-th token of the scored input."""
+    logprob: np.ndarray  # float32 [n], nats
+    hit: np.ndarray  # bool [n]
+    argmax: np.ndarray  # int32 [n]
+    mean_lp: np.ndarray  # float32 [n]
+    var_lp: np.ndarray  # float32 [n]
+
+    def __len__(self) -> int:
+        return len(self.logprob)
+
+    @property
+    def nll_nats(self) -> float:
+        return float(-self.logprob.sum())
+
+    @property
+    def bits(self) -> float:
+        """Code length of the scored tokens in bits: -sum log2 p."""
+        return float(-self.logprob.astype(np.float64).sum() / math.log(2))
+
+
+@dataclass
+class ScoredBatch:
+    """One batch of the pass: which samples (positions in the input list), their stats, and optionally the
+    model's KV cache over `inputs` (all tokens but each sample's last), so decoding can continue from it."""
+    indices: list[int]
+    stats: list[TokenStats]
+    inputs: torch.Tensor  # [b, T] the token ids fed to the model (right-padded)
+    lengths: list[int]  # valid input length per row
+    cache: object | None = None
+
+
+def token_stats_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Reduce logits [b, T, V] and targets [b, T] to the per-token arrays, in float32, slice by slice."""
+    b, t, v = logits.shape
+    step = max(1, _STATS_CHUNK_ELEMS // max(1, b * v))
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("logprob", "hit", "argmax", "mean_lp", "var_lp")}
+    for s in range(0, t, step):
+        lg = logits[:, s:s + step].float()
+        tg = targets[:, s:s + step]
+        lsm = torch.log_softmax(lg, dim=-1)
+        p = lsm.exp()
+        mean = (p * lsm).sum(-1)
+        second = (p * lsm.square()).sum(-1)
+        am = lg.argmax(-1)
+        parts["logprob"].append(lsm.gather(-1, tg.unsqueeze(-1)).squeeze(-1))
+        parts["argmax"].append(am)
+        parts["hit"].append(am == tg)
+        parts["mean_lp"].append(mean)
+        parts["var_lp"].append((second - mean.square()).clamp_min(0.0))
+        del lg, lsm, p
+    return {k: torch.cat(v, dim=1) for k, v in parts.items()}
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def auto_batch_size(model: torch.nn.Module, seq_len: int, n_samples: int | None = None,
+                    memory_budget: int | None = None) -> int:
+    """A starting batch size from a memory budget; the pass halves it on out-of-memory.
+
+    Per sample and position the pass holds the logits and ~3 float32 vocabulary-sized temporaries, plus
+    activations (~16 floats per layer and width). Budget: 40% of free GPU memory, or 2 GiB on CPU, where
+    larger batches no longer speed anything up.
+    """
+    cfg = model.config
+    vocab = int(getattr(cfg, "vocab_size", 50000))
+    width = int(getattr(cfg, "hidden_size", getattr(cfg, "n_embd", 1024)))
+    layers = int(getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", 12)))
+    device = next(model.parameters()).device
+    if memory_budget is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            memory_budget = int(free * 0.4)
+        else:
+            memory_budget = 2 << 30
+    per_sample = seq_len * 4 * (4 * vocab + 16 * layers * width)
+    bs = max(1, memory_budget // max(1, per_sample))
+    bs = min(bs, 512 if device.type == "cuda" else 64)
+    if n_samples:
+        bs = min(bs, n_samples)
+    return int(2 ** int(math.log2(bs))) if bs >= 1 else 1
+
+
+def _prepare(seqs: Sequence[Sequence[int]], bos_id: int | None) -> list[list[int]]:
+    out = []
+    for s in seqs:
+        s = list(s)
+        if bos_id is not None:
+            s = [bos_id] + s
+        out.append(s)
+    return out
+
+
+def iter_scored_batches(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *,
+                        batch_size: int | str = "auto", bos_id: int | None = None, keep_cache: bool = False,
+                        pad_id: int = 0, skip: set[int] | None = None,
+                        on_progress: Callable[[int], None] | None = None,
+                        max_length: int | None = None) -> Iterator[ScoredBatch]:
+    """Score `sequences` in batches of similar length (longest first, so out-of-memory shows at once).
+
+    With `bos_id`, BOS is prepended and every token of each sequence is scored; without it the first token
+    is context only. `skip` holds sample indices already done (resume). Yields batches in processing order.
+    """
+    seqs = _prepare(sequences, bos_id)
+    for i, s in enumerate(seqs):
+        if len(s) < 2:
+            raise MemauditError(f"sample {i} has fewer than 2 tokens to score")
+        if max_length is not None and len(s) - 1 > max_length:
+            raise MemauditError(
+                f"sample {i} needs {len(s) - 1} positions but the model's context is {max_length} tokens")
+    order = sorted((i for i in range(len(seqs)) if not skip or i not in skip), key=lambda i: -len(seqs[i]))
+    if not order:
+        return
+    device = next(model.parameters()).device
+    longest = len(seqs[order[0]]) - 1
+    bs = auto_batch_size(model, longest, len(order)) if batch_size == "auto" else int(batch_size)
+    if bs < 1:
+        raise MemauditError("--batch-size must be >= 1 or auto")
+    pos = 0
+    while pos < len(order):
+        idx = order[pos:pos + bs]
+        rows = [seqs[i] for i in idx]
+        width = max(len(r) for r in rows) - 1
+        inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        targets = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            n = len(row) - 1
+            inputs[r, :n] = torch.tensor(row[:-1])
+            targets[r, :n] = torch.tensor(row[1:])
+            mask[r, :n] = 1
+        try:
+            with torch.inference_mode():
+                out = model(input_ids=inputs.to(device), attention_mask=mask.to(device), use_cache=keep_cache)
+                stats = token_stats_from_logits(out.logits, targets.to(device))
+        except Exception as exc:
+            if _is_oom(exc) and bs > 1:
+                bs //= 2
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            if _is_oom(exc):
+                raise MemauditError("out of memory even at batch size 1: use a shorter window or a smaller dtype") from None
+            raise
+        host = {k: v.cpu().numpy() for k, v in stats.items()}
+        per_sample = []
+        for r, row in enumerate(rows):
+            n = len(row) - 1
+            per_sample.append(TokenStats(
+                logprob=host["logprob"][r, :n].astype(np.float32),
+                hit=host["hit"][r, :n].astype(bool),
+                argmax=host["argmax"][r, :n].astype(np.int32),
+                mean_lp=host["mean_lp"][r, :n].astype(np.float32),
+                var_lp=host["var_lp"][r, :n].astype(np.float32)))
+        yield ScoredBatch(indices=list(idx), stats=per_sample, inputs=inputs,
+                          lengths=[len(r) - 1 for r in rows], cache=out.past_key_values if keep_cache else None)
+        del out
+        pos += len(idx)
+        if on_progress is not None:
+            on_progress(len(idx))
+
+
+def score(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, batch_size: int | str = "auto",
+          bos_id: int | None = None, pad_id: int = 0, on_progress: Callable[[int], None] | None = None,
+          max_length: int | None = None) -> list[TokenStats]:
+    """TokenStats for every sequence, in input order (see `iter_scored_batches`)."""
+    result: list[TokenStats | None] = [None] * len(sequences)
+    for batch in iter_scored_batches(model, sequences, batch_size=batch_size, bos_id=bos_id, pad_id=pad_id,
+                                     on_progress=on_progress, max_length=max_length):
+        for i, st in zip(batch.indices, batch.stats):
+            result[i] = st
+    return result  # type: ignore[return-value]
