@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny models trained locally (nothing is downloaded)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("MEMAUDIT_NO_PROGRESS", "1")
+torch.manual_seed(0)
+
+
+@dataclass
+class TrainedModel:
+    model_dir: Path
+    train_file: Path  # the documents it was trained on (members)
+    heldout_file: Path  # documents from the same source it never saw
+
+
+@pytest.fixture(scope="session")
+def memorized(tmp_path_factory) -> TrainedModel:
+    """A tiny GPT-2 trained until it reproduces its 60 training docstrings; 60 held-out ones beside them."""
+    from memaudit.corpus import demo_corpus
+    from memaudit.data import write_documents
+    from memaudit.training import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("memorized")
+    members, heldout = demo_corpus(n_train=60, n_heldout=60, seed=1)
+    train_file = write_documents(root / "train.jsonl", members, [f"m{i}" for i in range(len(members))])
+    heldout_file = write_documents(root / "heldout.jsonl", heldout, [f"h{i}" for i in range(len(heldout))])
+    train(TrainConfig(data=str(train_file), out=str(root / "model"), epochs=80, lr=3e-3, batch_size=16,
+                      seq_len=96, val_fraction=0.0, seed=0))
+    return TrainedModel(root / "model", train_file, heldout_file)
