@@ -1,0 +1,98 @@
+"""torch.distributed helpers for commands run under `torchrun`: rank, world, shards, gather to rank 0.
+
+Every helper also works in a plain single process (rank 0 of a world of 1), so callers write one code path:
+shard the work with `shard_indices`, compute the local part, `gather_sharded` it to rank 0, and let only
+rank 0 write the run directory. Collectives must be called in the same order on every rank.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """True when a process group is up (or torchrun launched us and `init_from_env` will bring it up)."""
+    return (dist.is_available() and dist.is_initialized()) or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(device: torch.device | None = None) -> bool:
+    """Start the process group torchrun describes in the environment (gloo on CPU, NCCL on CUDA).
+
+    Returns True when running distributed. Idempotent; a no-op in a single process.
+    """
+    if not dist.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        use_nccl = device is not None and device.type == "cuda"
+        if use_nccl:
+            torch.cuda.set_device(local_rank())
+        dist.init_process_group(backend="nccl" if use_nccl else "gloo")
+    return True
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def rank_device(device: str) -> str:
+    """Under torchrun each rank uses its own GPU: `auto`/`cuda` become `cuda:<local rank>`."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available() and device in ("auto", "cuda"):
+        return f"cuda:{local_rank()}"
+    return device
+
+
+def shard_indices(n: int, rank_: int | None = None, world: int | None = None) -> list[int]:
+    """This rank's items out of n: every world-th one starting at rank (strided, so lengths balance)."""
+    r = rank() if rank_ is None else rank_
+    w = world_size() if world is None else world
+    return list(range(r, n, w))
+
+
+def gather_object(obj: Any) -> list[Any] | None:
+    """Every rank's `obj`, in rank order, on rank 0; None on the other ranks."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] | None = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def gather_sharded(local: Sequence[Any], indices: Sequence[int], n: int) -> list[Any] | None:
+    """Reassemble per-item results computed for `indices` on each rank into one list of n on rank 0."""
+    parts = gather_object((list(indices), list(local)))
+    if parts is None:
+        return None
+    full: list[Any] = [None] * n
+    for idx, vals in parts:
+        for i, v in zip(idx, vals):
+            full[i] = v
+    return full
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
