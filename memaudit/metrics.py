@@ -116,3 +116,57 @@ def bootstrap_roc(scores, labels, *, n: int = 1000, seed: int = 0, fpr_targets=(
     for j, t in enumerate(fpr_targets):
         out[f"tpr_at_fpr_{t:g}"] = np.percentile(tprs[:, j], [lo, hi]).tolist()
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ROUGE-L
+# ---------------------------------------------------------------------------------------------------------
+# rouge-score's default tokenizer (no stemmer): lowercase, every run of characters outside [a-z0-9] becomes a
+# space, split on whitespace, keep the non-empty [a-z0-9]+ tokens. Non-ASCII letters are dropped, as there.
+import re as _re  # noqa: E402
+from typing import Hashable, Sequence  # noqa: E402
+
+_NON_ALNUM = _re.compile(r"[^a-z0-9]+")
+
+
+def rouge_tokenize(text: str) -> list[str]:
+    """Word tokens exactly as `rouge_score.tokenize.tokenize(text, stemmer=None)` makes them."""
+    return [t for t in _NON_ALNUM.sub(" ", text.lower()).split() if t]
+
+
+def lcs_length(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
+    """Length of the longest common subsequence, bit-parallel (Allison-Dix / Hyyro): O(len(b)) big-int steps.
+
+    Bit i of `v` is 0 where row i of the classic DP table grows; the LCS length is the number of 0 bits.
+    """
+    if not a or not b:
+        return 0
+    masks: dict = {}
+    for i, x in enumerate(a):
+        masks[x] = masks.get(x, 0) | (1 << i)
+    full = (1 << len(a)) - 1
+    v = full
+    for y in b:
+        u = v & masks.get(y, 0)
+        v = ((v + u) | (v - u)) & full
+    return len(a) - bin(v).count("1")
+
+
+def rouge_l_f(target: Sequence[Hashable], prediction: Sequence[Hashable]) -> float:
+    """ROUGE-L F-measure between two token sequences, with rouge-score's arithmetic (0 if either is empty)."""
+    if not target or not prediction:
+        return 0.0
+    lcs = lcs_length(target, prediction)
+    precision = lcs / len(prediction)
+    recall = lcs / len(target)
+    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+
+
+def rouge_l_text(target: str, prediction: str) -> float:
+    """ROUGE-L F-measure on words, equal to `RougeScorer(['rougeL']).score(target, prediction)['rougeL'].fmeasure`."""
+    return rouge_l_f(rouge_tokenize(target), rouge_tokenize(prediction))
+
+
+def rouge_l_ids(target: np.ndarray | Sequence[int], prediction: np.ndarray | Sequence[int]) -> float:
+    """ROUGE-L F-measure on token ids."""
+    return rouge_l_f([int(t) for t in target], [int(t) for t in prediction])
