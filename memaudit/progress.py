@@ -13,9 +13,9 @@ def _enabled() -> bool:
 
 @contextmanager
 def progress_bar(total: int, description: str) -> Iterator[Callable[[int], None]]:
-    """Yields `advance(n)`; a no-op when stderr is not a terminal."""
+    """Yields `advance(n, description=None)`; a no-op when stderr is not a terminal."""
     if not _enabled() or total <= 0:
-        yield lambda n=1: None
+        yield lambda n=1, description=None: None
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -23,4 +23,6 @@ def progress_bar(total: int, description: str) -> Iterator[Callable[[int], None]
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=Console(stderr=True), transient=False) as prog:
         task = prog.add_task(description, total=total)
-        yield lambda n=1: prog.advance(task, n)
+        # `advance(n, description=...)` also updates the label, e.g. with the running loss
+        yield lambda n=1, description=None: prog.update(
+            task, advance=n, **({"description": description} if description else {}))

@@ -1,15 +1,23 @@
-"""A small, readable trainer for causal LMs: from a tiny config (with a locally trained tokenizer) or a model dir.
+"""One readable trainer for causal LMs: standard, goldfish and sinks objectives; canaries; resume; DDP.
 
 Rows are per document (not packed): each document is one row, BOS + its first `seq_len - 1` tokens,
 right-padded, so a document always starts at position 0 after BOS, as the extraction probe prompts it.
+
+Everything that decides a step is a pure function of (seed, step): the epoch's document order is drawn by
+`default_rng([seed, epoch])`, the random goldfish mask by a generator seeded with (seed, step). So a resumed run
+replays the uninterrupted one, and under torchrun every rank builds the same global batch and takes its slice:
+the loss of each rank is its share of the GLOBAL mean over kept targets, so DDP's gradient average equals the
+single-process gradient up to float summation order.
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
+import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,36 +25,59 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import read_documents, tokenize, train_tokenizer
+from ..data import file_hash, read_documents, tokenize, train_tokenizer
 from ..errors import MemauditError
-from ..models import build_config, count_parameters, load_model, resolve_device, resolve_dtype
+from ..models import build_config, count_parameters, load_model, load_tokenizer, resolve_device, resolve_dtype
 from ..progress import progress_bar
-from .objectives import IGNORE, OBJECTIVES
+from .canaries import make_canaries, write_canaries
+from .objectives import GOLDFISH_MODES, IGNORE, OBJECTIVES, goldfish_drop_mask, standard_labels
+from .sinks import SinkHooks, release_from_model, sequence_id, sink_spec, write_sink_spec
+
+CHECKPOINT_DIR = "checkpoint"
+RELEASE_DIR = "release"
+# Settings that may differ between an interrupted run and its --resume.
+_RESUME_FREE = ("out", "resume", "stop_after", "checkpoint_every", "device", "extra")
 
 
 @dataclass
 class TrainConfig:
     data: str
     out: str
-    objective: str = "standard"
+    objective: str = "standard"  # standard | goldfish | sinks
     config: str = "tiny"  # tiny | small | LxW | a model directory to continue
     family: str = "gpt2"  # gpt2 | llama (for from-scratch configs)
     epochs: int = 10
     lr: float = 1e-3
-    batch_size: int = 16
+    batch_size: int = 16  # documents per optimizer step (the global batch under torchrun)
     seq_len: int = 128
     vocab_size: int = 2048  # for a locally trained tokenizer
     seed: int = 0
     val_fraction: float = 0.1
+    val_data: str | None = None  # a separate validation file (then --data is all training)
     warmup_steps: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "float32"  # bfloat16 / auto: bf16 autocast, fp32 master weights
     text_field: str = "text"
     id_field: str = "id"
     limit: int | None = None
     allow_pickle: bool = False
+    # goldfish (METHODS.md section 4)
+    goldfish_mode: str = "hash"
+    goldfish_k: int = 4
+    goldfish_h: int = 13
+    # memorization sinks (METHODS.md section 5)
+    sink_fraction: float = 0.3
+    sink_density: float = 0.3
+    release: bool = True  # sinks: also write OUT/release (sinks removed, an ordinary model)
+    # canaries (METHODS.md section 6)
+    canaries: int = 0
+    canary_repeats: int = 1
+    # checkpoints
+    checkpoint_every: int = 0  # steps; 0 = no checkpoints
+    resume: bool = False
+    stop_after: int | None = None  # stop (with a checkpoint) after this many steps in total; --resume goes on
     extra: dict = field(default_factory=dict)
 
 
@@ -59,7 +90,32 @@ class TrainResult:
     n_train: int
     n_val: int
     parameters: int
+    dropped_fraction: float | None = None  # goldfish: the fraction of real targets excluded from the loss
+    finished: bool = True  # False when --stop-after ended the run early
 
+
+def validate_config(cfg: TrainConfig) -> None:
+    """One clear error for every setting a user can get wrong, before any work starts."""
+    if cfg.objective not in OBJECTIVES:
+        raise MemauditError(f"unknown objective {cfg.objective!r}: use {', '.join(OBJECTIVES)}")
+    if cfg.epochs < 1 or cfg.lr <= 0 or cfg.batch_size < 1 or cfg.seq_len < 2:
+        raise MemauditError("--epochs, --batch-size must be >= 1, --lr > 0 and --seq-len >= 2")
+    if cfg.objective == "goldfish":
+        if cfg.goldfish_mode not in GOLDFISH_MODES:
+            raise MemauditError(f"unknown goldfish mode {cfg.goldfish_mode!r}: use {', '.join(GOLDFISH_MODES)}")
+        if cfg.goldfish_k < 2:
+            raise MemauditError("--goldfish-k must be >= 2 (drop rate 1/k)")
+        if cfg.goldfish_h < 1:
+            raise MemauditError("--goldfish-h must be >= 1 (tokens of context hashed)")
+    if cfg.objective == "sinks" and not (0 < cfg.sink_fraction < 1 and 0 < cfg.sink_density < 1):
+        raise MemauditError("--sink-fraction and --sink-density must be in (0, 1)")
+    if cfg.canaries < 0 or cfg.canary_repeats < 1:
+        raise MemauditError("--canaries must be >= 0 and --canary-repeats >= 1")
+    if cfg.checkpoint_every < 0 or (cfg.stop_after is not None and cfg.stop_after < 1):
+        raise MemauditError("--checkpoint-every must be >= 0 and --stop-after >= 1")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
 
 def _seed_all(seed: int) -> None:
     random.seed(seed)
@@ -98,56 +154,178 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
 
 
+def _loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+
+
 @torch.no_grad()
 def evaluate(model, rows: list[list[int]], pad: int, batch_size: int, device) -> float:
     """Token-weighted mean validation loss (nats), with no mask: every real token counts."""
+    was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for s in range(0, len(rows), batch_size):
         ids, mask = _collate(rows[s:s + batch_size], pad)
         ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits
-        labels = ids.masked_fill(mask == 0, IGNORE)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                               ignore_index=IGNORE, reduction="sum")
-        total += float(loss)
+        labels = standard_labels(ids, mask)
+        total += float(_loss_sum(logits, labels))
         count += int((labels[:, 1:] != IGNORE).sum())
-    model.train()
+    model.train(was_training)
     return total / max(1, count)
 
 
-def _init_model(cfg: TrainConfig, texts: list[str], device, dtype):
+def _init_model(cfg: TrainConfig, texts: list[str], device, tokenizer=None):
     from transformers import AutoModelForCausalLM
 
     if Path(cfg.config).is_dir():
         loaded = load_model(cfg.config, device=str(device), dtype="float32", allow_pickle=cfg.allow_pickle)
         return loaded.model, loaded.tokenizer
-    tok = train_tokenizer(texts, vocab_size=cfg.vocab_size)
+    tok = tokenizer if tokenizer is not None else train_tokenizer(texts, vocab_size=cfg.vocab_size)
     mcfg = build_config(cfg.config, vocab_size=len(tok), max_length=cfg.seq_len, family=cfg.family,
                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(cfg.seed)  # the same initial weights whatever ran before (and on every rank)
     model = AutoModelForCausalLM.from_config(mcfg)
     return model.to(device), tok
 
 
+class _Dist:
+    """torch.distributed when launched by torchrun (WORLD_SIZE > 1), a no-op otherwise."""
+
+    def __init__(self, device_arg: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.started = False
+        if self.world > 1:
+            import torch.distributed as dist
+
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            use_cuda = device_arg != "cpu" and torch.cuda.is_available()
+            self.device = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+            if use_cuda:
+                torch.cuda.set_device(self.device)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if use_cuda else "gloo")
+                self.started = True
+        else:
+            self.device = resolve_device(device_arg)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def sum(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def close(self) -> None:
+        if self.started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _fingerprint(cfg: TrainConfig) -> dict:
+    d = {k: v for k, v in asdict(cfg).items() if k not in _RESUME_FREE}
+    d["data_sha256"] = file_hash(cfg.data)
+    return d
+
+
+def _save_checkpoint(path: Path, model, opt, tok, step: int, log_rows, counts, cfg) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "log_rows": log_rows,
+             "counts": counts, "torch_rng": torch.get_rng_state(),
+             "fingerprint": json.dumps(_fingerprint(cfg), sort_keys=True)}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    torch.save(state, tmp / "state.pt")
+    tok.save_pretrained(tmp)
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def _load_checkpoint(path: Path, cfg: TrainConfig, device) -> dict:
+    if not (path / "state.pt").is_file():
+        raise MemauditError(f"--resume: no checkpoint in {path} (train with --checkpoint-every N first)")
+    state = torch.load(path / "state.pt", map_location=device, weights_only=True)
+    if state["fingerprint"] != json.dumps(_fingerprint(cfg), sort_keys=True):
+        raise MemauditError(f"--resume: the checkpoint in {path} was made with other settings or data")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- train
+
 def train(cfg: TrainConfig) -> TrainResult:
-    """Train and save a model directory (weights, tokenizer, training_log.csv, train_config.json)."""
-    if cfg.objective not in OBJECTIVES:
-        raise MemauditError(f"unknown objective {cfg.objective!r}: use {', '.join(OBJECTIVES)}")
-    if cfg.epochs < 1 or cfg.lr <= 0 or cfg.batch_size < 1 or cfg.seq_len < 2:
-        raise MemauditError("--epochs, --batch-size must be >= 1, --lr > 0 and --seq-len >= 2")
+    """Train and save a model directory (weights, tokenizer, training_log.csv, train_config.json, and per
+    objective sinks.json + release/, canaries.jsonl). Under torchrun, ranks split every global batch."""
+    validate_config(cfg)
+    dist = _Dist(cfg.device)
+    try:
+        return _train(cfg, dist)
+    finally:
+        dist.close()
+
+
+def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
     _seed_all(cfg.seed)
+    out = Path(cfg.out)
+    ckpt_dir = out / CHECKPOINT_DIR
     docs = read_documents(cfg.data, text_field=cfg.text_field, id_field=cfg.id_field, limit=cfg.limit)
-    train_idx, val_idx = _split(len(docs), cfg.val_fraction, cfg.seed)
     texts = docs["text"].tolist()
-    device = resolve_device(cfg.device)
+    if cfg.val_data:
+        val_docs = read_documents(cfg.val_data, text_field=cfg.text_field, id_field=cfg.id_field)
+        train_idx, val_idx = list(range(len(texts))), []
+        val_texts, val_ids = val_docs["text"].tolist(), val_docs["id"].tolist()
+    else:
+        train_idx, val_idx = _split(len(texts), cfg.val_fraction, cfg.seed)
+        val_texts, val_ids = [texts[i] for i in val_idx], docs["id"].iloc[val_idx].tolist()
+    device = dist.device
     dtype = resolve_dtype(cfg.dtype, device)
-    model, tok = _init_model(cfg, [texts[i] for i in train_idx], device, dtype)
+    train_texts = [texts[i] for i in train_idx]
+
+    # The tokenizer: trained once (rank 0) and shared, or taken from the checkpoint being resumed.
+    tokenizer = None
+    if cfg.resume:
+        tokenizer = load_tokenizer(ckpt_dir)
+    elif dist.world > 1 and not Path(cfg.config).is_dir():
+        shared = out / ".tokenizer"
+        if dist.main:
+            train_tokenizer(train_texts, vocab_size=cfg.vocab_size).save_pretrained(shared)
+        dist.barrier()
+        tokenizer = load_tokenizer(shared)
+    model, tok = _init_model(cfg, train_texts, device, tokenizer)
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else bos
-    toks = tokenize(tok, texts)
-    train_rows = _rows([toks[i] for i in train_idx], bos, cfg.seq_len)
-    val_rows = _rows([toks[i] for i in val_idx], bos, cfg.seq_len)
-    label_fn = OBJECTIVES[cfg.objective]
+
+    canaries = make_canaries(cfg.canaries, cfg.canary_repeats, seed=cfg.seed) if cfg.canaries else []
+    canary_texts = [c["secret"] for c in canaries for _ in range(cfg.canary_repeats)]
+    train_toks = tokenize(tok, train_texts + canary_texts)
+    train_rows = _rows(train_toks, bos, cfg.seq_len)
+    val_rows = _rows(tokenize(tok, val_texts), bos, cfg.seq_len) if val_texts else []
+    if not train_rows:
+        raise MemauditError("no training document has any tokens")
+
+    hooks = None
+    if cfg.objective == "sinks":
+        spec = sink_spec(model, cfg.sink_fraction, cfg.sink_density)
+        hooks = SinkHooks(model, spec)
+        row_seq_ids = [sequence_id(r[1:]) for r in train_rows]
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
@@ -159,36 +337,124 @@ def train(cfg: TrainConfig) -> TrainResult:
         frac = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
         return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else _nullcontext()
-    out = Path(cfg.out)
-    log_rows = []
-    rng = np.random.default_rng(cfg.seed)
+    step, log_rows = 0, []
+    # goldfish: real targets excluded / all real targets; the running epoch's loss (kept across --resume)
+    counts = {"dropped": 0, "targets": 0, "epoch_loss": 0.0, "epoch_tokens": 0}
+    if cfg.resume:
+        state = _load_checkpoint(ckpt_dir, cfg, device)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, log_rows, counts = int(state["step"]), list(state["log_rows"]), dict(state["counts"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+
+    net = model
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    use_bf16 = dtype == torch.bfloat16
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+    def labels_for(ids, mask, at_step):
+        labels = standard_labels(ids, mask)
+        if cfg.objective == "goldfish":
+            drop = goldfish_drop_mask(ids, cfg.goldfish_mode, cfg.goldfish_k, cfg.goldfish_h, cfg.seed, at_step)
+            real = labels[:, 1:] != IGNORE
+            counts["dropped"] += int((drop[:, 1:] & real).sum())
+            counts["targets"] += int(real.sum())
+            labels = labels.masked_fill(drop, IGNORE)
+        return labels
+
+    def val_loss_now() -> float | None:
+        if not val_rows:
+            return None
+        if hooks is not None:
+            hooks.set_dropped()  # sinks: validate the model as it will be released
+        loss = evaluate(model, val_rows, pad, cfg.batch_size, device)
+        if hooks is not None:
+            hooks.set_all_on()
+        return loss
+
     model.train()
-    step, loss_val, t0 = 0, float("nan"), time.time()
+    t0 = time.time()
+    start_epoch, start_batch = divmod(step, steps_per_epoch)
+    stop_at = min(total_steps, cfg.stop_after) if cfg.stop_after else total_steps
     with progress_bar(total_steps, f"train {cfg.objective}") as advance:
-        for epoch in range(cfg.epochs):
-            order = rng.permutation(len(train_rows))
-            for s in range(0, len(order), cfg.batch_size):
-                ids, mask = _collate([train_rows[i] for i in order[s:s + cfg.batch_size]], pad)
-                ids, mask = ids.to(device), mask.to(device)
-                labels = label_fn(ids, mask, step)
+        advance(step)
+        for epoch in range(start_epoch, cfg.epochs):
+            if step >= stop_at:
+                break
+            order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_rows))
+            for b in range(start_batch if epoch == start_epoch else 0, steps_per_epoch):
+                if step >= stop_at:
+                    break
+                batch_idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                ids, mask = _collate([train_rows[i] for i in batch_idx], pad)
+                labels = labels_for(ids, mask, step)
+                n_kept = int((labels[:, 1:] != IGNORE).sum())
+                mine = np.array_split(np.arange(len(batch_idx)), dist.world)[dist.rank]
+                weight = 1.0
+                if len(mine) == 0:  # a short last batch: this rank still joins DDP's all-reduce, with weight 0
+                    mine, weight = np.array([0]), 0.0
+                ids_r, mask_r, labels_r = (t[mine].to(device) for t in (ids, mask, labels))
+                if hooks is not None:
+                    hooks.set_rows([row_seq_ids[batch_idx[i]] for i in mine])
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step)
                 with autocast:
-                    logits = model(input_ids=ids, attention_mask=mask).logits
-                loss = lm_loss(logits, labels)
+                    logits = net(input_ids=ids_r, attention_mask=mask_r).logits
+                loss_sum = _loss_sum(logits, labels_r) * weight
+                # this rank's share of the global mean; DDP averages over ranks, hence * world
+                loss = loss_sum * (dist.world / max(1, n_kept))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
-                loss_val = loss.item()
+                step_loss = dist.sum(float(loss_sum.detach())) / max(1, n_kept)
+                counts["epoch_loss"] += step_loss * n_kept
+                counts["epoch_tokens"] += n_kept
                 step += 1
-                advance(1)
-            val_loss = evaluate(model, val_rows, pad, cfg.batch_size, device) if val_rows else None
-            log_rows.append({"epoch": epoch + 1, "step": step, "train_loss": loss_val, "val_loss": val_loss,
-                             "lr": lr_at(step - 1), "seconds": round(time.time() - t0, 2)})
+                advance(1, description=f"train {cfg.objective} loss {step_loss:.3f}")
+                if dist.main and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
+                    _save_checkpoint(ckpt_dir, model, opt, tok, step, log_rows, counts, cfg)
+            if step % steps_per_epoch == 0 or step == total_steps:  # a finished epoch
+                val = val_loss_now() if dist.main else None
+                log_rows.append({"epoch": epoch + 1, "step": step,
+                                 "train_loss": counts["epoch_loss"] / max(1, counts["epoch_tokens"]),
+                                 "val_loss": val, "lr": lr_at(step - 1),
+                                 "dropped_fraction": counts["dropped"] / counts["targets"]
+                                 if counts["targets"] else None,
+                                 "seconds": round(time.time() - t0, 2)})
+                counts["epoch_loss"], counts["epoch_tokens"] = 0.0, 0
+    if hooks is not None:
+        hooks.set_all_on()
+    finished = step >= total_steps
+    if not finished:  # --stop-after: leave a checkpoint to --resume from
+        if dist.main:
+            _save_checkpoint(ckpt_dir, model, opt, tok, step, log_rows, counts, cfg)
+        dist.barrier()
+        return TrainResult(out=out, steps=step, train_loss=float("nan"), val_loss=None, n_train=len(train_rows),
+                           n_val=len(val_rows), parameters=count_parameters(model), finished=False)
 
+    dropped = counts["dropped"] / counts["targets"] if counts["targets"] else None
+    if dist.main:
+        _save_model_dir(out, cfg, model, tok, log_rows, docs, train_idx, val_ids, step, dropped, canaries,
+                        hooks.spec if hooks is not None else None)
+    dist.barrier()
+    last = log_rows[-1] if log_rows else {}
+    return TrainResult(out=out, steps=step, train_loss=last.get("train_loss") or float("nan"),
+                       val_loss=last.get("val_loss"), n_train=len(train_rows), n_val=len(val_rows),
+                       parameters=count_parameters(model), dropped_fraction=dropped)
+
+
+def _save_model_dir(out: Path, cfg, model, tok, log_rows, docs, train_idx, val_ids, step, dropped, canaries,
+                    spec) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars only
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
@@ -197,16 +463,23 @@ def train(cfg: TrainConfig) -> TrainResult:
         w.writeheader()
         w.writerows(log_rows)
     meta = asdict(cfg) | {"rows": "per-document (BOS + first seq_len-1 tokens, not packed)",
-                          "train_ids": docs["id"].iloc[train_idx].tolist(),
-                          "val_ids": docs["id"].iloc[val_idx].tolist(), "steps": step}
+                          "train_ids": docs["id"].iloc[train_idx].tolist(), "val_ids": list(val_ids),
+                          "steps": step}
+    if cfg.objective == "goldfish":
+        meta["goldfish_dropped_fraction"] = dropped
+        meta["goldfish_expected_fraction"] = 1.0 / cfg.goldfish_k
+    if canaries:
+        write_canaries(out, canaries)
+        meta["canaries_file"] = "canaries.jsonl"
+    if spec is not None:
+        write_sink_spec(out, spec)
+        meta["sinks"] = asdict(spec) | {"dropped_scale": spec.dropped_scale}
+        if cfg.release:
+            release_from_model(model, tok, spec, out / RELEASE_DIR)
+            meta["release_dir"] = RELEASE_DIR
     (out / "train_config.json").write_text(json.dumps(meta, indent=2))
-    return TrainResult(out=out, steps=step, train_loss=loss_val, val_loss=log_rows[-1]["val_loss"],
-                       n_train=len(train_rows), n_val=len(val_rows), parameters=count_parameters(model))
+    for leftover in (out / ".tokenizer",):
+        if leftover.exists():
+            import shutil
 
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
+            shutil.rmtree(leftover)

@@ -1,0 +1,323 @@
+"""Many small GPT-2 models of one shape trained together: parameters stacked on a leading model axis.
+
+Every weight of `EnsembleGPT` has shape [M, ...] (M models) and every matmul is one `bmm` over the model
+axis, so M models cost one set of kernels per step instead of M. The architecture is exactly Hugging Face
+GPT-2 (learned positions, pre-LayerNorm blocks, fused qkv, gelu_new MLP of width 4d, final LayerNorm, LM
+head tied to the token embedding); `to_hf(m)` exports model m as a `GPT2LMHeadModel` with identical logits,
+and `parameters_per_model` equals that model's parameter count.
+
+Models differ by seed (initialisation, data order) and by dataset: each model draws its own batch of row
+indices from its own dataset every step, so datasets of different sizes train in the same ensemble.
+Adam is elementwise and gradient clipping is per model, so stacking changes no model's optimisation.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import MemauditError
+
+
+@dataclass(frozen=True)
+class GPTShape:
+    layers: int
+    width: int
+    heads: int
+    vocab: int  # embedding rows (including BOS if the data uses one)
+    positions: int
+
+    def hf_config(self, bos_id: int | None = None):
+        from transformers import GPT2Config
+
+        return GPT2Config(vocab_size=self.vocab, n_positions=self.positions, n_embd=self.width,
+                          n_layer=self.layers, n_head=self.heads, resid_pdrop=0.0, embd_pdrop=0.0,
+                          attn_pdrop=0.0, bos_token_id=bos_id, eos_token_id=bos_id,
+                          activation_function="gelu_new", layer_norm_epsilon=1e-5, tie_word_embeddings=True)
+
+    @property
+    def parameters(self) -> int:
+        """Parameters of one model, counted as a HF GPT2LMHeadModel counts them (tied head once)."""
+        d, L = self.width, self.layers
+        block = 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + 2 * d + (d * 4 * d + 4 * d) + (4 * d * d + d)
+        return self.vocab * d + self.positions * d + L * block + 2 * d
+
+
+def _names(layers: int) -> list[str]:
+    names = ["wte", "wpe"]
+    for i in range(layers):
+        names += [f"h{i}.{n}" for n in ("ln1_w", "ln1_b", "attn_w", "attn_b", "proj_w", "proj_b",
+                                        "ln2_w", "ln2_b", "fc_w", "fc_b", "fc2_w", "fc2_b")]
+    return names + ["lnf_w", "lnf_b"]
+
+
+class EnsembleGPT(torch.nn.Module):
+    """M GPT-2 models of one shape; forward(idx [M, B, T]) -> logits [M, B, T, vocab]."""
+
+    def __init__(self, shape: GPTShape, seeds: Sequence[int], compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if shape.width % shape.heads:
+            raise MemauditError(f"width {shape.width} is not divisible by {shape.heads} heads")
+        self.shape = shape
+        self.compute_dtype = compute_dtype
+        self.params = torch.nn.ParameterDict()
+        per_model = [self._init_one(seed) for seed in seeds]
+        for name in _names(shape.layers):
+            self.params[name.replace(".", "_")] = torch.nn.Parameter(torch.stack([p[name] for p in per_model]))
+
+    @property
+    def n_models(self) -> int:
+        return self.params["wte"].shape[0]
+
+    def _init_one(self, seed: int) -> dict[str, torch.Tensor]:
+        """GPT-2 initialisation: N(0, 0.02), residual projections N(0, 0.02/sqrt(2L)), LayerNorm 1/0."""
+        s, d = self.shape, self.shape.width
+        g = torch.Generator().manual_seed(int(seed))
+        normal = lambda *size, std=0.02: torch.randn(*size, generator=g) * std  # noqa: E731
+        res_std = 0.02 / math.sqrt(2 * s.layers)
+        p = {"wte": normal(s.vocab, d), "wpe": normal(s.positions, d)}
+        for i in range(s.layers):
+            p |= {f"h{i}.ln1_w": torch.ones(d), f"h{i}.ln1_b": torch.zeros(d),
+                  f"h{i}.attn_w": normal(d, 3 * d), f"h{i}.attn_b": torch.zeros(3 * d),
+                  f"h{i}.proj_w": normal(d, d, std=res_std), f"h{i}.proj_b": torch.zeros(d),
+                  f"h{i}.ln2_w": torch.ones(d), f"h{i}.ln2_b": torch.zeros(d),
+                  f"h{i}.fc_w": normal(d, 4 * d), f"h{i}.fc_b": torch.zeros(4 * d),
+                  f"h{i}.fc2_w": normal(4 * d, d, std=res_std), f"h{i}.fc2_b": torch.zeros(d)}
+        p |= {"lnf_w": torch.ones(d), "lnf_b": torch.zeros(d)}
+        return p
+
+    def _p(self, name: str) -> torch.Tensor:
+        t = self.params[name.replace(".", "_")]
+        return t if t.dtype == self.compute_dtype else t.to(self.compute_dtype)
+
+    @staticmethod
+    def _ln(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x, x.shape[-1:], eps=1e-5)
+        return x * w[:, None, :] + b[:, None, :]
+
+    @staticmethod
+    def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(b[:, None, :], x, w)  # x [M, n, in] @ w [M, in, out] + b
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        M, B, T = idx.shape
+        d, h = self.shape.width, self.shape.heads
+        wte = self._p("wte")
+        tok = torch.gather(wte, 1, idx.reshape(M, B * T, 1).expand(M, B * T, d))
+        x = (tok.view(M, B, T, d) + self._p("wpe")[:, None, :T, :]).reshape(M, B * T, d)
+        for i in range(self.shape.layers):
+            a = self._ln(x, self._p(f"h{i}.ln1_w"), self._p(f"h{i}.ln1_b"))
+            qkv = self._linear(a, self._p(f"h{i}.attn_w"), self._p(f"h{i}.attn_b"))
+            qkv = qkv.view(M * B, T, 3, h, d // h).permute(2, 0, 3, 1, 4)  # 3, MB, h, T, hd
+            y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True)
+            y = y.transpose(1, 2).reshape(M, B * T, d)
+            x = x + self._linear(y, self._p(f"h{i}.proj_w"), self._p(f"h{i}.proj_b"))
+            a = self._ln(x, self._p(f"h{i}.ln2_w"), self._p(f"h{i}.ln2_b"))
+            a = F.gelu(self._linear(a, self._p(f"h{i}.fc_w"), self._p(f"h{i}.fc_b")), approximate="tanh")
+            x = x + self._linear(a, self._p(f"h{i}.fc2_w"), self._p(f"h{i}.fc2_b"))
+        x = self._ln(x, self._p("lnf_w"), self._p("lnf_b"))
+        return torch.bmm(x, wte.transpose(1, 2)).view(M, B, T, -1)
+
+    def keep(self, models: Sequence[int]) -> None:
+        """Drop every model not listed (training continues on the rest at lower cost)."""
+        index = torch.as_tensor(list(models), dtype=torch.long)
+        for name, p in list(self.params.items()):
+            self.params[name] = torch.nn.Parameter(p.detach()[index].clone())
+
+    def to_hf(self, m: int, bos_id: int | None = None):
+        """Model m as a transformers GPT2LMHeadModel (float32) with the same weights."""
+        from transformers import GPT2LMHeadModel
+
+        hf = GPT2LMHeadModel(self.shape.hf_config(bos_id))
+        sd = {"transformer.wte.weight": "wte", "transformer.wpe.weight": "wpe",
+              "transformer.ln_f.weight": "lnf_w", "transformer.ln_f.bias": "lnf_b"}
+        for i in range(self.shape.layers):
+            pre = f"transformer.h.{i}."
+            sd |= {pre + "ln_1.weight": f"h{i}.ln1_w", pre + "ln_1.bias": f"h{i}.ln1_b",
+                   pre + "attn.c_attn.weight": f"h{i}.attn_w", pre + "attn.c_attn.bias": f"h{i}.attn_b",
+                   pre + "attn.c_proj.weight": f"h{i}.proj_w", pre + "attn.c_proj.bias": f"h{i}.proj_b",
+                   pre + "ln_2.weight": f"h{i}.ln2_w", pre + "ln_2.bias": f"h{i}.ln2_b",
+                   pre + "mlp.c_fc.weight": f"h{i}.fc_w", pre + "mlp.c_fc.bias": f"h{i}.fc_b",
+                   pre + "mlp.c_proj.weight": f"h{i}.fc2_w", pre + "mlp.c_proj.bias": f"h{i}.fc2_b"}
+        state = {k: self.params[v.replace(".", "_")][m].detach().float().clone() for k, v in sd.items()}
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+        missing, unexpected = hf.load_state_dict(state, strict=False)
+        if unexpected or any(not k.endswith("attn.bias") and not k.endswith("masked_bias") for k in missing):
+            raise RuntimeError(f"weight export mismatch: missing {missing}, unexpected {unexpected}")
+        return hf.eval()
+
+
+@dataclass
+class EnsembleConfig:
+    max_steps: int = 20000
+    batch_size: int = 64  # rows per model per step (full batch for datasets no larger)
+    lr: float = 3e-3
+    warmup_steps: int = 200
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0  # per model; 0 disables
+    eval_every: int = 250
+    plateau_window: int = 2000  # convergence: memorised bits grew < plateau_tol over this many steps...
+    plateau_tol: float = 0.005  # ...relative to the current value
+    full_fraction: float = 0.995  # ...or the model already memorises this fraction of the data's bits
+    compute_dtype: str = "float32"
+    threads: int | None = None
+    drop_converged: bool = True  # stop computing models once they have converged
+
+
+@dataclass
+class ModelRecord:
+    index: int
+    seed: int
+    n_rows: int
+    converged: bool = False
+    converged_step: int | None = None
+    steps: int = 0
+    history: list[tuple[int, float, float]] = field(default_factory=list)  # (step, loss nats, bits on data)
+    final_state: dict[str, torch.Tensor] | None = None
+
+
+def code_lengths_bits(model: EnsembleGPT, inputs: torch.Tensor, targets: torch.Tensor,
+                      n_rows: Sequence[int], chunk: int = 256) -> torch.Tensor:
+    """-log2 p(row) summed over each model's own first n_rows[m] rows ([M, N, T] -> [M]).
+
+    Used for the convergence check during training; the reported figures are re-measured afterwards with
+    the scoring engine on the exported models.
+    """
+    M, N, T = inputs.shape
+    total = torch.zeros(M, dtype=torch.float64)
+    limit = torch.as_tensor(list(n_rows))[:, None]
+    with torch.no_grad():
+        for s in range(0, N, chunk):
+            logits = model(inputs[:, s:s + chunk]).float()
+            nll = F.cross_entropy(logits.flatten(0, 2), targets[:, s:s + chunk].flatten(), reduction="none")
+            nll = nll.view(M, -1, T).sum(2) * (torch.arange(s, s + logits.shape[1])[None, :] < limit)
+            total += nll.sum(1).double() / math.log(2)
+    return total
+
+
+def train_ensemble(shape: GPTShape, datasets: Sequence[np.ndarray], seeds: Sequence[int], cfg: EnsembleConfig,
+                   *, bos_id: int, data_bits: Sequence[float] | None = None,
+                   on_eval: Callable[[int, list[ModelRecord]], None] | None = None) -> list[ModelRecord]:
+    """Train one model per (dataset, seed) until each one's memorisation plateaus or `max_steps`.
+
+    `datasets[m]` is int [N_m, S] token rows; the model sees BOS + row[:-1] and predicts every token of the row.
+    `data_bits[m]` (H of dataset m) enables the "memorised nearly everything" stop. Returns a record per model
+    with its training history and final weights (`final_state`, per-model slices of the stacked parameters).
+    """
+    if len(datasets) != len(seeds) or not datasets:
+        raise MemauditError("train_ensemble needs one seed per dataset and at least one dataset")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    S = datasets[0].shape[1]
+    if any(d.shape[1] != S for d in datasets) or S > shape.positions:
+        raise MemauditError(f"every dataset needs rows of {S} tokens, at most the model's {shape.positions} positions")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.compute_dtype]
+    model = EnsembleGPT(shape, seeds, compute_dtype=dtype)
+    n_max = max(len(d) for d in datasets)
+    targets = torch.zeros(len(datasets), n_max, S, dtype=torch.long)
+    for m, d in enumerate(datasets):
+        targets[m, : len(d)] = torch.as_tensor(d, dtype=torch.long)
+    bos = torch.full((len(datasets), n_max, 1), bos_id, dtype=torch.long)
+    inputs = torch.cat([bos, targets[:, :, :-1]], dim=2)
+    sizes = [len(d) for d in datasets]
+    records = [ModelRecord(index=m, seed=int(s), n_rows=sizes[m]) for m, s in enumerate(seeds)]
+    active = list(range(len(datasets)))  # record index of each ensemble slot
+    gens = [np.random.default_rng(int(s) + 7919) for s in seeds]
+    orders: list[list[int]] = [[] for _ in datasets]
+
+    def next_batch(m: int) -> np.ndarray:
+        n, b = sizes[m], min(cfg.batch_size, sizes[m])
+        out = []
+        while len(out) < b:  # epochs of fresh permutations, so every row is seen once per epoch
+            if not orders[m]:
+                orders[m] = gens[m].permutation(n).tolist()
+            take = min(b - len(out), len(orders[m]))
+            out += orders[m][:take]
+            del orders[m][:take]
+        return np.asarray(out)
+
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=0.0)
+    for step in range(1, cfg.max_steps + 1):
+        lr = cfg.lr * min(1.0, step / max(1, cfg.warmup_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        b = min(cfg.batch_size, min(sizes[m] for m in active))
+        rows = torch.as_tensor(np.stack([next_batch(m)[:b] for m in active]))  # [A, b]
+        idx_in = torch.gather(inputs[active], 1, rows[:, :, None].expand(-1, -1, S))
+        idx_tg = torch.gather(targets[active], 1, rows[:, :, None].expand(-1, -1, S))
+        logits = model(idx_in)
+        nll = F.cross_entropy(logits.float().flatten(0, 2), idx_tg.flatten(), reduction="none")
+        per_model = nll.view(len(active), -1).mean(1)
+        opt.zero_grad(set_to_none=True)
+        per_model.sum().backward()  # models share no parameters: each gets its own gradient
+        if cfg.grad_clip > 0:
+            _clip_per_model(model, cfg.grad_clip)
+        opt.step()
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            bits = code_lengths_bits(model, inputs[active], targets[active], [sizes[m] for m in active])
+            done = []
+            for slot, m in enumerate(active):
+                rec = records[m]
+                rec.steps = step
+                rec.history.append((step, float(per_model[slot].detach()), float(bits[slot])))
+                if _plateaued(rec, cfg, data_bits[m] if data_bits is not None else None):
+                    rec.converged, rec.converged_step = True, step
+                    done.append(slot)
+            if on_eval is not None:
+                on_eval(step, records)
+            if done and cfg.drop_converged:
+                for slot in done:
+                    records[active[slot]].final_state = _slice_state(model, slot)
+                keep = [s for s in range(len(active)) if s not in done]
+                if not keep:
+                    active = []
+                    break
+                _shrink(model, opt, keep)
+                active = [active[s] for s in keep]
+    for slot, m in enumerate(active):
+        records[m].final_state = _slice_state(model, slot)
+    return records
+
+
+def _plateaued(rec: ModelRecord, cfg: EnsembleConfig, data_bits: float | None) -> bool:
+    step, _, bits = rec.history[-1]
+    if data_bits is not None and data_bits - bits >= cfg.full_fraction * data_bits:
+        return True
+    if data_bits is None or step < cfg.plateau_window + cfg.warmup_steps:
+        return False
+    past = [h for h in rec.history if h[0] <= step - cfg.plateau_window]
+    if not past:
+        return False
+    mem_now, mem_then = data_bits - bits, data_bits - past[-1][2]
+    return mem_now > 0 and (mem_now - mem_then) < cfg.plateau_tol * mem_now
+
+
+def _clip_per_model(model: EnsembleGPT, max_norm: float) -> None:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    sq = torch.stack([g.flatten(1).float().square().sum(1) for g in grads]).sum(0)  # [M]
+    scale = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
+
+
+def _slice_state(model: EnsembleGPT, slot: int) -> dict[str, torch.Tensor]:
+    return {k: v.detach()[slot].clone() for k, v in model.params.items()}
+
+
+def _shrink(model: EnsembleGPT, opt: torch.optim.Optimizer, keep: list[int]) -> None:
+    """Keep only the listed slots, in the parameters and in Adam's state."""
+    index = torch.as_tensor(keep, dtype=torch.long)
+    old = list(model.params.items())
+    states = {k: opt.state.get(p, {}) for k, p in old}
+    model.keep(keep)
+    opt.param_groups[0]["params"] = list(model.parameters())
+    opt.state.clear()
+    for k, p in model.params.items():
+        st = states[k]
+        if st:
+            opt.state[p] = {n: (v[index].clone() if torch.is_tensor(v) and v.dim() > 0 else v) for n, v in st.items()}
