@@ -4,6 +4,7 @@ Errors a user can cause raise MemauditError and end as one line on stderr with e
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -58,7 +59,7 @@ def _batch_size(value: str) -> int | str:
 def train(
     data: Path = typer.Option(..., help="Training documents (.jsonl, .txt, .parquet, .csv)."),
     out: Path = typer.Option(..., help="Model directory to write."),
-    objective: str = typer.Option("standard", help="Training objective: standard."),
+    objective: str = typer.Option("standard", help="Training objective: standard, goldfish or sinks."),
     config: str = typer.Option("tiny", help="tiny, small, LxW (layers x width), or a model directory to continue."),
     family: str = typer.Option("gpt2", help="Architecture for from-scratch configs: gpt2 or llama."),
     epochs: int = typer.Option(10, help="Passes over the training documents."),
@@ -74,20 +75,141 @@ def train(
     id_field: str = typer.Option("id", help=H_ID),
     limit: Optional[int] = typer.Option(None, help="Use only the first N documents."),
     allow_pickle: bool = typer.Option(False, help=H_PICKLE),
+    val_data: Optional[Path] = typer.Option(None, help="Separate validation documents (then --data is all training)."),
+    warmup_steps: int = typer.Option(20, help="Linear learning-rate warmup steps."),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
+    grad_clip: float = typer.Option(1.0, help="Clip the gradient norm to this (0: off)."),
+    goldfish_mode: str = typer.Option("hash", help="Goldfish mask: hash (preceding-h-token hash), static, random, "
+                                                   "or hash-official (the goldfish repository's product hash)."),
+    goldfish_k: int = typer.Option(4, help="Goldfish: drop 1 in k targets (k >= 2)."),
+    goldfish_h: int = typer.Option(13, help="Goldfish: tokens of context hashed (h >= 1)."),
+    sink_fraction: float = typer.Option(0.3, help="Sinks: fraction of MLP hidden neurons that are sinks, in (0, 1)."),
+    sink_density: float = typer.Option(0.3, help="Sinks: fraction of sinks active per sequence id, in (0, 1)."),
+    release: bool = typer.Option(True, help="Sinks: also write OUT/release, the model with the sinks removed."),
+    canaries: int = typer.Option(0, help="Insert N random secrets ('my secret number is <9 digits>'); "
+                                         "listed in OUT/canaries.jsonl."),
+    canary_repeats: int = typer.Option(1, help="Times each canary is inserted (each as its own document)."),
+    checkpoint_every: int = typer.Option(0, help="Save OUT/checkpoint every N steps (0: never)."),
+    resume: bool = typer.Option(False, help="Continue from OUT/checkpoint (same settings and data)."),
+    stop_after: Optional[int] = typer.Option(None, help="Stop after N steps in total, leaving a checkpoint for "
+                                                        "--resume."),
 ):
-    """Train a causal LM on documents and save a model directory (with training_log.csv)."""
+    """Train a causal LM on documents and save a model directory (with training_log.csv).
+
+    Runs data-parallel under `torchrun --nproc-per-node N -m memaudit train ...` (--batch-size is global)."""
     from .training import TrainConfig, train as run_train
 
     res = run_train(TrainConfig(data=str(data), out=str(out), objective=objective, config=config, family=family,
                                 epochs=epochs, lr=lr, batch_size=batch_size, seq_len=seq_len, vocab_size=vocab_size,
                                 val_fraction=val_fraction, seed=seed, device=device, dtype=dtype,
-                                text_field=text_field, id_field=id_field, limit=limit, allow_pickle=allow_pickle))
+                                text_field=text_field, id_field=id_field, limit=limit, allow_pickle=allow_pickle,
+                                val_data=str(val_data) if val_data else None, warmup_steps=warmup_steps,
+                                weight_decay=weight_decay, grad_clip=grad_clip, goldfish_mode=goldfish_mode,
+                                goldfish_k=goldfish_k, goldfish_h=goldfish_h, sink_fraction=sink_fraction,
+                                sink_density=sink_density, release=release, canaries=canaries,
+                                canary_repeats=canary_repeats, checkpoint_every=checkpoint_every, resume=resume,
+                                stop_after=stop_after))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if not res.finished:
+        typer.echo(f"stopped after {res.steps} steps; continue with --resume -> {res.out}/checkpoint")
+        return
+    if res.dropped_fraction is not None:
+        typer.echo(f"goldfish dropped {res.dropped_fraction:.4f} of targets (1/k = {1 / goldfish_k:.4f})")
     val = f"{res.val_loss:.4f}" if res.val_loss is not None else "n/a"
     typer.echo(f"trained {res.parameters:,} parameters for {res.steps} steps on {res.n_train} documents: "
                f"train loss {res.train_loss:.4f}, validation loss {val} -> {res.out}")
 
 
 # --- commands added by later modules go below this line (one function each) ---
+
+
+@app.command()
+def mia(
+    model_dir: Path = typer.Argument(..., help="Target model directory."),
+    members: Path = typer.Option(..., help="Documents the model was trained on (.jsonl, .txt, .parquet, .csv)."),
+    nonmembers: Path = typer.Option(..., help="Documents from the same source it never saw."),
+    reference: Optional[Path] = typer.Option(None, help="Reference model directory (same tokenizer) for the "
+                                                        "reference attack."),
+    attacks: str = typer.Option("all", help="all, or a comma list of: loss, zlib, zstd, reference, min_k, "
+                                            "min_k_pp, recall, dc_pdd, gradnorm."),
+    k: str = typer.Option("10,20,30", help="Percentages for min_k and min_k_pp (one score column per k)."),
+    window: Optional[int] = typer.Option(None, help="Score each document's first N tokens (shorter documents "
+                                                    "skipped). Default: whole documents truncated to the context."),
+    bos: bool = typer.Option(True, help="Prepend the tokenizer's BOS so every token is scored (as the trainer "
+                                        "trains rows). --no-bos: the first token is context only."),
+    recall_shots: int = typer.Option(5, help="Non-member samples joined as recall's prefix (left out of recall's "
+                                             "metrics)."),
+    dcpdd_corpus: Optional[Path] = typer.Option(None, help="Reference corpus for dc_pdd's token frequencies "
+                                                           "(default: the non-member file)."),
+    bootstrap: int = typer.Option(1000, help="Bootstrap resamples for the confidence intervals (0: none)."),
+    calibration_fraction: float = typer.Option(0.5, help="Fraction of each class used to calibrate thresholds; "
+                                                         "calibrated figures are measured on the rest."),
+    seed: int = typer.Option(0, help="Seed for the calibration split, bootstrap and recall shots."),
+    batch_size: str = typer.Option("auto", help=H_BATCH),
+    device: str = typer.Option("auto", help=H_DEVICE),
+    dtype: str = typer.Option("auto", help=H_DTYPE),
+    text_field: str = typer.Option("text", help=H_TEXT),
+    id_field: str = typer.Option("id", help=H_ID),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N documents of each file."),
+    out: Optional[Path] = typer.Option(None, help=H_OUT),
+    overwrite: bool = typer.Option(False, help=H_OVERWRITE),
+    allow_pickle: bool = typer.Option(False, help=H_PICKLE),
+    trust_remote_code: bool = typer.Option(False, help=H_REMOTE),
+):
+    """Membership inference: how well each attack tells members from non-members (AUC, TPR at low FPR)."""
+    from .membership import mia as run_mia
+
+    res = run_mia(model_dir, members, nonmembers, reference=reference, attacks=attacks, k=k, window=window, bos=bos,
+                  recall_shots=recall_shots, dcpdd_corpus=dcpdd_corpus, bootstrap=bootstrap,
+                  calibration_fraction=calibration_fraction, seed=seed, batch_size=_batch_size(batch_size),
+                  device=device, dtype=dtype, text_field=text_field, id_field=id_field, limit=limit, out=out,
+                  overwrite=overwrite, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if res is None:  # a non-zero rank under torchrun: rank 0 reports
+        return
+    s = res.summary
+    typer.echo(f"{s['n_members']} members vs {s['n_nonmembers']} non-members")
+    for c, m in s["attacks"].items():
+        ci = m.get("auc_ci95")
+        ci_s = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+        cal = m["calibrated"].get("at_fpr_0.01", {})
+        cal_s = f"; calibrated TPR {cal['tpr']:.3f} at FPR {cal['fpr']:.3f}" if cal else ""
+        typer.echo(f"  {c:<14} AUC {m['auc']:.3f}{ci_s}  TPR@1%FPR {m['oracle']['tpr_at_fpr_0.01']:.3f}{cal_s}")
+    typer.echo(f"-> {res.path}")
+
+
+@app.command()
+def exposure(
+    model_dir: Path = typer.Argument(..., help="Model directory trained with canaries."),
+    canaries: Optional[Path] = typer.Option(None, help="Canaries .jsonl (secret + template with {secret}); "
+                                                       "default: MODEL_DIR/canaries.jsonl."),
+    controls: int = typer.Option(5, help="Fresh random secrets in the same templates (never trained on) "
+                                         "scored beside the canaries as a baseline."),
+    exact_limit: int = typer.Option(100_000, help="Enumerate every candidate when 10^digits is at most this; "
+                                                  "otherwise estimate from --sample-size candidates."),
+    sample_size: int = typer.Option(5_000, help="Candidates sampled (without replacement) when estimating."),
+    estimator: str = typer.Option("sampling", help="Headline estimate when sampling: sampling (rank from the "
+                                                   "fraction of more likely samples) or skewnorm (Carlini 2019)."),
+    seed: int = typer.Option(0, help="Seed for sampled candidates and control secrets."),
+    batch_size: str = typer.Option("auto", help=H_BATCH),
+    device: str = typer.Option("auto", help=H_DEVICE),
+    dtype: str = typer.Option("auto", help=H_DTYPE),
+    out: Optional[Path] = typer.Option(None, help=H_OUT),
+    overwrite: bool = typer.Option(False, help=H_OVERWRITE),
+    allow_pickle: bool = typer.Option(False, help=H_PICKLE),
+    trust_remote_code: bool = typer.Option(False, help=H_REMOTE),
+):
+    """Canary exposure (Carlini et al. 2019): log2 |R| - log2 rank of each secret among all candidates."""
+    from .exposure import run_exposure
+
+    s = run_exposure(model_dir, canaries=canaries, out=out, controls=controls, exact_limit=exact_limit,
+                     sample_size=sample_size, estimator=estimator, seed=seed, batch_size=_batch_size(batch_size),
+                     device=device, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                     overwrite=overwrite)
+    ctrl = f"{s['mean_control_exposure_bits']:.2f}" if s["mean_control_exposure_bits"] is not None else "n/a"
+    typer.echo(f"exposure of {s['n_canaries']} canaries: mean {s['mean_exposure_bits']:.2f} bits, max "
+               f"{s['max_exposure_bits']:.2f} of {s['max_possible_exposure_bits']:.2f} possible; unseen controls "
+               f"{ctrl} bits -> {s['out']}")
 
 
 def main() -> None:
