@@ -178,6 +178,7 @@ def mia(
     typer.echo(f"-> {res.path}")
 
 
+# >>> helper E: report, risk, exposure
 @app.command()
 def exposure(
     model_dir: Path = typer.Argument(..., help="Model directory trained with canaries."),
@@ -210,6 +211,7 @@ def exposure(
     typer.echo(f"exposure of {s['n_canaries']} canaries: mean {s['mean_exposure_bits']:.2f} bits, max "
                f"{s['max_exposure_bits']:.2f} of {s['max_possible_exposure_bits']:.2f} possible; unseen controls "
                f"{ctrl} bits -> {s['out']}")
+# <<< helper E
 
 
 def main() -> None:

@@ -1,0 +1,323 @@
+"""Canary exposure (Carlini et al. 2019, "The Secret Sharer"), METHODS.md section 6.
+
+A canary is a template with a random secret of `digits` decimal digits filled in. The candidate space R is
+every digit string of that length (|R| = 10**digits). Candidates are ranked by the model's log-likelihood of
+the whole canary text (BOS + tokens, summed over every token, from the one scoring engine); rank 1 is the most
+likely. exposure = log2 |R| - log2 rank, in bits: 0 when the secret is the least likely candidate, log2 |R|
+when it is the most likely.
+
+- Exact: when |R| <= `exact_limit` every candidate is scored; rank = 1 + #{r != secret : ll(r) > ll(secret)}
+  (an exact tie goes to the secret; with float log-likelihoods of distinct token sequences ties are rare).
+- Estimated (|R| larger): `sample_size` candidates other than the secret are drawn uniformly without
+  replacement; with k of them more likely than the secret, rank_hat = 1 + (|R| - 1) * k / M, an unbiased
+  estimate of the rank. A 95% Clopper-Pearson interval on k / M gives an interval on the exposure. When k = 0
+  the sampled rank is 1 (exposure log2 |R|, the most it can be) and only the interval's lower end is
+  informative, so the skew-normal estimate of Carlini 2019 (section 4.3: fit a skew-normal to the sampled
+  log-likelihoods, exposure = -log2 P(ll > ll(secret)), capped at log2 |R|) is reported beside it;
+  `estimator` picks which one is the headline.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import MemauditError
+
+SECRET_FIELD = "{secret}"
+
+
+@dataclass
+class Canary:
+    """One inserted secret: `template` holds `{secret}` where the digits go."""
+    id: str
+    template: str
+    secret: str
+    repeats: int | None = None  # how often it was inserted into the training data (None: unknown)
+
+    @property
+    def digits(self) -> int:
+        return len(self.secret)
+
+    @property
+    def text(self) -> str:
+        return self.fill(self.secret)
+
+    def fill(self, secret: str) -> str:
+        return self.template.replace(SECRET_FIELD, secret)
+
+
+def _canary_from_record(obj: dict, lineno: int, path: Path) -> Canary:
+    if not isinstance(obj, dict) or "secret" not in obj:
+        raise MemauditError(f"{path}: line {lineno} has no 'secret' field")
+    secret = str(obj["secret"])
+    if not secret.isdigit() or not secret.isascii():
+        raise MemauditError(f"{path}: line {lineno}: the secret must be a string of decimal digits, not {secret!r}")
+    digits = int(obj.get("digits", len(secret)))
+    if digits != len(secret):
+        raise MemauditError(f"{path}: line {lineno}: 'digits' is {digits} but the secret has {len(secret)}")
+    if "template" in obj:
+        template = str(obj["template"])
+        if SECRET_FIELD not in template:
+            raise MemauditError(f"{path}: line {lineno}: the template has no {SECRET_FIELD} placeholder")
+    elif "prefix" in obj:
+        template = str(obj["prefix"]) + SECRET_FIELD + str(obj.get("suffix", ""))
+    elif "text" in obj and secret in str(obj["text"]):
+        text = str(obj["text"])
+        at = text.rindex(secret)
+        template = text[:at] + SECRET_FIELD + text[at + len(secret):]
+    else:
+        raise MemauditError(f"{path}: line {lineno} needs a 'template' (with {SECRET_FIELD}), a 'prefix', "
+                            "or a 'text' that contains the secret")
+    repeats = obj.get("repeats", obj.get("repetitions"))
+    return Canary(id=str(obj.get("id", lineno - 1)), template=template, secret=secret,
+                  repeats=int(repeats) if repeats is not None else None)
+
+
+def read_canaries(path: str | os.PathLike) -> list[Canary]:
+    """Canaries from a .jsonl file: one object a line with `secret` (digits) and `template` containing
+    `{secret}` (or `prefix` [+ `suffix`], or the full `text`), optional `id` and `repeats`."""
+    path = Path(path)
+    if not path.is_file():
+        raise MemauditError(f"canary file not found: {path}")
+    out = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MemauditError(f"{path}: line {lineno} is not valid JSON ({exc.msg})") from None
+        out.append(_canary_from_record(obj, lineno, path))
+    if not out:
+        raise MemauditError(f"{path}: no canaries in the file")
+    return out
+
+
+def write_canaries(path: str | os.PathLike, canaries: Sequence[Canary]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for c in canaries:
+            fh.write(json.dumps({"id": c.id, "template": c.template, "secret": c.secret,
+                                 "digits": c.digits, "repeats": c.repeats}) + "\n")
+    return path
+
+
+def random_secret(digits: int, rng: np.random.Generator) -> str:
+    return str(int(rng.integers(0, 10 ** digits))).zfill(digits)
+
+
+# ---- the arithmetic (no model): exposure from a rank, from a sample, from a skew-normal fit ----
+
+def exposure_from_rank(rank: float, space_size: int) -> float:
+    """log2 |R| - log2 rank (bits); rank 1 is the most likely candidate."""
+    if not 1 <= rank <= space_size:
+        raise ValueError(f"rank {rank} outside [1, {space_size}]")
+    return math.log2(space_size) - math.log2(rank)
+
+
+def exact_rank(secret_ll: float, other_ll: np.ndarray) -> int:
+    """1 + the number of other candidates strictly more likely than the secret."""
+    return 1 + int(np.count_nonzero(np.asarray(other_ll) > secret_ll))
+
+
+def sampled_exposure(secret_ll: float, sample_ll: np.ndarray, space_size: int,
+                     confidence: float = 0.95) -> dict[str, float]:
+    """Exposure from M uniformly sampled other candidates: rank_hat = 1 + (|R|-1) k/M, with a
+    Clopper-Pearson interval on k/M turned into an exposure interval."""
+    from scipy.stats import beta
+
+    m = len(sample_ll)
+    if m == 0:
+        raise ValueError("no sampled candidates")
+    k = int(np.count_nonzero(np.asarray(sample_ll) > secret_ll))
+    frac = k / m
+    a = 1 - confidence
+    lo = 0.0 if k == 0 else float(beta.ppf(a / 2, k, m - k + 1))
+    hi = 1.0 if k == m else float(beta.ppf(1 - a / 2, k + 1, m - k))
+    rank = 1 + (space_size - 1) * frac
+    return {"rank": rank, "exposure": exposure_from_rank(rank, space_size), "more_likely_in_sample": k,
+            "sample_size": m,
+            "exposure_low": exposure_from_rank(1 + (space_size - 1) * hi, space_size),
+            "exposure_high": exposure_from_rank(1 + (space_size - 1) * lo, space_size)}
+
+
+def skewnorm_exposure(secret_ll: float, sample_ll: np.ndarray, space_size: int) -> float:
+    """Carlini 2019, section 4.3: fit a skew-normal to the candidates' log-likelihoods and take
+    -log2 P(ll > ll(secret)), capped at log2 |R| (no estimate can exceed the exact maximum)."""
+    from scipy.stats import skewnorm
+
+    params = skewnorm.fit(np.asarray(sample_ll, dtype=np.float64))
+    tail = float(skewnorm.logsf(secret_ll, *params)) / math.log(2)  # log2 P(ll > secret)
+    return float(min(math.log2(space_size), max(0.0, -tail)))
+
+
+# ---- the model part: log-likelihoods of filled-in canaries through the one scoring engine ----
+
+def canary_log_likelihoods(loaded, texts: Sequence[str], *, batch_size: int | str = "auto",
+                           on_progress=None) -> np.ndarray:
+    """Sum of ln p over every token of each text (BOS-conditioned), in nats, via memaudit.scoring.score."""
+    from .data import tokenize
+    from .scoring import score
+
+    tok = loaded.tokenizer
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    seqs = tokenize(tok, texts)
+    stats = score(loaded.model, seqs, batch_size=batch_size, bos_id=bos, pad_id=tok.pad_token_id or 0,
+                  on_progress=on_progress, max_length=loaded.max_length)
+    return np.array([float(s.logprob.astype(np.float64).sum()) for s in stats])
+
+
+def _candidate_strings(numbers: np.ndarray, digits: int) -> list[str]:
+    return [str(int(n)).zfill(digits) for n in numbers]
+
+
+def canary_exposure(loaded, canary: Canary, *, exact_limit: int = 100_000, sample_size: int = 5_000,
+                    estimator: str = "sampling", seed: int = 0, batch_size: int | str = "auto",
+                    force_method: str | None = None, on_progress=None) -> dict:
+    """Exposure of one canary: exact over all 10**digits candidates when that is <= `exact_limit`,
+    otherwise estimated from `sample_size` sampled candidates (`force_method` overrides: exact|estimated)."""
+    if estimator not in ("sampling", "skewnorm"):
+        raise MemauditError(f"unknown --estimator {estimator!r}: use sampling or skewnorm")
+    space = 10 ** canary.digits
+    method = force_method or ("exact" if space <= exact_limit else "estimated")
+    secret_n = int(canary.secret)
+    rng = np.random.default_rng([seed, secret_n, canary.digits])
+    if method == "exact":
+        others = np.array([n for n in range(space) if n != secret_n], dtype=np.int64)
+    elif method == "estimated":
+        m = min(sample_size, space - 1)
+        if m < 1:
+            raise MemauditError("--sample-size must be >= 1")
+        draw = rng.choice(space - 1, size=m, replace=False)  # indices among the |R| - 1 other candidates
+        others = np.where(draw >= secret_n, draw + 1, draw)
+    else:
+        raise MemauditError(f"unknown method {method!r}: use exact or estimated")
+    texts = [canary.text] + [canary.fill(s) for s in _candidate_strings(others, canary.digits)]
+    ll = canary_log_likelihoods(loaded, texts, batch_size=batch_size, on_progress=on_progress)
+    secret_ll, other_ll = float(ll[0]), ll[1:]
+    row = {"id": canary.id, "secret": canary.secret, "digits": canary.digits, "repeats": canary.repeats,
+           "text": canary.text, "log_likelihood_nats": secret_ll, "space_size": space, "method": method,
+           "candidates_scored": len(other_ll) + 1}
+    if method == "exact":
+        rank = exact_rank(secret_ll, other_ll)
+        row.update(rank=float(rank), exposure=exposure_from_rank(rank, space), exposure_low=None,
+                   exposure_high=None, exposure_skewnorm=skewnorm_exposure(secret_ll, other_ll, space),
+                   estimator="exact enumeration")
+    else:
+        est = sampled_exposure(secret_ll, other_ll, space)
+        sn = skewnorm_exposure(secret_ll, other_ll, space)
+        row.update(rank=est["rank"], exposure_low=est["exposure_low"], exposure_high=est["exposure_high"],
+                   exposure_sampling=est["exposure"], exposure_skewnorm=sn,
+                   exposure=est["exposure"] if estimator == "sampling" else sn,
+                   estimator=("sampled rank: 1 + (|R|-1) k/M" if estimator == "sampling"
+                              else "skew-normal fit (Carlini 2019 s4.3)"))
+    return row
+
+
+def control_canaries(canaries: Sequence[Canary], n: int, seed: int) -> list[Canary]:
+    """Fresh random secrets in the same templates, never inserted: the exposure an unseen secret gets."""
+    rng = np.random.default_rng([seed, 7919])
+    used = {(c.template, c.secret) for c in canaries}
+    out = []
+    templates = sorted({(c.template, c.digits) for c in canaries})
+    for i in range(n):
+        template, digits = templates[i % len(templates)]
+        for _ in range(100):
+            s = random_secret(digits, rng)
+            if (template, s) not in used:
+                break
+        used.add((template, s))
+        out.append(Canary(id=f"control-{i}", template=template, secret=s, repeats=0))
+    return out
+
+
+def default_canary_file(model_dir: str | os.PathLike) -> Path:
+    return Path(model_dir) / "canaries.jsonl"
+
+
+def run_exposure(model_dir: str | os.PathLike, *, canaries: str | os.PathLike | None = None,
+                 out: str | os.PathLike | None = None, controls: int = 5, exact_limit: int = 100_000,
+                 sample_size: int = 5_000, estimator: str = "sampling", seed: int = 0,
+                 batch_size: int | str = "auto", device: str = "auto", dtype: str = "auto",
+                 allow_pickle: bool = False, trust_remote_code: bool = False,
+                 overwrite: bool = False) -> dict:
+    """`memaudit exposure`: every canary's exposure (and that of `controls` unseen secrets) in a run dir."""
+    import pandas as pd
+
+    from .data import file_hash
+    from .models import load_model, weights_hash
+    from .progress import progress_bar
+    from .rundir import RunDir
+
+    canary_file = Path(canaries) if canaries is not None else default_canary_file(model_dir)
+    if canaries is None and not canary_file.is_file():
+        raise MemauditError(f"no canaries.jsonl in {model_dir}: pass --canaries FILE")
+    cans = read_canaries(canary_file)
+    if controls < 0 or exact_limit < 1 or sample_size < 1:
+        raise MemauditError("--controls must be >= 0, --exact-limit and --sample-size >= 1")
+    loaded = load_model(model_dir, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                        trust_remote_code=trust_remote_code)
+    settings = {"controls": controls, "exact_limit": exact_limit, "sample_size": sample_size,
+                "estimator": estimator, "seed": seed, "batch_size": batch_size, "device": device, "dtype": dtype}
+    inputs = {"model": str(model_dir), "model_weights_sha256": weights_hash(model_dir),
+              "canaries": str(canary_file), "canaries_sha256": file_hash(canary_file)}
+    run = RunDir(out or RunDir.default_out("exposure"), "exposure", settings, inputs=inputs, overwrite=overwrite)
+    every = list(cans) + control_canaries(cans, controls, seed)
+    total = sum(10 ** c.digits if 10 ** c.digits <= exact_limit else min(sample_size, 10 ** c.digits - 1) + 1
+                for c in every)
+    rows = []
+    with progress_bar(total, "exposure") as advance:
+        for i, c in enumerate(every):
+            row = canary_exposure(loaded, c, exact_limit=exact_limit, sample_size=sample_size, estimator=estimator,
+                                  seed=seed, batch_size=batch_size, on_progress=advance)
+            # a canary listed with repeats == 0 was kept out of training on purpose: it is a control too
+            row["inserted"] = i < len(cans) and (c.repeats is None or c.repeats > 0)
+            rows.append(row)
+    df = pd.DataFrame(rows)
+    run.write_samples(df)
+    inserted = df[df["inserted"]]
+    control = df[~df["inserted"]]
+    if inserted.empty:
+        raise MemauditError(f"{canary_file}: every canary has repeats 0: none was inserted into training")
+    summary = {
+        "n_canaries": int(len(inserted)),
+        "mean_exposure_bits": float(inserted["exposure"].mean()),
+        "max_exposure_bits": float(inserted["exposure"].max()),
+        "max_possible_exposure_bits": float(math.log2(inserted["space_size"].max())),
+        "mean_control_exposure_bits": float(control["exposure"].mean()) if len(control) else None,
+        "n_controls": int(len(control)),
+        "methods": sorted(df["method"].unique().tolist()),
+        "estimator": estimator,
+    }
+    run.write_summary(summary)
+    _exposure_figure(run, df)
+    run.finish()
+    summary["out"] = str(run.path)
+    return summary
+
+
+def _exposure_figure(run, df) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    labels = [f"{'canary' if ins else 'control'} {i}".replace("control control-", "control ")
+              for i, ins in zip(df["id"], df["inserted"])]
+    colors = ["#d62728" if ins else "#7f7f7f" for ins in df["inserted"]]
+    ax.barh(range(len(df)), df["exposure"], color=colors)
+    ax.axvline(float(np.log2(df["space_size"].max())), color="k", ls="--", lw=1, label="log2 |R| (maximum)")
+    ax.set_yticks(range(len(df)))
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_xlabel("exposure (bits)")
+    ax.set_title("Canary exposure: inserted (red) vs never-seen controls (grey)")
+    ax.legend(fontsize=7, loc="lower right")
+    run.save_figure(fig, "exposure.png")

@@ -1,0 +1,98 @@
+"""Canary exposure (Carlini 2019) against an independent enumeration, and on a model trained with a canary."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from memaudit.exposure import (Canary, canary_exposure, exposure_from_rank, read_canaries, sampled_exposure,
+                               skewnorm_exposure, write_canaries)
+
+TEMPLATE = "the access code for the north vault is {secret} and nobody else knows it"
+SECRET = "4719"
+
+
+@pytest.fixture(scope="session")
+def canary_model(tmp_path_factory):
+    """A tiny GPT-2 trained on 40 docstrings plus one canary sentence repeated 40 times."""
+    from memaudit.corpus import demo_corpus
+    from memaudit.data import write_documents
+    from memaudit.training import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("canary")
+    docs, _ = demo_corpus(n_train=40, n_heldout=1, seed=3)
+    texts = [d[:200] for d in docs] + [TEMPLATE.replace("{secret}", SECRET)] * 40
+    data = write_documents(root / "train.jsonl", texts)
+    train(TrainConfig(data=str(data), out=str(root / "model"), config="2x64", epochs=25, lr=3e-3, batch_size=16,
+                      seq_len=64, val_fraction=0.0, seed=0, vocab_size=512))
+    write_canaries(root / "model" / "canaries.jsonl", [Canary("c0", TEMPLATE, SECRET, repeats=40)])
+    return root / "model"
+
+
+def _independent_ll(model, tok, text):
+    """Log-likelihood of a whole text, BOS-conditioned, with a plain forward pass (not the scoring engine)."""
+    ids = torch.tensor([[tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        lsm = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+    return float(lsm[torch.arange(ids.shape[1] - 1), ids[0, 1:]].sum())
+
+
+def test_exact_rank_matches_independent_enumeration_and_estimate_agrees(canary_model):
+    from memaudit.models import load_model
+
+    m = load_model(canary_model)
+    control = Canary("x", TEMPLATE, "123")  # never inserted: 3 digits, |R| = 1000
+    exact = canary_exposure(m, control, exact_limit=1000, batch_size=64)
+    lls = np.array([_independent_ll(m.model, m.tokenizer, control.fill(str(n).zfill(3))) for n in range(1000)])
+    rank = 1 + int((lls > lls[123]).sum())
+    assert exact["method"] == "exact" and exact["rank"] == rank
+    assert exact["exposure"] == pytest.approx(math.log2(1000) - math.log2(rank), abs=1e-9)
+    est = canary_exposure(m, control, exact_limit=10, sample_size=400, batch_size=64)
+    assert est["method"] == "estimated" and est["candidates_scored"] == 401
+    assert est["exposure_low"] <= exact["exposure"] <= est["exposure_high"]
+    assert abs(est["exposure"] - exact["exposure"]) < 0.5
+
+
+def test_repeated_canary_is_exposed_far_more_than_unseen_ones(canary_model, tmp_path):
+    out = tmp_path / "exp"
+    r = subprocess.run([sys.executable, "-m", "memaudit", "exposure", str(canary_model), "--controls", "2",
+                        "--exact-limit", "100", "--sample-size", "500", "--out", str(out), "--batch-size", "128"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_canaries"] == 1 and summary["n_controls"] == 2 and summary["methods"] == ["estimated"]
+    assert summary["max_possible_exposure_bits"] == pytest.approx(math.log2(1e4))
+    # inserted 40 times: near the top of all 10^4 candidates; an unseen secret's rank is uniform (mean ~1.44 bits)
+    assert summary["mean_exposure_bits"] > 10
+    assert summary["mean_exposure_bits"] > summary["mean_control_exposure_bits"] + 5
+    assert (out / "exposure.png").stat().st_size > 0
+
+
+def test_sampled_and_skewnorm_estimators_on_synthetic_likelihoods():
+    from scipy.stats import skewnorm
+
+    rng = np.random.default_rng(0)
+    population = skewnorm.rvs(4.0, loc=-60, scale=8, size=200_000, random_state=rng)
+    secret_ll = float(np.quantile(population, 0.999))  # 0.1% of candidates are more likely
+    true = exposure_from_rank(1 + int((population > secret_ll).sum()), len(population) + 1)
+    sample = rng.choice(population, 20_000, replace=False)
+    est = sampled_exposure(secret_ll, sample, len(population) + 1)
+    assert est["exposure_low"] <= true <= est["exposure_high"]
+    assert skewnorm_exposure(secret_ll, sample, len(population) + 1) == pytest.approx(true, abs=0.3)
+    assert exposure_from_rank(1, 1024) == 10 and exposure_from_rank(1024, 1024) == 0
+
+
+def test_canary_file_formats_and_errors(tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text(json.dumps({"secret": "0042", "prefix": "pin: "}) + "\n"
+                 + json.dumps({"id": "b", "secret": "17", "text": "call 17 now", "repeats": 3}) + "\n")
+    a, b = read_canaries(f)
+    assert a.text == "pin: 0042" and a.digits == 4 and b.template == "call {secret} now" and b.repeats == 3
+    f.write_text(json.dumps({"secret": "12ab", "template": "x {secret}"}) + "\n")
+    r = subprocess.run([sys.executable, "-m", "memaudit", "exposure", str(tmp_path), "--canaries", str(f)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "decimal digits" in r.stderr
+    assert "Traceback" not in r.stderr
