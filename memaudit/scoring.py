@@ -200,3 +200,15 @@ def score(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, batch_s
         for i, st in zip(batch.indices, batch.stats):
             result[i] = st
     return result  # type: ignore[return-value]
+
+
+def score_sharded(model: torch.nn.Module, sequences: Sequence[Sequence[int]], **kwargs) -> list[TokenStats] | None:
+    """`score` under torchrun: each rank scores its shard (every world-th sequence), rank 0 gets all of them
+    in input order and the other ranks get None. In a single process it is exactly `score`."""
+    from . import distributed
+
+    if distributed.world_size() == 1:
+        return score(model, sequences, **kwargs)
+    idx = distributed.shard_indices(len(sequences))
+    local = score(model, [sequences[i] for i in idx], **kwargs) if idx else []
+    return distributed.gather_sharded(local, idx, len(sequences))
