@@ -53,18 +53,26 @@ class Canary:
 
 
 def _canary_from_record(obj: dict, lineno: int, path: Path) -> Canary:
-    if not isinstance(obj, dict) or "secret" not in obj:
-        raise MemauditError(f"{path}: line {lineno} has no 'secret' field")
-    secret = str(obj["secret"])
-    if not secret.isdigit() or not secret.isascii():
+    """Read the trainer's format (memaudit.training.canaries: `digits` = the secret digits, `template` with
+    `{}`, `secret` = the full text) or a hand-written one (`secret` = digits, `template` with `{secret}`,
+    or `prefix` [+ `suffix`], or a full `text` containing the digits)."""
+    if not isinstance(obj, dict):
+        raise MemauditError(f"{path}: line {lineno} is not a JSON object")
+    secret = obj.get("digits") if isinstance(obj.get("digits"), str) else obj.get("secret")
+    if secret is None:
+        raise MemauditError(f"{path}: line {lineno} has no 'digits' or 'secret' field")
+    secret = str(secret)
+    if not (secret.isdigit() and secret.isascii()):
         raise MemauditError(f"{path}: line {lineno}: the secret must be a string of decimal digits, not {secret!r}")
-    digits = int(obj.get("digits", len(secret)))
-    if digits != len(secret):
-        raise MemauditError(f"{path}: line {lineno}: 'digits' is {digits} but the secret has {len(secret)}")
-    if "template" in obj:
-        template = str(obj["template"])
+    n_digits = obj.get("n_digits", obj.get("digits") if isinstance(obj.get("digits"), int) else len(secret))
+    if int(n_digits) != len(secret):
+        raise MemauditError(f"{path}: line {lineno}: n_digits is {n_digits} but the secret has {len(secret)}")
+    template = obj.get("template")
+    if isinstance(template, str) and "{}" in template and SECRET_FIELD not in template:
+        template = template.replace("{}", SECRET_FIELD, 1)
+    if isinstance(template, str):
         if SECRET_FIELD not in template:
-            raise MemauditError(f"{path}: line {lineno}: the template has no {SECRET_FIELD} placeholder")
+            raise MemauditError(f"{path}: line {lineno}: the template has no {{}} or {SECRET_FIELD} placeholder")
     elif "prefix" in obj:
         template = str(obj["prefix"]) + SECRET_FIELD + str(obj.get("suffix", ""))
     elif "text" in obj and secret in str(obj["text"]):
@@ -72,7 +80,7 @@ def _canary_from_record(obj: dict, lineno: int, path: Path) -> Canary:
         at = text.rindex(secret)
         template = text[:at] + SECRET_FIELD + text[at + len(secret):]
     else:
-        raise MemauditError(f"{path}: line {lineno} needs a 'template' (with {SECRET_FIELD}), a 'prefix', "
+        raise MemauditError(f"{path}: line {lineno} needs a 'template' (with {{}}), a 'prefix', "
                             "or a 'text' that contains the secret")
     repeats = obj.get("repeats", obj.get("repetitions"))
     return Canary(id=str(obj.get("id", lineno - 1)), template=template, secret=secret,
@@ -80,9 +88,11 @@ def _canary_from_record(obj: dict, lineno: int, path: Path) -> Canary:
 
 
 def read_canaries(path: str | os.PathLike) -> list[Canary]:
-    """Canaries from a .jsonl file: one object a line with `secret` (digits) and `template` containing
-    `{secret}` (or `prefix` [+ `suffix`], or the full `text`), optional `id` and `repeats`."""
+    """Canaries from a .jsonl file (a model directory: its canaries.jsonl), one object a line; see
+    `_canary_from_record` for the fields."""
     path = Path(path)
+    if path.is_dir():
+        path = default_canary_file(path)
     if not path.is_file():
         raise MemauditError(f"canary file not found: {path}")
     out = []
@@ -104,8 +114,9 @@ def write_canaries(path: str | os.PathLike, canaries: Sequence[Canary]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
         for c in canaries:
-            fh.write(json.dumps({"id": c.id, "template": c.template, "secret": c.secret,
-                                 "digits": c.digits, "repeats": c.repeats}) + "\n")
+            # the trainer's format (memaudit.training.canaries), so both sides read the same file
+            fh.write(json.dumps({"id": c.id, "secret": c.text, "template": c.template.replace(SECRET_FIELD, "{}"),
+                                 "digits": c.secret, "n_digits": c.digits, "repeats": c.repeats}) + "\n")
     return path
 
 

@@ -12,24 +12,18 @@ import torch
 from memaudit.exposure import (Canary, canary_exposure, exposure_from_rank, read_canaries, sampled_exposure,
                                skewnorm_exposure, write_canaries)
 
-TEMPLATE = "the access code for the north vault is {secret} and nobody else knows it"
-SECRET = "4719"
-
-
 @pytest.fixture(scope="session")
 def canary_model(tmp_path_factory):
-    """A tiny GPT-2 trained on 40 docstrings plus one canary sentence repeated 40 times."""
+    """A tiny GPT-2 trained (by the trainer's --canaries) on 40 docstrings plus one 9-digit canary x 40."""
     from memaudit.corpus import demo_corpus
     from memaudit.data import write_documents
     from memaudit.training import TrainConfig, train
 
     root = tmp_path_factory.mktemp("canary")
     docs, _ = demo_corpus(n_train=40, n_heldout=1, seed=3)
-    texts = [d[:200] for d in docs] + [TEMPLATE.replace("{secret}", SECRET)] * 40
-    data = write_documents(root / "train.jsonl", texts)
+    data = write_documents(root / "train.jsonl", [d[:200] for d in docs])
     train(TrainConfig(data=str(data), out=str(root / "model"), config="2x64", epochs=25, lr=3e-3, batch_size=16,
-                      seq_len=64, val_fraction=0.0, seed=0, vocab_size=512))
-    write_canaries(root / "model" / "canaries.jsonl", [Canary("c0", TEMPLATE, SECRET, repeats=40)])
+                      seq_len=64, val_fraction=0.0, seed=0, vocab_size=512, canaries=1, canary_repeats=40))
     return root / "model"
 
 
@@ -45,7 +39,8 @@ def test_exact_rank_matches_independent_enumeration_and_estimate_agrees(canary_m
     from memaudit.models import load_model
 
     m = load_model(canary_model)
-    control = Canary("x", TEMPLATE, "123")  # never inserted: 3 digits, |R| = 1000
+    (trained,) = read_canaries(canary_model)
+    control = Canary("x", trained.template, "123")  # never inserted: 3 digits, |R| = 1000
     exact = canary_exposure(m, control, exact_limit=1000, batch_size=64)
     lls = np.array([_independent_ll(m.model, m.tokenizer, control.fill(str(n).zfill(3))) for n in range(1000)])
     rank = 1 + int((lls > lls[123]).sum())
@@ -64,9 +59,9 @@ def test_repeated_canary_is_exposed_far_more_than_unseen_ones(canary_model, tmp_
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_canaries"] == 1 and summary["n_controls"] == 2 and summary["methods"] == ["estimated"]
-    assert summary["max_possible_exposure_bits"] == pytest.approx(math.log2(1e4))
-    # inserted 40 times: near the top of all 10^4 candidates; an unseen secret's rank is uniform (mean ~1.44 bits)
-    assert summary["mean_exposure_bits"] > 10
+    assert summary["max_possible_exposure_bits"] == pytest.approx(math.log2(1e9))
+    # inserted 40 times: above every sampled candidate; an unseen secret's rank is uniform (mean ~1.44 bits)
+    assert summary["mean_exposure_bits"] > 15
     assert summary["mean_exposure_bits"] > summary["mean_control_exposure_bits"] + 5
     assert (out / "exposure.png").stat().st_size > 0
 
@@ -87,10 +82,17 @@ def test_sampled_and_skewnorm_estimators_on_synthetic_likelihoods():
 
 def test_canary_file_formats_and_errors(tmp_path):
     f = tmp_path / "c.jsonl"
+    from memaudit.training.canaries import make_canaries
+
+    trainer_format = make_canaries(1, 7, seed=1, n_digits=6)[0]
     f.write_text(json.dumps({"secret": "0042", "prefix": "pin: "}) + "\n"
-                 + json.dumps({"id": "b", "secret": "17", "text": "call 17 now", "repeats": 3}) + "\n")
-    a, b = read_canaries(f)
+                 + json.dumps({"id": "b", "secret": "17", "text": "call 17 now", "repeats": 3}) + "\n"
+                 + json.dumps(trainer_format) + "\n")
+    a, b, c = read_canaries(f)
     assert a.text == "pin: 0042" and a.digits == 4 and b.template == "call {secret} now" and b.repeats == 3
+    assert c.text == trainer_format["secret"] and c.secret == trainer_format["digits"] and c.repeats == 7
+    write_canaries(tmp_path / "again.jsonl", [a, b, c])
+    assert [x.text for x in read_canaries(tmp_path / "again.jsonl")] == [a.text, b.text, c.text]
     f.write_text(json.dumps({"secret": "12ab", "template": "x {secret}"}) + "\n")
     r = subprocess.run([sys.executable, "-m", "memaudit", "exposure", str(tmp_path), "--canaries", str(f)],
                        capture_output=True, text=True)
