@@ -1,0 +1,261 @@
+"""Membership inference: every attack against an independent full-logits loop, the metrics against scipy,
+orientation (memorized model: AUC > 0.9; a model that saw neither set: 0.5 inside the interval), bad input."""
+import json
+import math
+import subprocess
+import sys
+import zlib
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import zstandard
+from scipy.stats import mannwhitneyu
+
+from memaudit import mia
+from memaudit.data import read_documents, tokenize, write_documents
+from memaudit.errors import MemauditError
+from memaudit.metrics import (binary_metrics, bootstrap_roc, roc_auc, roc_curve, stratified_split,
+                              threshold_at_fpr, threshold_max_balanced_accuracy, tpr_at_fpr)
+from memaudit.models import load_model, load_tokenizer
+
+
+def _fresh_copy(model_dir, out, seed):
+    """A freshly initialized model with `model_dir`'s config and tokenizer (it saw no data)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)))
+    m.save_pretrained(out)
+    load_tokenizer(model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def unseen(tmp_path_factory, memorized):
+    """A model (and tokenizer) trained on other documents of the same source: it saw neither the members nor
+    the held-out set. Its tokenizer is trained on those other documents too: the memorized model's tokenizer
+    was trained on its members, so on the same token boundaries even an untrained model would separate them."""
+    from memaudit.corpus import demo_corpus
+    from memaudit.training import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("unseen")
+    _, heldout = demo_corpus(n_train=60, n_heldout=160, seed=1)  # same draw as `memorized`; [60:] unused there
+    other = write_documents(root / "other.jsonl", heldout[60:], [f"o{i}" for i in range(100)])
+    train(TrainConfig(data=str(other), out=str(root / "model"), epochs=8, lr=3e-3, batch_size=16, seq_len=96,
+                      val_fraction=0.0, seed=0))
+    return root / "model"
+
+
+@pytest.fixture(scope="session")
+def memorized_reference(tmp_path_factory, memorized):
+    """A reference model sharing the memorized model's tokenizer (fresh weights)."""
+    return _fresh_copy(memorized.model_dir, tmp_path_factory.mktemp("ref") / "model", seed=3)
+
+
+# ---------- metrics against independent computations ----------
+
+def test_roc_auc_equals_mann_whitney_with_ties():
+    rng = np.random.default_rng(0)
+    for n1, n0 in [(30, 50), (7, 3), (200, 200)]:
+        s = np.r_[rng.integers(0, 8, n1) + 0.5, rng.integers(0, 6, n0)].astype(float)  # many ties
+        y = np.r_[np.ones(n1, bool), np.zeros(n0, bool)]
+        u = mannwhitneyu(s[y], s[~y]).statistic
+        assert roc_auc(s, y) == pytest.approx(u / (n1 * n0), abs=1e-12)
+
+
+def test_roc_points_match_brute_force():
+    rng = np.random.default_rng(1)
+    s = np.round(rng.normal(size=60), 1)
+    y = rng.random(60) < 0.4
+    fpr, tpr, thr = roc_curve(s, y)
+    assert thr[0] == np.inf and fpr[0] == 0 and tpr[0] == 0 and fpr[-1] == 1 and tpr[-1] == 1
+    for f, t, th in zip(fpr[1:], tpr[1:], thr[1:]):
+        pred = s >= th
+        assert f == pytest.approx(pred[~y].mean()) and t == pytest.approx(pred[y].mean())
+    assert sorted(thr[1:].tolist(), reverse=True) == sorted(set(s.tolist()), reverse=True)
+    # Oracle TPR at FPR <= 10%: the best over every possible threshold, by brute force.
+    best = max(((s >= th)[y].mean() for th in np.r_[np.inf, s] if (s >= th)[~y].mean() <= 0.1))
+    assert tpr_at_fpr(fpr, tpr, 0.1) == pytest.approx(best)
+
+
+def test_calibrated_thresholds_and_binary_metrics():
+    s = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])
+    y = np.array([1, 1, 0, 1, 0, 1, 0, 0], bool)
+    assert threshold_at_fpr(s, y, 0.0) == 0.8  # above the first non-member
+    assert threshold_at_fpr(s, y, 0.25) == 0.6  # one false positive of 4 allowed
+    m = binary_metrics(s, y, 0.6)  # predicted members: 0.9 0.8 0.7 0.6 -> tp 3, fp 1, fn 1
+    assert (m["tpr"], m["fpr"], m["precision"]) == (0.75, 0.25, 0.75)
+    assert m["f1"] == pytest.approx(0.75) and m["balanced_accuracy"] == pytest.approx(0.75)
+    # balanced accuracy 0.75 at 0.8, 0.6 and 0.4 (tpr - fpr = 0.5 each): ties go to the highest threshold
+    assert threshold_max_balanced_accuracy(s, y) == 0.8
+    cal, ev = stratified_split(np.r_[np.ones(10, bool), np.zeros(6, bool)], 0.5, seed=0)
+    assert len(set(cal) & set(ev)) == 0 and len(cal) + len(ev) == 16
+    assert (cal < 10).sum() == 5 and (cal >= 10).sum() == 3
+
+
+def test_bootstrap_interval_covers_and_is_seeded():
+    rng = np.random.default_rng(2)
+    s = np.r_[rng.normal(1, 1, 100), rng.normal(0, 1, 100)]
+    y = np.r_[np.ones(100, bool), np.zeros(100, bool)]
+    a = bootstrap_roc(s, y, n=300, seed=5)
+    assert a == bootstrap_roc(s, y, n=300, seed=5)
+    lo, hi = a["auc"]
+    assert lo < roc_auc(s, y) < hi and 0.05 < hi - lo < 0.3
+
+
+# ---------- attacks against an independent per-sample loop over full logits ----------
+
+def _full_logprobs(model, ids):
+    with torch.no_grad():
+        lsm = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), -1)
+    tgt = torch.tensor(ids[1:])
+    return lsm, lsm[torch.arange(len(tgt)), tgt].numpy()
+
+
+def test_every_attack_equals_independent_loop(memorized, memorized_reference, tmp_path):
+    window, k, shots = 24, [20.0, 50.0], 2
+    res = mia(memorized.model_dir, memorized.train_file, memorized.heldout_file, reference=memorized_reference,
+              attacks="all", k=k, window=window, recall_shots=shots, bootstrap=50, limit=8, out=tmp_path / "run")
+    df = res.samples
+    m = load_model(memorized.model_dir)
+    ref = load_model(memorized_reference).model
+    tok = m.tokenizer
+    bos, eos, ctx = tok.bos_token_id, tok.eos_token_id, m.max_length
+    docs = pd.concat([read_documents(memorized.train_file, limit=8), read_documents(memorized.heldout_file, limit=8)])
+    windows = dict(zip(docs["id"], (t[:window] for t in tokenize(tok, docs["text"]))))
+    # dc_pdd: Laplace-smoothed unigram frequencies of the non-member file (the default corpus), by Counter.
+    corpus = [t for doc in tokenize(tok, read_documents(memorized.heldout_file)["text"]) for t in doc]
+    counts, total, vocab = Counter(corpus), len(corpus), len(tok)
+    # recall: the shots the run drew, joined by EOS, cut from the left to the room before a window.
+    prefix = [t for sid in res.summary["recall"]["shot_ids"] for t in windows[sid] + [eos]][-(ctx - window):]
+
+    for _, row in df.iterrows():
+        x = windows[row["id"]]
+        lsm, lp = _full_logprobs(m.model, [bos] + x)
+        _, lp_ref = _full_logprobs(ref, [bos] + x)
+        p = lsm.exp()
+        mu = (p * lsm).sum(-1).numpy()
+        sigma = np.sqrt(((p * lsm ** 2).sum(-1).numpy() - mu ** 2).clip(min=1e-12))
+        text = tok.decode(x)
+        expect = {"loss": lp.mean(),
+                  "zlib": lp.mean() / (8 * len(zlib.compress(text.encode("utf-8")))),
+                  "zstd": lp.mean() / (8 * len(zstandard.ZstdCompressor(level=3).compress(text.encode("utf-8")))),
+                  "reference": lp.mean() - lp_ref.mean()}
+        for kk in k:
+            n_low = max(1, int(len(x) * kk / 100))
+            expect[f"min_k_{kk:g}"] = np.sort(lp)[:n_low].mean()
+            expect[f"min_k_pp_{kk:g}"] = np.sort((lp - mu) / sigma)[:n_low].mean()
+        seen, alphas = set(), []
+        for t, l in zip(x, lp):
+            if t not in seen:
+                seen.add(t)
+                alphas.append(min(math.exp(l) * math.log((total + vocab) / (counts[t] + 1)), 0.01))
+        expect["dc_pdd"] = np.mean(alphas)
+        if row["id"] in res.summary["recall"]["shot_ids"] and not row["member"]:
+            assert np.isnan(row["score_recall"])
+        else:
+            _, lp_cond = _full_logprobs(m.model, [bos] + prefix + x)
+            expect["recall"] = lp_cond[-len(x):].mean() / lp.mean()
+        m.model.zero_grad()
+        ids = torch.tensor([[bos] + x])
+        torch.nn.functional.cross_entropy(m.model(ids).logits[0, :-1], ids[0, 1:]).backward()
+        expect["gradnorm"] = -math.sqrt(sum(float((q.grad.double() ** 2).sum()) for q in m.model.parameters()
+                                            if q.grad is not None))
+        for col, want in expect.items():
+            got = row[f"score_{col}"]
+            assert got == pytest.approx(want, rel=1e-5, abs=1e-5), (col, row["id"], got, want)
+    assert set(df.columns) == {"id", "member", "n_tokens"} | {f"score_{c}" for c in res.summary["columns"]}
+    assert len(res.summary["columns"]) == 11 and (res.path / "roc.png").is_file()
+
+
+# ---------- orientation ----------
+
+def test_memorized_model_every_attack_separates(memorized, memorized_reference, tmp_path):
+    res = mia(memorized.model_dir, memorized.train_file, memorized.heldout_file, reference=memorized_reference,
+              window=32, bootstrap=200, out=tmp_path / "run")
+    aucs = {c: m["auc"] for c, m in res.summary["attacks"].items()}
+    print("memorized AUCs", json.dumps(aucs))
+    assert len(aucs) == 13
+    assert all(a > 0.9 for a in aucs.values()), aucs
+    s = json.loads((res.path / "summary.json").read_text())
+    assert s["windows"]["mode"] == "window" and s["windows"]["tokens"] == 32 and s["bos"]["prepended"]
+    samples = pd.read_parquet(res.path / "samples.parquet")
+    assert samples["member"].sum() == 60 and (~samples["member"]).sum() == 60
+    for f in ("roc.png", "roc_loglog.png", "histograms.png", "config.json"):
+        assert (res.path / f).is_file()
+
+
+def test_model_that_saw_neither_set_is_at_chance(memorized, unseen, tmp_path):
+    ref = _fresh_copy(unseen, tmp_path / "ref", seed=4)
+    res = mia(unseen, memorized.train_file, memorized.heldout_file, reference=ref, window=32, bootstrap=1000,
+              write=False)
+    for c, m in res.summary["attacks"].items():
+        print(f"unseen {c}: AUC {m['auc']:.3f} CI {m['auc_ci95']}")
+        lo, hi = m["auc_ci95"]
+        assert lo <= 0.5 <= hi, (c, m["auc"], m["auc_ci95"])
+
+
+def test_whole_documents_truncate_to_context_and_skip_recall(memorized):
+    res = mia(memorized.model_dir, memorized.train_file, memorized.heldout_file, attacks="loss,min_k",
+              bootstrap=0, limit=10, write=False)
+    s = res.summary
+    assert s["windows"]["mode"] == "document" and s["samples"]["members"]["truncated_to_context"] > 0
+    assert res.samples["n_tokens"].max() == s["model_context"]
+    with pytest.raises(MemauditError, match="recall: no room"):
+        mia(memorized.model_dir, memorized.train_file, memorized.heldout_file, attacks="recall", bootstrap=0,
+            limit=10, write=False)
+    s_all = mia(memorized.model_dir, memorized.train_file, memorized.heldout_file, attacks="all", bootstrap=0,
+                limit=6, write=False).summary
+    assert set(s_all["skipped_attacks"]) == {"recall", "reference"}
+
+
+def test_no_bos_scores_all_but_the_first_token(memorized):
+    res = mia(memorized.model_dir, memorized.train_file, memorized.heldout_file, attacks="loss", window=16,
+              bos=False, bootstrap=0, limit=4, write=False)
+    assert (res.samples["n_tokens"] == 15).all() and not res.summary["bos"]["prepended"]
+
+
+# ---------- bad input, through the command line ----------
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "memaudit", "mia", *map(str, args)], capture_output=True,
+                          text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_cli_bad_input_is_one_clear_line(memorized, tmp_path):
+    from memaudit.data import train_tokenizer
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    other_tok = tmp_path / "other_tok"
+    _fresh_copy(memorized.model_dir, other_tok, seed=5)
+    train_tokenizer(["entirely different words here"] * 20, vocab_size=300).save_pretrained(other_tok)
+    base = [memorized.model_dir, "--bootstrap", "0", "--limit", "6", "--window", "16"]
+    cases = [
+        (base + ["--members", empty, "--nonmembers", memorized.heldout_file], "no documents in the file"),
+        (base + ["--members", memorized.train_file, "--nonmembers", empty], "no documents in the file"),
+        (base + ["--members", memorized.train_file, "--nonmembers", memorized.heldout_file, "--attacks", "loss,foo"],
+         "unknown attack(s) 'foo'"),
+        (base + ["--members", memorized.train_file, "--nonmembers", memorized.heldout_file, "--reference", other_tok,
+                 "--attacks", "reference"], "different tokenizer"),
+    ]
+    for args, msg in cases:
+        r = _cli(*args, "--out", tmp_path / "x")
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and msg in r.stderr, r.stderr
+
+
+def test_cli_overlapping_ids_warn_and_continue(memorized, tmp_path):
+    docs = read_documents(memorized.heldout_file, limit=6)
+    mem = read_documents(memorized.train_file, limit=6)
+    ids = mem["id"].tolist()[:2] + docs["id"].tolist()[2:]  # two member ids reused for non-members
+    non = write_documents(tmp_path / "non.jsonl", docs["text"].tolist(), ids)
+    r = _cli(memorized.model_dir, "--members", memorized.train_file, "--nonmembers", non, "--limit", "6",
+             "--window", "16", "--attacks", "loss", "--bootstrap", "0", "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert "warning: 2 id(s) appear in both the member and the non-member file" in r.stderr
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["overlap"]["ids_in_both_files"] == 2 and s["n_members"] == 6 and s["n_nonmembers"] == 6
