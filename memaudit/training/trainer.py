@@ -46,6 +46,7 @@ class TrainConfig:
     objective: str = "standard"  # standard | goldfish | sinks
     config: str = "tiny"  # tiny | small | LxW | a model directory to continue
     family: str = "gpt2"  # gpt2 | llama (for from-scratch configs)
+    tokenizer: str | None = None  # a tokenizer dir for from-scratch configs (default: train one on the data)
     epochs: int = 10
     lr: float = 1e-3
     batch_size: int = 16  # documents per optimizer step (the global batch under torchrun)
@@ -303,6 +304,8 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
     tokenizer = None
     if cfg.resume:
         tokenizer = load_tokenizer(ckpt_dir)
+    elif cfg.tokenizer:
+        tokenizer = load_tokenizer(cfg.tokenizer)
     elif dist.world > 1 and not Path(cfg.config).is_dir():
         shared = out / ".tokenizer"
         if dist.main:

@@ -1,0 +1,127 @@
+"""Goldfish loss, the paper's extreme setting at small scale (Hans et al. 2024, arXiv 2406.10209, section 4.1).
+
+A tiny GPT-2 is trained for many epochs on 100 real documents (the embedded stdlib-docstring corpus,
+memaudit.corpus.demo_corpus), once with the standard loss and once per goldfish mask (hash, static, random,
+and the official repository's product hash) and drop rate 1/k, k in {2, 4, 8}. Each model is then probed for
+exact extraction: the first 32 tokens of each document as the prompt, the next 32 as the target (METHODS.md
+section 1). Greedy decoding reproduces the target iff the teacher-forced argmax hits every suffix token, so
+the exact count comes from one scoring pass (memaudit.scoring.score), no generation needed.
+The paper: standard loss 84/100 documents reproduced verbatim, goldfish k=4 0/100 (LLaMA-2-7B, 100 epochs).
+
+Run:  python reports/goldfish/reproduce.py --jobs 2   (writes results.csv and results.md here)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from memaudit.corpus import demo_corpus
+from memaudit.data import make_windows, read_documents, tokenize, write_documents
+from memaudit.models import load_model
+from memaudit.scoring import score
+from memaudit.training import TrainConfig, train
+
+HERE = Path(__file__).resolve().parent
+PREFIX, SUFFIX = 32, 32
+SEQ_LEN = 72  # BOS + 71 tokens: covers the 64-token extraction window
+RUNS = [("standard", None, None)] + [(mode, k, None) for mode in ("hash", "static", "random") for k in (2, 4, 8)] \
+    + [("hash-official", 4, None)]
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A Markdown table without the optional `tabulate` dependency."""
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    head = "| " + " | ".join(df.columns) + " |"
+    sep = "|" + "|".join("---" for _ in df.columns) + "|"
+    return "\n".join([head, sep] + ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)])
+
+
+def extraction(model_dir: Path, data: Path) -> dict:
+    loaded = load_model(model_dir, device="cpu", dtype="float32")
+    docs = read_documents(data)
+    win = make_windows(tokenize(loaded.tokenizer, docs["text"].tolist()), docs["id"].tolist(), PREFIX, SUFFIX)
+    stats = score(loaded.model, win.tokens.tolist(), bos_id=loaded.tokenizer.bos_token_id, batch_size=32)
+    suffix_hits = np.stack([s.hit[PREFIX:PREFIX + SUFFIX] for s in stats])
+    exact = suffix_hits.all(axis=1)
+    first_miss = np.where(suffix_hits.all(axis=1), SUFFIX, np.argmin(suffix_hits, axis=1))
+    return {"documents": len(win.ids), "exact": int(exact.sum()),
+            "exact_pct": 100.0 * exact.mean(), "match_prefix_mean": float(first_miss.mean()),
+            "suffix_token_acc": float(suffix_hits.mean())}
+
+
+def run_one(name: str, mode: str, k: int | None, work: Path, epochs: int, config: str) -> dict:
+    import torch
+
+    torch.set_num_threads(1)  # runs go in parallel processes, one core each
+    t0 = time.time()
+    extra = {} if k is None else {"objective": "goldfish", "goldfish_mode": mode, "goldfish_k": k, "goldfish_h": 13}
+    res = train(TrainConfig(data=str(work / "train.jsonl"), val_data=str(work / "val.jsonl"), out=str(work / name),
+                            config=config, epochs=epochs, lr=3e-3, batch_size=16, seq_len=SEQ_LEN,
+                            warmup_steps=20, seed=0, device="cpu", **extra))
+    ex = extraction(work / name, work / "train.jsonl")
+    row = {"run": name, "mask": mode if k else "-", "k": k or "-", "epochs": epochs,
+           "dropped_fraction": res.dropped_fraction, **ex, "val_loss": res.val_loss,
+           "seconds": round(time.time() - t0, 1)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=100)
+    ap.add_argument("--config", default="tiny")
+    ap.add_argument("--jobs", type=int, default=2, help="runs trained at once (one core each)")
+    ap.add_argument("--work", default="/tmp/memaudit-goldfish")
+    ap.add_argument("--only", default=None, help="comma list of run names, e.g. standard,hash-k4 (print only)")
+    args = ap.parse_args()
+    work = Path(args.work)
+    members, heldout = demo_corpus(n_train=100, n_heldout=100, seed=0)
+    write_documents(work / "train.jsonl", members, [f"m{i}" for i in range(len(members))])
+    write_documents(work / "val.jsonl", heldout, [f"h{i}" for i in range(len(heldout))])
+    todo = [(mode if k is None else f"{mode}-k{k}", mode, k, work, args.epochs, args.config) for mode, k, _ in RUNS]
+    if args.only:
+        todo = [t for t in todo if t[0] in args.only.split(",")]
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(args.jobs) as pool:
+        rows = pool.starmap(run_one, todo)
+    df = pd.DataFrame(rows)
+    if "standard" in set(df["run"]):
+        std = float(df.loc[df["run"] == "standard", "val_loss"].iloc[0])
+        df["val_loss_vs_standard_pct"] = 100.0 * (df["val_loss"] / std - 1.0)
+    if args.only:
+        print(df.to_string(index=False))
+        return
+    df.to_csv(HERE / "results.csv", index=False)
+    std_row = df[df.run == "standard"].iloc[0]
+    gf4 = df[df.run == "hash-k4"].iloc[0]
+    lines = ["# Goldfish loss: extreme setting at small scale", "",
+             f"Tiny GPT-2 ({args.config}), {args.epochs} epochs on 100 stdlib docstrings; extraction with "
+             f"{PREFIX}-token prompts and {SUFFIX}-token targets over the {int(std_row.documents)} documents long "
+             "enough; validation on 100 held-out docstrings (unmasked loss). Written by `reproduce.py`.", "",
+             markdown_table(df), "",
+             "## Targets", "",
+             f"- standard reproduces >= 80% exactly (paper 84/100): {std_row.exact}/{int(std_row.documents)} "
+             f"({std_row.exact_pct:.0f}%) -> {'met' if std_row.exact_pct >= 80 else 'NOT met'}",
+             f"- goldfish hash k=4 reproduces none (paper 0/100): {gf4.exact}/{int(gf4.documents)} -> "
+             f"{'met' if gf4.exact == 0 else 'NOT met'}",
+             f"- goldfish hash k=4 validation loss within 10% of standard's: {gf4.val_loss:.4f} vs "
+             f"{std_row.val_loss:.4f} ({gf4.val_loss_vs_standard_pct:+.1f}%) -> "
+             f"{'met' if abs(gf4.val_loss_vs_standard_pct) <= 10 else 'NOT met'}"]
+    for k in (2, 4, 8):
+        r, h = df[df.run == f"random-k{k}"].iloc[0], df[df.run == f"hash-k{k}"].iloc[0]
+        lines.append(f"- k={k}: random leaks {r.exact} exact / suffix accuracy {r.suffix_token_acc:.3f}, hash "
+                     f"{h.exact} / {h.suffix_token_acc:.3f} -> random leaks more: "
+                     f"{'yes' if (r.exact, r.suffix_token_acc) > (h.exact, h.suffix_token_acc) else 'NO'}")
+    (HERE / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

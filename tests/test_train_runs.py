@@ -1,0 +1,129 @@
+"""The trainer end to end on tiny models: goldfish rate, canaries, sinks release, resume, DDP, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from memaudit.training import TrainConfig, read_canaries, train
+
+TINY = dict(config="2x32", seq_len=48, batch_size=7, epochs=2, lr=3e-3, warmup_steps=2, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory) -> Path:
+    from memaudit.corpus import demo_corpus
+    from memaudit.data import write_documents
+
+    members, _ = demo_corpus(n_train=30, n_heldout=1, seed=3)
+    return write_documents(tmp_path_factory.mktemp("train_docs") / "d.jsonl", members)
+
+
+def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_goldfish_run_reports_dropped_fraction_and_canaries(docs, tmp_path):
+    res = train(TrainConfig(data=str(docs), out=str(tmp_path / "gf"), objective="goldfish", goldfish_mode="hash",
+                            goldfish_k=4, goldfish_h=13, canaries=3, canary_repeats=4, **TINY))
+    meta = json.loads((tmp_path / "gf" / "train_config.json").read_text())
+    assert meta["goldfish_dropped_fraction"] == pytest.approx(res.dropped_fraction)
+    # the first 13 targets of each row are never dropped, so the overall rate is a bit under 1/4
+    assert 0.17 < res.dropped_fraction < 0.27
+    log = (tmp_path / "gf" / "training_log.csv").read_text().splitlines()
+    assert log[0].startswith("epoch,step,train_loss,val_loss,lr,dropped_fraction") and len(log) == 3
+    can = read_canaries(tmp_path / "gf")
+    assert len(can) == 3 and len({c["digits"] for c in can}) == 3
+    for c in can:
+        assert c["secret"] == c["template"].format(c["digits"]) == c["prefix"] + c["digits"]
+        assert len(c["digits"]) == c["n_digits"] == 9 and c["digits"].isdigit() and c["repeats"] == 4
+    assert res.n_train == 27 + 3 * 4  # 30 docs, 3 held out, plus the canary copies
+
+
+def test_sinks_run_writes_a_release_model_equal_to_dropped_evaluation(docs, tmp_path):
+    from memaudit.models import load_model
+    from memaudit.training.sinks import SinkHooks, read_sink_spec
+
+    out = tmp_path / "sinks"
+    train(TrainConfig(data=str(docs), out=str(out), objective="sinks", family="llama", **TINY))
+    spec = read_sink_spec(out)
+    full = load_model(out, device="cpu", dtype="float32").model
+    release = load_model(out / "release", device="cpu", dtype="float32").model
+    assert release.config.intermediate_size == spec.n_general < full.config.intermediate_size
+    ids = torch.randint(0, full.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    SinkHooks(full, spec).set_dropped()
+    with torch.no_grad():
+        assert torch.allclose(full(input_ids=ids).logits, release(input_ids=ids).logits, atol=1e-5)
+
+
+def test_resume_equals_uninterrupted(docs, tmp_path):
+    cfg = dict(data=str(docs), objective="goldfish", goldfish_mode="random", checkpoint_every=2, **TINY)
+    train(TrainConfig(out=str(tmp_path / "straight"), **cfg))
+    part = train(TrainConfig(out=str(tmp_path / "resumed"), stop_after=3, **cfg))
+    assert not part.finished and part.steps == 3
+    assert (tmp_path / "resumed" / "checkpoint" / "state.pt").is_file()
+    done = train(TrainConfig(out=str(tmp_path / "resumed"), resume=True, **cfg))
+    assert done.finished and done.steps == 8
+    assert _max_diff(_weights(tmp_path / "straight"), _weights(tmp_path / "resumed")) == 0.0
+    log_a = (tmp_path / "straight" / "training_log.csv").read_text().splitlines()
+    log_b = (tmp_path / "resumed" / "training_log.csv").read_text().splitlines()
+    assert [r.rsplit(",", 1)[0] for r in log_a] == [r.rsplit(",", 1)[0] for r in log_b]  # all but wall-clock
+
+
+def test_ddp_two_cpu_processes_equal_one_process(docs, tmp_path):
+    args = ["train", "--data", str(docs), "--config", "2x32", "--seq-len", "48", "--batch-size", "7",
+            "--epochs", "2", "--lr", "3e-3", "--warmup-steps", "2", "--device", "cpu",
+            "--objective", "sinks"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MEMAUDIT_NO_PROGRESS="1")
+    train(TrainConfig(data=str(docs), out=str(tmp_path / "one"), objective="sinks", **TINY))  # the same settings
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", "29517", "-m", "memaudit", *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert _max_diff(_weights(tmp_path / "one"), _weights(tmp_path / "two")) < 1e-5
+    assert (tmp_path / "two" / "release" / "model.safetensors").is_file()
+
+
+BAD = [
+    (["--objective", "ewc"], "unknown objective"),
+    (["--objective", "goldfish", "--goldfish-mode", "zebra"], "unknown goldfish mode"),
+    (["--objective", "goldfish", "--goldfish-k", "1"], "--goldfish-k"),
+    (["--objective", "goldfish", "--goldfish-h", "0"], "--goldfish-h"),
+    (["--objective", "sinks", "--sink-fraction", "1.0"], "--sink-fraction"),
+    (["--objective", "sinks", "--sink-density", "0"], "--sink-density"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD)
+def test_bad_options_give_one_error_line(extra, message, docs, tmp_path, monkeypatch, capsys):
+    from memaudit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["memaudit", "train", "--data", str(docs), "--out", str(tmp_path / "m"), *extra])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not (tmp_path / "m").exists()
+
+
+def test_too_small_to_split_through_the_cli(tmp_path):
+    from memaudit.data import write_documents
+
+    one = write_documents(tmp_path / "one.jsonl", ["a single short document"])
+    proc = subprocess.run([sys.executable, "-m", "memaudit", "train", "--data", str(one), "--out", str(tmp_path / "m")],
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: the data file has 1 documents: too few to split off a "
+                                                "validation set"]
