@@ -62,6 +62,8 @@ def train(
     objective: str = typer.Option("standard", help="Training objective: standard, goldfish or sinks."),
     config: str = typer.Option("tiny", help="tiny, small, LxW (layers x width), or a model directory to continue."),
     family: str = typer.Option("gpt2", help="Architecture for from-scratch configs: gpt2 or llama."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer directory for from-scratch configs "
+                                                        "(default: train one on the training documents)."),
     epochs: int = typer.Option(10, help="Passes over the training documents."),
     lr: float = typer.Option(1e-3, help="Peak learning rate (linear warmup, cosine decay to 10%)."),
     batch_size: int = typer.Option(16, help="Documents per optimizer step."),
@@ -108,7 +110,7 @@ def train(
                                 goldfish_k=goldfish_k, goldfish_h=goldfish_h, sink_fraction=sink_fraction,
                                 sink_density=sink_density, release=release, canaries=canaries,
                                 canary_repeats=canary_repeats, checkpoint_every=checkpoint_every, resume=resume,
-                                stop_after=stop_after))
+                                stop_after=stop_after, tokenizer=str(tokenizer) if tokenizer else None))
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if not res.finished:
