@@ -1,0 +1,392 @@
+"""The extraction probe (METHODS.md section 1): prompt with `prefix` tokens, compare the continuation with the
+true `suffix` tokens.
+
+Greedy shortcut. One teacher-forced pass over prefix + suffix (the scoring engine, with BOS first when the
+model has one, as the trainer trains rows) gives, at every suffix position j, whether the model's argmax given
+the TRUE context equals the target (`hit`) and what that argmax is. Greedy decoding reproduces the target up to
+the first miss d (there its context is the true context), and emits the pass's argmax at d. So:
+  - samples with no miss are exact and need no decoding;
+  - the others are decoded only from d on, continuing from the pass's KV cache cropped before position d.
+Diverged rows are pooled across scoring batches (all windows have the same length, so their caches stack) and
+decoded together from the pool's smallest d; a row whose own d is later is fed its known tokens (the target,
+then its argmax at d) until then. `shortcut=False` decodes every sample from the prefix instead (verification).
+
+Sampling reports the (n, p)-discoverable extraction of Hayes et al. 2024 (see `_np_columns`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import generation as gen
+from .data import Windows, file_hash, make_windows, read_documents, tokenize
+from .errors import MemauditError
+from .metrics import rouge_l_ids, rouge_l_text
+from .models import LoadedModel, load_model, weights_hash
+from .progress import progress_bar
+from .rundir import RunDir
+from .scoring import iter_scored_batches
+
+DECODINGS = ("greedy", "sample", "beam")
+
+
+@dataclass
+class ExtractionSettings:
+    prefix: int = 32
+    suffix: int = 32
+    offset: int = 0
+    decoding: str = "greedy"
+    num_beams: int = 4
+    num_samples: int = 10
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    np_threshold: float = 0.5  # p of the (n, p)-discoverable rate in summary.json
+    batch_size: int | str = "auto"
+    bos: bool | None = None  # None: prepend BOS when the tokenizer has one
+    shortcut: bool = True
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.decoding not in DECODINGS:
+            raise MemauditError(f"unknown --decoding {self.decoding!r}: use {', '.join(DECODINGS)}")
+        if self.decoding == "beam" and self.num_beams < 1:
+            raise MemauditError("--num-beams must be >= 1")
+        if self.decoding == "sample":
+            if self.num_samples < 1:
+                raise MemauditError("--num-samples must be >= 1")
+            if not self.temperature > 0:
+                raise MemauditError("--temperature must be > 0 (use --decoding greedy for temperature 0)")
+            if self.top_k < 0 or not 0 < self.top_p <= 1:
+                raise MemauditError("--top-k must be >= 0 and --top-p in (0, 1]")
+            if not 0 <= self.np_threshold <= 1:
+                raise MemauditError("--np-threshold must be in [0, 1]")
+
+
+# --- per-sample metrics ---------------------------------------------------------------------------------------
+
+def sample_metrics(generated: np.ndarray, target: np.ndarray) -> dict:
+    """exact (Carlini 2023 k-extractable), token_match (Pythia's memorization score), match_prefix, rouge_l."""
+    eq = generated == target
+    miss = np.flatnonzero(~eq)
+    return {"exact": bool(eq.all()), "token_match": float(eq.mean()),
+            "match_prefix": int(miss[0]) if len(miss) else int(len(target)),
+            "rouge_l": rouge_l_ids(target, generated)}
+
+
+def _rows_frame(indices: Sequence[int], generated: np.ndarray, targets: np.ndarray, tokenizer,
+                ids: Sequence[str], extra: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+    gen_text = tokenizer.batch_decode(generated.tolist())
+    tgt_text = tokenizer.batch_decode(targets.tolist())
+    rows = []
+    for k, i in enumerate(indices):
+        m = sample_metrics(generated[k], targets[k])
+        rows.append({"index": int(i), "id": ids[i], **m, "rouge_l_text": rouge_l_text(tgt_text[k], gen_text[k]),
+                     "generated": gen_text[k], "target": tgt_text[k],
+                     "generated_ids": generated[k].astype(np.int64).tolist()})
+    df = pd.DataFrame(rows)
+    for name, values in (extra or {}).items():
+        df[name] = values
+    return df
+
+
+# --- the decoding pool of the greedy shortcut -------------------------------------------------------------------
+
+@dataclass
+class _Pool:
+    """Diverged rows waiting for decoding: per scoring batch, their cache (or None) and per-row data."""
+    chunks: list[dict] = field(default_factory=list)
+    size: int = 0
+
+    def add(self, chunk: dict) -> None:
+        self.chunks.append(chunk)
+        self.size += len(chunk["indices"])
+
+
+def _flush(pool: _Pool, model, windows: np.ndarray, P: int, S: int, bos_id: int | None) -> tuple[list[int], np.ndarray]:
+    """Decode every pooled row from the pool's smallest divergence point; returns (indices, generated [n, S])."""
+    b = 1 if bos_id is not None else 0
+    indices = [i for c in pool.chunks for i in c["indices"]]
+    d = torch.tensor(np.concatenate([c["d"] for c in pool.chunks]))
+    argmax = torch.tensor(np.concatenate([c["argmax"] for c in pool.chunks]))  # [n, S] pass argmax per suffix pos
+    d0 = int(d.min())
+    forced = argmax[:, d0:]
+    n_forced = d - d0 + 1  # up to and including the row's own divergence point
+    if all(c["kv"] is not None for c in pool.chunks):
+        past = gen.cache_from_kv(gen.concat_kv([gen.crop_kv(c["kv"], b + P + d0) for c in pool.chunks]))
+        tail = gen.greedy(model, None, S - d0, past=past, forced=forced, n_forced=n_forced)
+    else:  # no reusable cache: read the context up to d0 again
+        ctx = torch.as_tensor(windows[indices, : P + d0])
+        if bos_id is not None:
+            ctx = torch.cat([torch.full((len(indices), 1), bos_id, dtype=torch.long), ctx], dim=1)
+        tail = gen.greedy(model, ctx, S - d0, forced=forced, n_forced=n_forced)
+    generated = np.concatenate([windows[indices, P: P + d0], tail.cpu().numpy()], axis=1)
+    pool.chunks.clear()
+    pool.size = 0
+    return indices, generated
+
+
+# --- sampling: (n, p)-discoverable extraction -------------------------------------------------------------------
+
+def _np_columns(exact_per_draw: np.ndarray, log_p_seq: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    """Hayes et al. 2024, (n, p)-discoverable extraction, per sample:
+    - p_seq: the exact probability that ONE draw of the sampler reproduces the target, the product over suffix
+      positions of the sampler's (temperature / top-k / top-p processed) probability of the target token given
+      the true context (one teacher-forced pass; no Monte-Carlo error);
+    - p_extract: the probability that at least one of n independent draws reproduces it, 1 - (1 - p_seq)^n;
+      the sample is (n, p)-discoverably extracted when p_extract >= p;
+    - p_hat: the empirical fraction of the n actual draws that reproduced it (an unbiased estimate of p_seq,
+      reported as a check), and any_exact: whether at least one of them did.
+    """
+    p_seq = np.exp(log_p_seq)
+    p_extract = -np.expm1(n * np.log1p(-np.minimum(p_seq, 1.0 - 1e-16)))
+    p_extract = np.where(p_seq >= 1.0 - 1e-16, 1.0, p_extract)
+    return {"p_hat": exact_per_draw.mean(1), "any_exact": exact_per_draw.any(1), "p_seq": p_seq,
+            "p_extract": p_extract}
+
+
+def _uniforms(seed: int, indices: Sequence[int], n: int, S: int) -> torch.Tensor:
+    """Each sample's own random numbers, from (seed, sample index): batching and resume cannot change them."""
+    return torch.from_numpy(np.concatenate([np.random.default_rng([seed, int(i)]).random((n, S)) for i in indices]))
+
+
+# --- the probe --------------------------------------------------------------------------------------------------
+
+def extract_windows(loaded: LoadedModel, windows: Windows, settings: ExtractionSettings | None = None, *,
+                    run: RunDir | None = None,
+                    on_batch: Callable[[int], None] | None = None) -> pd.DataFrame:
+    """Run the probe on prepared token windows; one row per window (input order), summary in `df.attrs`.
+
+    With `run`, every finished group of samples is saved as a partial result, samples already saved there are
+    skipped (resume), and samples.parquet, summary.json and the histograms are written at the end.
+    `on_batch(k)` is called after the k-th partial result is saved.
+    """
+    st = settings or ExtractionSettings()
+    st.check()
+    model, tok = loaded.model, loaded.tokenizer
+    P, S = windows.prefix, windows.suffix
+    use_bos = st.bos if st.bos is not None else tok.bos_token_id is not None
+    if use_bos and tok.bos_token_id is None:
+        raise MemauditError("--bos was asked for but the tokenizer has no BOS token")
+    bos_id = tok.bos_token_id if use_bos else None
+    b = 1 if use_bos else 0
+    positions = P + S - 1 + b
+    if positions > loaded.max_length:
+        raise MemauditError(f"windows of {P}+{S} tokens{' after BOS' if b else ''} need {positions} positions but "
+                            f"the model's context is {loaded.max_length}: use a smaller --prefix/--suffix")
+    W = windows.tokens
+    n = len(W)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    frames: list[pd.DataFrame] = run.load_partials() if run is not None else []
+    done = {int(i) for f in frames for i in f["index"]}
+    n_partials = len(frames)
+    pool = _Pool()
+    finished: list[pd.DataFrame] = []
+    decode_batch = 0
+    sbase = P - 1 + b  # stats index of the first suffix token
+
+    def save(advance) -> None:
+        nonlocal n_partials
+        if not finished:
+            return
+        df = pd.concat(finished, ignore_index=True)
+        finished.clear()
+        if run is not None:
+            run.save_partial(f"{n_partials:06d}", df)
+        frames.append(df)
+        n_partials += 1
+        advance(len(df))
+        if on_batch is not None:
+            on_batch(n_partials)
+
+    keep_cache = st.decoding in ("greedy", "sample") and st.shortcut
+    with progress_bar(n - len(done), "extract") as advance:
+        for batch in iter_scored_batches(model, W, batch_size=st.batch_size, bos_id=bos_id, keep_cache=keep_cache,
+                                         pad_id=pad_id, skip=done, max_length=loaded.max_length):
+            idx = batch.indices
+            decode_batch = max(decode_batch, len(idx))
+            targets = W[idx, P:]
+            kv = gen.kv_from_cache(batch.cache) if keep_cache else None
+            if st.decoding == "greedy" and st.shortcut:
+                hits = np.stack([s.hit[sbase: sbase + S] for s in batch.stats])
+                exact_rows = np.flatnonzero(hits.all(1))
+                if len(exact_rows):
+                    finished.append(_rows_frame([idx[r] for r in exact_rows], targets[exact_rows],
+                                                targets[exact_rows], tok, windows.ids))
+                div = np.flatnonzero(~hits.all(1))
+                if len(div):
+                    d = np.argmin(hits[div], axis=1)  # first miss
+                    argmax = np.stack([batch.stats[r].argmax[sbase: sbase + S] for r in div]).astype(np.int64)
+                    sub = gen.select_kv(kv, div.tolist(), b + P + int(d.max())) if kv is not None else None
+                    pool.add({"indices": [idx[r] for r in div], "d": d, "argmax": argmax, "kv": sub})
+                del kv, batch
+                if pool.size >= decode_batch:
+                    finished.append(_greedy_frame(pool, model, W, P, S, bos_id, tok, windows.ids))
+            elif st.decoding == "greedy":  # plain decoding from the prefix, for verification
+                finished.append(_rows_frame(idx, _plain_greedy(model, W[idx, :P], S, bos_id), targets, tok,
+                                            windows.ids))
+            elif st.decoding == "sample":
+                finished.append(_sample_frame(model, W, idx, batch, kv, P, S, b, bos_id, st, tok, windows.ids))
+            else:
+                ctx = _with_bos(W[idx, :P], bos_id)
+                out = gen.beam_search(model, ctx, S, st.num_beams, pad_id).cpu().numpy()
+                finished.append(_rows_frame(idx, out, targets, tok, windows.ids))
+            save(advance)
+        if pool.size:
+            finished.append(_greedy_frame(pool, model, W, P, S, bos_id, tok, windows.ids))
+            save(advance)
+
+    df = (pd.concat(frames, ignore_index=True) if frames else _rows_frame([], np.zeros((0, S), np.int64),
+                                                                           np.zeros((0, S), np.int64), tok, []))
+    df = df.sort_values("index", kind="stable").drop(columns="index").reset_index(drop=True)
+    summary = summarize(df, windows, st, use_bos)
+    df.attrs["summary"] = summary
+    if run is not None:
+        run.write_samples(df)
+        run.write_summary(summary)
+        _histograms(run, df)
+        run.finish()
+        df.attrs["run_dir"] = str(run.path)
+    return df
+
+
+def _with_bos(ctx: np.ndarray, bos_id: int | None) -> torch.Tensor:
+    t = torch.as_tensor(ctx, dtype=torch.long)
+    if bos_id is not None:
+        t = torch.cat([torch.full((len(t), 1), bos_id, dtype=torch.long), t], dim=1)
+    return t
+
+
+def _plain_greedy(model, prefixes: np.ndarray, S: int, bos_id: int | None) -> np.ndarray:
+    return gen.greedy(model, _with_bos(prefixes, bos_id), S).cpu().numpy()
+
+
+def _greedy_frame(pool: _Pool, model, W, P, S, bos_id, tok, ids) -> pd.DataFrame:
+    indices, generated = _flush(pool, model, W, P, S, bos_id)
+    return _rows_frame(indices, generated, W[indices, P:], tok, ids)
+
+
+def _sample_frame(model, W, idx, batch, kv, P, S, b, bos_id, st: ExtractionSettings, tok, ids) -> pd.DataFrame:
+    """n draws per sample from the pass's cache over the prefix; metrics on the first draw; (n, p) columns."""
+    n = st.num_samples
+    targets = torch.as_tensor(W[idx, P:], dtype=torch.long)
+    last = torch.as_tensor(W[idx, P - 1: P], dtype=torch.long)  # the last prefix token, read again for its logits
+    if kv is not None:
+        base = gen.crop_kv(kv, b + P - 1)
+        feed = last
+    else:
+        base, feed = None, _with_bos(W[idx, :P], bos_id)
+    past = gen.cache_from_kv(gen.repeat_kv(base, n)) if base is not None else None
+    draws = gen.sample(model, feed.repeat_interleave(n, 0), S, _uniforms(st.seed, idx, n, S), past=past,
+                       temperature=st.temperature, top_k=st.top_k, top_p=st.top_p).cpu().numpy().reshape(len(idx), n, S)
+    exact_per_draw = (draws == targets.numpy()[:, None, :]).all(-1)
+    if st.temperature == 1.0 and st.top_k == 0 and st.top_p == 1.0:
+        # the untransformed sampler: the scoring pass already holds ln p of every target token
+        sb = P - 1 + b
+        log_p_seq = np.array([float(s.logprob[sb: sb + S].astype(np.float64).sum()) for s in batch.stats])
+    else:
+        past2 = gen.cache_from_kv(base) if base is not None else None
+        log_p_seq = gen.sequence_logprob(model, feed, targets, past=past2, temperature=st.temperature,
+                                         top_k=st.top_k, top_p=st.top_p).cpu().numpy()
+    extra = _np_columns(exact_per_draw, log_p_seq, n)
+    return _rows_frame(idx, draws[:, 0], W[idx, P:], tok, ids, extra)
+
+
+def summarize(df: pd.DataFrame, windows: Windows, st: ExtractionSettings, use_bos: bool) -> dict:
+    def mean(col: str) -> float | None:
+        return float(df[col].mean()) if len(df) else None
+
+    summary = {"n_samples": int(len(df)), "n_skipped": int(windows.n_skipped),
+               "n_duplicates": int(windows.n_duplicates), "exact_rate": mean("exact"),
+               "n_exact": int(df["exact"].sum()) if len(df) else 0,
+               "mean_token_match": mean("token_match"), "mean_match_prefix": mean("match_prefix"),
+               "mean_rouge_l": mean("rouge_l"), "mean_rouge_l_text": mean("rouge_l_text"),
+               "prefix": windows.prefix, "suffix": windows.suffix, "decoding": st.decoding, "bos": use_bos}
+    if st.decoding == "beam":
+        summary["num_beams"] = st.num_beams
+    if st.decoding == "sample":
+        summary |= {"num_samples": st.num_samples, "temperature": st.temperature, "top_k": st.top_k,
+                    "top_p": st.top_p, "mean_p_hat": mean("p_hat"), "mean_p_seq": mean("p_seq"),
+                    "mean_p_extract": mean("p_extract"), "any_exact_rate": mean("any_exact"),
+                    "np_threshold": st.np_threshold,
+                    "np_discoverable_rate": float((df["p_extract"] >= st.np_threshold).mean()) if len(df) else None}
+    return summary
+
+
+def _histograms(run: RunDir, df: pd.DataFrame) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    S = int(run.config["settings"]["suffix"])
+    for col, bins, label in (("rouge_l", np.linspace(0, 1, 21), "ROUGE-L F (token ids)"),
+                             ("match_prefix", np.arange(S + 2) - 0.5, "correct tokens before the first miss")):
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.hist(df[col].to_numpy(dtype=float), bins=bins, color="#4477aa")
+        ax.set_xlabel(label)
+        ax.set_ylabel("samples")
+        ax.set_title(f"{col} over {len(df)} samples")
+        run.save_figure(fig, f"{col}.png")
+
+
+# --- the user-facing function --------------------------------------------------------------------------------
+
+def extract(model: str | os.PathLike | LoadedModel, data: str | os.PathLike, *, prefix: int = 32, suffix: int = 32,
+            offset: int = 0, decoding: str = "greedy", num_beams: int = 4, num_samples: int = 10,
+            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, np_threshold: float = 0.5,
+            batch_size: int | str = "auto", device: str = "auto", dtype: str = "auto", limit: int | None = None,
+            text_field: str = "text", id_field: str = "id", bos: bool | None = None, shortcut: bool = True,
+            out: str | os.PathLike | None = None, resume: bool = False, overwrite: bool = False,
+            allow_pickle: bool = False, trust_remote_code: bool = False, seed: int = 0,
+            on_batch: Callable[[int], None] | None = None) -> pd.DataFrame:
+    """Extraction probe on a model directory and a data file.
+
+    Returns one row per deduplicated window: id, exact, token_match, match_prefix, rouge_l, rouge_l_text,
+    generated, target (+ generated_ids; + p_hat, any_exact, p_seq, p_extract for sampling).
+    `df.attrs["summary"]` holds the summary.json figures; with `out`, a run directory is written there.
+    """
+    st = ExtractionSettings(prefix=prefix, suffix=suffix, offset=offset, decoding=decoding, num_beams=num_beams,
+                            num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p,
+                            np_threshold=np_threshold, batch_size=batch_size, bos=bos, shortcut=shortcut, seed=seed)
+    st.check()
+    if resume and out is None:
+        raise MemauditError("--resume needs --out (the run directory to continue)")
+    loaded = model if isinstance(model, LoadedModel) else load_model(
+        model, device=device, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    docs = read_documents(data, text_field=text_field, id_field=id_field, limit=limit)
+    torch.manual_seed(seed)
+    windows = make_windows(tokenize(loaded.tokenizer, docs["text"].tolist()), docs["id"].tolist(), prefix, suffix,
+                           offset)
+    if len(windows.ids) == 0:
+        raise MemauditError(f"all {len(docs)} documents are shorter than offset + prefix + suffix = "
+                            f"{offset + prefix + suffix} tokens: use a smaller --prefix/--suffix/--offset")
+    run = None
+    if out is not None:
+        settings = {k: v for k, v in vars(st).items() if k != "batch_size"} | {"limit": limit, "text_field": text_field,
+                                                           "id_field": id_field, "dtype": str(loaded.dtype)}
+        inputs = {"model": str(loaded.path), "model_weights_sha256": weights_hash(loaded.path),
+                  "data": str(data), "data_sha256": file_hash(data)}
+        run = RunDir(out, "extract", settings, inputs=inputs, resume=resume, overwrite=overwrite)
+    return extract_windows(loaded, windows, st, run=run, on_batch=on_batch)
+
+
+def format_summary(summary: dict) -> str:
+    """A few human lines for the terminal."""
+    s = summary
+    lines = [f"{s['n_samples']} samples ({s['n_skipped']} documents too short, {s['n_duplicates']} duplicate windows), "
+             f"prefix {s['prefix']} + suffix {s['suffix']}, {s['decoding']} decoding",
+             f"exact (verbatim suffix): {s['n_exact']}/{s['n_samples']} = {s['exact_rate']:.3f}",
+             f"mean token match {s['mean_token_match']:.3f}, ROUGE-L {s['mean_rouge_l']:.3f} "
+             f"(text {s['mean_rouge_l_text']:.3f}), mean correct run {s['mean_match_prefix']:.1f} tokens"]
+    if s["decoding"] == "sample":
+        lines.append(f"(n={s['num_samples']}, p={s['np_threshold']})-discoverable: {s['np_discoverable_rate']:.3f}; "
+                     f"mean P(one draw reproduces) {s['mean_p_seq']:.3g}, mean P(any of n) {s['mean_p_extract']:.3g}")
+    return "\n".join(lines)

@@ -1,0 +1,181 @@
+"""Batched continuation with a KV cache: greedy, sampling and beam search.
+
+All rows of a batch have the same length (extraction windows are fixed-length), so there is no padding and
+positions follow from the cache length. Greedy and sampling are our own short loops (HF `generate` spends
+more time per step on bookkeeping than a tiny model spends computing); beam search uses HF `generate`.
+
+A decoding loop can start from a KV cache that the scoring pass already computed (`kv_from_cache`,
+`cache_from_kv`): the extraction shortcut crops it to the context before the divergence point.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each [batch, heads, seq, head_dim]
+
+
+# --- KV caches as plain tensors, so rows of several batches can be cropped, selected and joined ---------------
+
+def kv_from_cache(cache) -> KV | None:
+    """Per-layer (keys, values) of a transformers cache, or None for a cache we cannot slice safely."""
+    if cache is None:
+        return None
+    layers = getattr(cache, "layers", None)
+    if layers is not None:  # transformers >= 4.56
+        if any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+            return None  # sliding-window or recurrent layers: not a plain [b, h, seq, d] history
+        return [(layer.keys, layer.values) for layer in layers]
+    if hasattr(cache, "key_cache"):  # older DynamicCache
+        return list(zip(cache.key_cache, cache.value_cache))
+    if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)):
+        return [(k, v) for k, v in cache]
+    return None
+
+
+def cache_from_kv(kv: KV):
+    """A DynamicCache holding `kv` (a model continues from it as if it had just read those tokens)."""
+    from transformers import DynamicCache
+
+    if hasattr(DynamicCache, "from_legacy_cache"):
+        return DynamicCache.from_legacy_cache(tuple(kv))
+    return DynamicCache(ddp_cache_data=kv)
+
+
+def select_kv(kv: KV, rows: torch.Tensor | Sequence[int], length: int) -> KV:
+    """Rows `rows` and the first `length` positions of every layer (copies, so the source can be freed)."""
+    rows_t = torch.as_tensor(rows, dtype=torch.long, device=kv[0][0].device)
+    return [(k.index_select(0, rows_t)[:, :, :length].contiguous(),
+             v.index_select(0, rows_t)[:, :, :length].contiguous()) for k, v in kv]
+
+
+def crop_kv(kv: KV, length: int) -> KV:
+    return [(k[:, :, :length], v[:, :, :length]) for k, v in kv]
+
+
+def concat_kv(parts: Sequence[KV]) -> KV:
+    if len(parts) == 1:
+        return list(parts[0])
+    return [(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts])) for i in range(len(parts[0]))]
+
+
+def repeat_kv(kv: KV, n: int) -> KV:
+    """Each row repeated n times in place (row r becomes rows r*n .. r*n+n-1)."""
+    return [(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in kv]
+
+
+# --- forward helpers ---------------------------------------------------------------------------------------
+
+def _forward(model, input_ids: torch.Tensor, cache, last_only: bool = True):
+    """One incremental forward; returns (logits [b, k or 1, V], the updated cache)."""
+    kwargs = {"input_ids": input_ids, "past_key_values": cache, "use_cache": True}
+    if last_only:
+        try:
+            out = model(**kwargs, logits_to_keep=1)
+        except TypeError:  # models without logits_to_keep
+            out = model(**kwargs)
+    else:
+        out = model(**kwargs)
+    return out.logits, out.past_key_values
+
+
+@torch.inference_mode()
+def greedy(model, input_ids: torch.Tensor | None, n_new: int, *, past=None, forced: torch.Tensor | None = None,
+           n_forced: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy continuation: `n_new` tokens per row, [b, n_new].
+
+    `input_ids` [b, k] are tokens the model has not read yet; `past` (a cache) holds everything before them.
+    `forced` [b, n_new] with `n_forced` [b]: output t of row r is `forced[r, t]` while t < n_forced[r] (tokens
+    already known to be the greedy choice), the model's argmax afterwards. Steps where every row is forced
+    need no forward: their tokens are fed together with the next step's.
+    """
+    device = next(model.parameters()).device
+    b = (input_ids if input_ids is not None else forced).shape[0]
+    out = torch.empty((b, n_new), dtype=torch.long, device=device)
+    pending = input_ids.to(device) if input_ids is not None else None
+    if forced is not None:
+        forced, n_forced = forced.to(device), n_forced.to(device)
+    cache = past
+    for t in range(n_new):
+        need_model = forced is None or bool((n_forced <= t).any())
+        if need_model:
+            if pending is None:
+                raise ValueError("greedy: nothing to read before the first unforced step")
+            logits, cache = _forward(model, pending, cache)
+            nxt = logits[:, -1].argmax(-1)
+            pending = None
+            if forced is not None:
+                nxt = torch.where(n_forced > t, forced[:, t], nxt)
+        else:
+            nxt = forced[:, t]
+        out[:, t] = nxt
+        col = nxt[:, None]
+        pending = col if pending is None else torch.cat([pending, col], dim=1)
+    return out
+
+
+def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                   top_p: float = 1.0) -> torch.Tensor:
+    """Log-probabilities of the sampling distribution: temperature, then top-k, then top-p (nucleus), as HF
+    applies them; removed tokens get -inf. top-p keeps the smallest set of most likely tokens whose mass >= top_p."""
+    x = logits.float() / temperature
+    if top_k and top_k < x.shape[-1]:
+        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        p = torch.softmax(sorted_x, dim=-1)
+        mass_before = p.cumsum(-1) - p
+        drop_sorted = mass_before >= top_p  # the top token always has mass_before 0 and is kept
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        x = x.masked_fill(drop, float("-inf"))
+    return torch.log_softmax(x, dim=-1)
+
+
+@torch.inference_mode()
+def sample(model, input_ids: torch.Tensor, n_new: int, uniforms: torch.Tensor, *, past=None,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Sampled continuation [b, n_new]. Token t of row r is drawn by inverse CDF from `uniforms[r, t]` in [0, 1),
+    so a row's tokens depend only on its own random numbers, never on which rows share its batch."""
+    device = next(model.parameters()).device
+    b = input_ids.shape[0]
+    out = torch.empty((b, n_new), dtype=torch.long, device=device)
+    pending, cache = input_ids.to(device), past
+    u = uniforms.to(device=device, dtype=torch.float64)
+    for t in range(n_new):
+        logits, cache = _forward(model, pending, cache)
+        probs = process_logits(logits[:, -1], temperature, top_k, top_p).exp().double()
+        cdf = probs.cumsum(-1)
+        nxt = torch.searchsorted(cdf, (u[:, t] * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
+        nxt = nxt.clamp_max(probs.shape[-1] - 1)
+        out[:, t] = nxt
+        pending = nxt[:, None]
+    return out
+
+
+@torch.inference_mode()
+def sequence_logprob(model, input_ids: torch.Tensor, targets: torch.Tensor, *, past=None, temperature: float = 1.0,
+                     top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """ln P(the sampler emits exactly `targets` [b, S]) after reading `input_ids`: one teacher-forced forward over
+    the targets, summing the processed (temperature / top-k / top-p) log-probabilities. [b], float64."""
+    device = next(model.parameters()).device
+    feed = torch.cat([input_ids.to(device), targets[:, :-1].to(device)], dim=1)
+    logits, _ = _forward(model, feed, past, last_only=False)
+    logits = logits[:, -targets.shape[1]:]
+    lp = process_logits(logits, temperature, top_k, top_p)
+    return lp.gather(-1, targets.to(device).unsqueeze(-1)).squeeze(-1).double().sum(-1)
+
+
+@torch.inference_mode()
+def beam_search(model, input_ids: torch.Tensor, n_new: int, num_beams: int, pad_id: int) -> torch.Tensor:
+    """The highest-scoring beam of exactly `n_new` tokens per row (HF `generate`, EOS suppressed until then)."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    ids = input_ids.to(device)
+    cfg = GenerationConfig(max_new_tokens=n_new, min_new_tokens=n_new, num_beams=num_beams, do_sample=False,
+                           early_stopping=True, length_penalty=1.0, pad_token_id=pad_id,
+                           eos_token_id=getattr(model.generation_config, "eos_token_id", None))
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+    return out[:, ids.shape[1]:]
