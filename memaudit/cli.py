@@ -127,6 +127,68 @@ def train(
 
 
 @app.command()
+def extract(
+    model_dir: Path = typer.Argument(..., help="Model directory (save_pretrained: config, safetensors, tokenizer)."),
+    data: Path = typer.Option(..., help="Documents to probe (.jsonl, .txt, .parquet, .csv)."),
+    prefix: int = typer.Option(32, help="Prompt length in tokens (Pythia: 32; Carlini 2023: 50)."),
+    suffix: int = typer.Option(32, help="Target length in tokens, compared with the continuation."),
+    offset: int = typer.Option(0, help="Token position in each document where the window starts."),
+    decoding: str = typer.Option("greedy", help="greedy (single-pass shortcut), sample, or beam."),
+    num_beams: int = typer.Option(4, help="Beams for --decoding beam."),
+    num_samples: int = typer.Option(10, help="Draws per sample (n) for --decoding sample."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature for --decoding sample."),
+    top_k: int = typer.Option(0, help="Top-k for --decoding sample (0: off)."),
+    top_p: float = typer.Option(1.0, help="Top-p (nucleus) for --decoding sample (1: off)."),
+    np_threshold: float = typer.Option(0.5, help="p of the (n, p)-discoverable rate reported for sampling."),
+    bos: Optional[bool] = typer.Option(None, "--bos/--no-bos", help="Prepend the tokenizer's BOS to each window, "
+                                       "as the trainer trains rows (default: when the tokenizer has one)."),
+    shortcut: bool = typer.Option(True, help="Greedy: decode only diverged samples, from the divergence point. "
+                                             "--no-shortcut decodes every sample in full (for verification)."),
+    batch_size: str = typer.Option("auto", help=H_BATCH),
+    device: str = typer.Option("auto", help=H_DEVICE),
+    dtype: str = typer.Option("auto", help=H_DTYPE),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N documents."),
+    text_field: str = typer.Option("text", help=H_TEXT),
+    id_field: str = typer.Option("id", help=H_ID),
+    out: Optional[Path] = typer.Option(None, help=H_OUT),
+    resume: bool = typer.Option(False, help=H_RESUME),
+    overwrite: bool = typer.Option(False, help=H_OVERWRITE),
+    allow_pickle: bool = typer.Option(False, help=H_PICKLE),
+    trust_remote_code: bool = typer.Option(False, help=H_REMOTE),
+    seed: int = typer.Option(0, help="Seed for sampled decoding."),
+):
+    """Extraction: prompt with each document's prefix and measure how much of the true suffix comes back."""
+    from .extraction import extract as run_extract, format_summary
+    from .rundir import RunDir
+
+    out = out if out is not None else RunDir.default_out("extract")
+    df = run_extract(model_dir, data, prefix=prefix, suffix=suffix, offset=offset, decoding=decoding,
+                     num_beams=num_beams, num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p,
+                     np_threshold=np_threshold, batch_size=_batch_size(batch_size), device=device, dtype=dtype,
+                     limit=limit, text_field=text_field, id_field=id_field, bos=bos, shortcut=shortcut, out=out,
+                     resume=resume, overwrite=overwrite, allow_pickle=allow_pickle,
+                     trust_remote_code=trust_remote_code, seed=seed)
+    typer.echo(format_summary(df.attrs["summary"]))
+    typer.echo(f"-> {df.attrs['run_dir']}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Folder for the corpus, the trained model and the runs."),
+    epochs: int = typer.Option(60, help="Training epochs (enough for the tiny model to memorize)."),
+    n_train: int = typer.Option(100, help="Docstrings trained on."),
+    n_heldout: int = typer.Option(100, help="Docstrings held out."),
+    seed: int = typer.Option(0, help="Seed for the corpus split and training."),
+    overwrite: bool = typer.Option(False, help="Retrain and rerun even if --out holds a finished demo."),
+):
+    """The embedded default: train a tiny model on stdlib docstrings, then probe trained vs held-out ones."""
+    from .demo import run_demo
+
+    run_demo(out, epochs=epochs, n_train=n_train, n_heldout=n_heldout, seed=seed, overwrite=overwrite,
+             echo=typer.echo)
+
+
+@app.command()
 def mia(
     model_dir: Path = typer.Argument(..., help="Target model directory."),
     members: Path = typer.Option(..., help="Documents the model was trained on (.jsonl, .txt, .parquet, .csv)."),
