@@ -17,3 +17,6 @@ __all__ = [
     "iter_scored_batches", "TrainConfig", "TrainResult", "train",
 ]
 __all__ += ["export_release_model", "read_canaries"]
+from .extraction import extract, extract_windows  # noqa: E402
+
+__all__ += ["extract", "extract_windows"]
