@@ -17,6 +17,10 @@ __all__ = [
     "iter_scored_batches", "TrainConfig", "TrainResult", "train",
 ]
 __all__ += ["export_release_model", "read_canaries"]
+from .membership import MiaResult, mia  # noqa: E402
+from .attacks import ATTACKS  # noqa: E402
+
+__all__ += ["mia", "MiaResult", "ATTACKS"]
 from .extraction import extract, extract_windows  # noqa: E402
 
 __all__ += ["extract", "extract_windows"]
