@@ -110,7 +110,7 @@ def test_bootstrap_interval_covers_and_is_seeded():
 
 def _full_logprobs(model, ids):
     with torch.no_grad():
-        lsm = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), -1)
+        lsm = torch.log_softmax(model(torch.tensor([ids[:-1]])).logits[0].double(), -1)
     tgt = torch.tensor(ids[1:])
     return lsm, lsm[torch.arange(len(tgt)), tgt].numpy()
 
