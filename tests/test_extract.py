@@ -1,0 +1,278 @@
+"""The extraction probe: metrics against their published definitions and the rouge-score package, the greedy
+shortcut against plain full decoding (our loop and HF generate), sampling's (n, p) figures, resume, memory."""
+import json
+import random
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from memaudit import extract, load_model, read_documents, tokenize, write_documents
+from memaudit import generation as gen
+from memaudit.extraction import sample_metrics
+from memaudit.metrics import lcs_length, rouge_l_ids, rouge_l_text
+
+
+# --- metrics ------------------------------------------------------------------------------------------------
+
+def _lcs_dp(a, b):
+    t = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            t[i][j] = t[i - 1][j - 1] + 1 if a[i - 1] == b[j - 1] else max(t[i - 1][j], t[i][j - 1])
+    return t[-1][-1]
+
+
+def test_lcs_matches_dynamic_programming():
+    rng = random.Random(0)
+    for _ in range(300):
+        a = [rng.randrange(6) for _ in range(rng.randrange(0, 40))]
+        b = [rng.randrange(6) for _ in range(rng.randrange(0, 40))]
+        assert lcs_length(a, b) == _lcs_dp(a, b)
+
+
+def test_rouge_l_text_equals_rouge_score_package():
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    rng = random.Random(1)
+    words = ["The", "cat", "sat", "on", "the", "mat.", "Ünïcode", "x_y", "42", "a-b", "", "!!", "CAT", "naïve", "\t\n"]
+    pairs = [("", ""), ("", "a"), ("!!!", "a b"), ("Return the value.", "return the VALUE!")]
+    pairs += [(" ".join(rng.choices(words, k=rng.randrange(0, 25))), " ".join(rng.choices(words, k=rng.randrange(0, 25))))
+              for _ in range(300)]
+    docs = [d for d in read_documents_safe()]
+    pairs += [(docs[i][:200], docs[i + 1][:200]) for i in range(0, 40, 2)] + [(d[:150], d[:120]) for d in docs[:20]]
+    for target, pred in pairs:
+        assert rouge_l_text(target, pred) == scorer.score(target, pred)["rougeL"].fmeasure, (target, pred)
+
+
+def read_documents_safe():
+    from memaudit.corpus import stdlib_docstrings
+
+    return stdlib_docstrings()[:60]
+
+
+def test_rouge_l_ids_is_lcs_f_measure():
+    for t, g in [([1, 2, 3, 4], [1, 3, 4, 5]), ([1, 1, 1], [1]), ([5], [6]), ([], [1])]:
+        lcs = _lcs_dp(t, g)
+        expect = 2 * lcs / (len(t) + len(g)) if t and g else 0.0
+        assert rouge_l_ids(t, g) == pytest.approx(expect, abs=1e-12)
+
+
+def test_sample_metrics_follow_pythia_and_carlini():
+    target = np.array([1, 2, 3, 4, 5, 6, 7, 8])
+    gen_ = np.array([1, 2, 9, 4, 5, 6, 7, 0])
+    m = sample_metrics(gen_, target)
+    # Pythia: the fraction of positions where the greedy token equals the true token, position by position
+    assert m["token_match"] == sum(int(a == b) for a, b in zip(gen_, target)) / len(target) == 6 / 8
+    # Carlini 2023: extractable iff the whole generated suffix equals the true suffix
+    assert m["exact"] is False and sample_metrics(target.copy(), target)["exact"] is True
+    assert m["match_prefix"] == 2 and sample_metrics(target.copy(), target)["match_prefix"] == 8
+
+
+# --- the probe on a model that memorized its training documents ------------------------------------------------
+
+def test_exact_rate_trained_vs_heldout(memorized):
+    m = load_model(memorized.model_dir)
+    tr = extract(m, memorized.train_file).attrs["summary"]
+    ho = extract(m, memorized.heldout_file).attrs["summary"]
+    assert tr["exact_rate"] >= 0.9, tr
+    assert ho["exact_rate"] <= 0.05, ho
+    assert tr["mean_rouge_l"] > ho["mean_rouge_l"] + 0.5
+
+
+@pytest.fixture(scope="module")
+def mixed(memorized, tmp_path_factory):
+    """Trained, edited-trained and held-out documents shuffled into one file. An edited document is a trained
+    one with a word inserted at a token position inside the 32+32 window's suffix (3..27), so greedy decoding
+    follows the memorized text and diverges there: divergence points spread over the suffix, and batches (and
+    decoding pools) mix rows that diverge at once, late, or never."""
+    m = load_model(memorized.model_dir)
+    train = read_documents(memorized.train_file)
+    edited = []
+    for i, toks in enumerate(tokenize(m.tokenizer, train.text)):
+        k = 32 + 3 + (7 * i) % 25
+        edited.append(m.tokenizer.decode(toks[:k]) + " zebra" + m.tokenizer.decode(toks[k:]))
+    docs = pd.concat([train, pd.DataFrame({"id": [f"e{i}" for i in range(len(edited))], "text": edited}),
+                      read_documents(memorized.heldout_file)])
+    docs = docs.sample(frac=1.0, random_state=0)
+    path = write_documents(tmp_path_factory.mktemp("mixed") / "mixed.jsonl", docs.text.tolist(), docs.id.tolist())
+    return m, path
+
+
+def test_shortcut_equals_full_greedy_decoding(mixed):
+    m, path = mixed
+    for offset, prefix, suffix in [(0, 32, 32), (40, 16, 40)]:
+        fast = extract(m, path, prefix=prefix, suffix=suffix, offset=offset, batch_size=7)
+        full = extract(m, path, prefix=prefix, suffix=suffix, offset=offset, batch_size=16, shortcut=False)
+        assert len(fast) == len(full) > 150
+        pd.testing.assert_frame_equal(fast, full)
+        early = (fast.match_prefix < 3) & ~fast.exact
+        assert early.any()
+        if offset == 0:  # exact, late-diverging (edited) and early-diverging rows all occur
+            late = (fast.match_prefix >= 10) & ~fast.exact
+            assert late.sum() > 20 and fast.exact.sum() > 30
+        # and against Hugging Face generate (greedy), sample by sample
+        docs = read_documents(path)
+        toks = {i: t for i, t in zip(docs.id, tokenize(m.tokenizer, docs.text))}
+        prompts = torch.tensor([[m.tokenizer.bos_token_id] + toks[i][offset:offset + prefix] for i in fast.id])
+        from transformers import GenerationConfig
+
+        cfg = GenerationConfig(max_new_tokens=suffix, do_sample=False, eos_token_id=None, bos_token_id=None,
+                               pad_token_id=m.tokenizer.pad_token_id)
+        with torch.no_grad():
+            hf = m.model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), generation_config=cfg)
+        assert [list(r) for r in hf[:, prompts.shape[1]:].tolist()] == [list(g) for g in fast.generated_ids]
+
+
+def test_sampling_np_discoverable(mixed):
+    m, path = mixed
+    kw = dict(prefix=16, suffix=16, limit=70, decoding="sample", num_samples=8)
+    df = extract(m, path, **kw, batch_size=5)
+    # batch-independent draws: another batch size gives identical samples
+    pd.testing.assert_frame_equal(df, extract(m, path, **kw, batch_size=32))
+    # p_seq under the untransformed sampler = exp(sum of the target log-probs), from an independent full pass
+    docs = read_documents(path, limit=70)
+    toks = dict(zip(docs.id, tokenize(m.tokenizer, docs.text)))
+    bos = m.tokenizer.bos_token_id
+    for _, row in df.iloc[:12].iterrows():
+        ids = torch.tensor([[bos] + toks[row.id][:32]])
+        with torch.no_grad():
+            lsm = torch.log_softmax(m.model(ids).logits[0].double(), -1)
+        lp = sum(lsm[16 + j, ids[0, 17 + j]].item() for j in range(16))
+        assert row.p_seq == pytest.approx(np.exp(lp), rel=1e-3, abs=1e-12)
+        assert row.p_extract == pytest.approx(1 - (1 - row.p_seq) ** 8, rel=1e-9, abs=1e-12)
+    assert 0 < df.p_hat.mean() < 1 and df.any_exact.mean() >= df.exact.mean()
+    # top_k=1 makes the sampler greedy: its draws are the greedy tokens and p_seq is 1 exactly when exact
+    greedy = extract(m, path, prefix=16, suffix=16, limit=70)
+    k1 = extract(m, path, **(kw | {"top_k": 1, "num_samples": 2}))
+    assert k1.generated_ids.map(tuple).tolist() == greedy.generated_ids.map(tuple).tolist()
+    np.testing.assert_array_equal(k1.p_seq.to_numpy() == 1.0, greedy.exact.to_numpy())
+    np.testing.assert_array_equal(k1.p_hat.to_numpy(), greedy.exact.to_numpy().astype(float))
+
+
+def test_beam_with_one_beam_is_greedy(mixed):
+    m, path = mixed
+    kw = dict(prefix=16, suffix=16, limit=40)
+    beam = extract(m, path, decoding="beam", num_beams=1, **kw)
+    greedy = extract(m, path, **kw)
+    assert beam.generated_ids.map(tuple).tolist() == greedy.generated_ids.map(tuple).tolist()
+    b4 = extract(m, path, decoding="beam", num_beams=4, **kw).attrs["summary"]
+    assert b4["decoding"] == "beam" and b4["n_samples"] == 40
+
+
+# --- run directory, resume, CLI ------------------------------------------------------------------------------------
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_equals_uninterrupted(mixed, tmp_path):
+    m, path = mixed
+    kw = dict(prefix=32, suffix=32, batch_size=8)
+    whole = extract(m, path, **kw, out=tmp_path / "whole")
+
+    def stop_after_3(k):
+        if k == 3:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        extract(m, path, **kw, out=tmp_path / "cut", on_batch=stop_after_3)
+    saved = pd.concat([pd.read_parquet(f) for f in (tmp_path / "cut" / "partial").glob("*.parquet")])
+    assert 0 < len(saved) < len(whole)
+    redone = []
+    resumed = extract(m, path, **kw, out=tmp_path / "cut", resume=True, on_batch=redone.append)
+    pd.testing.assert_frame_equal(resumed, whole)
+    assert not (tmp_path / "cut" / "partial").exists()
+    assert pd.read_parquet(tmp_path / "cut" / "samples.parquet").equals(pd.read_parquet(tmp_path / "whole" / "samples.parquet"))
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text()) == whole.attrs["summary"]
+
+
+def test_resume_skips_finished_samples(mixed, tmp_path, monkeypatch):
+    """Count what the scoring engine is asked to score on resume: only the samples not saved before."""
+    import memaudit.extraction as ex
+
+    m, path = mixed
+    kw = dict(prefix=16, suffix=16, limit=60, batch_size=10)
+
+    def stop(k):
+        if k == 2:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        extract(m, path, **kw, out=tmp_path / "r", on_batch=stop)
+    n_saved = sum(len(pd.read_parquet(f)) for f in (tmp_path / "r" / "partial").glob("*.parquet"))
+    real = ex.iter_scored_batches
+    scored = []
+
+    def counting(*a, **k):
+        for b in real(*a, **k):
+            scored.extend(b.indices)
+            yield b
+
+    monkeypatch.setattr(ex, "iter_scored_batches", counting)
+    df = extract(m, path, **kw, out=tmp_path / "r", resume=True)
+    assert len(scored) == len(df) - n_saved and n_saved > 0
+
+
+def test_cli_extract_writes_run_dir(memorized, tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "memaudit", "extract", str(memorized.model_dir), "--data",
+                        str(memorized.train_file), "--limit", "20", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "exact (verbatim suffix):" in r.stdout and str(out) in r.stdout
+    df = pd.read_parquet(out / "samples.parquet")
+    assert {"id", "exact", "token_match", "match_prefix", "rouge_l", "rouge_l_text", "generated",
+            "target"} <= set(df.columns) and len(df) == 20
+    s = json.loads((out / "summary.json").read_text())
+    for key in ("n_samples", "n_skipped", "n_duplicates", "exact_rate", "mean_token_match", "mean_rouge_l",
+                "mean_rouge_l_text", "prefix", "suffix", "decoding"):
+        assert key in s
+    assert s["exact_rate"] == df["exact"].mean()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["command"] == "extract" and len(cfg["inputs"]["model_weights_sha256"]) == 64
+    assert (out / "rouge_l.png").stat().st_size > 1000 and (out / "match_prefix.png").stat().st_size > 1000
+    again = subprocess.run([sys.executable, "-m", "memaudit", "extract", str(memorized.model_dir), "--data",
+                            str(memorized.train_file), "--limit", "20", "--out", str(out)], capture_output=True, text=True)
+    assert again.returncode == 2 and again.stderr.startswith("error: ") and "--resume" in again.stderr
+
+
+# --- memory: nothing is held per sample beyond its few numbers -------------------------------------------------
+
+_MEM_SCRIPT = textwrap.dedent("""
+    import resource, sys, torch
+    import numpy as np
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from memaudit.data import Windows
+    from memaudit.extraction import ExtractionSettings, extract_windows
+    from memaudit.models import LoadedModel
+    torch.manual_seed(0)
+    n = int(sys.argv[1])
+    cfg = GPT2Config(vocab_size=512, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    model = GPT2LMHeadModel(cfg).eval()
+    class Tok:  # ids to text without a trained tokenizer
+        bos_token_id, pad_token_id = 0, 0
+        def batch_decode(self, rows):
+            return [" ".join(map(str, r)) for r in rows]
+    tokens = np.random.default_rng(0).integers(1, 512, size=(n, 48))
+    w = Windows([str(i) for i in range(n)], tokens, 24, 24, 0, 0)
+    lm = LoadedModel(model, Tok(), None, torch.device("cpu"), torch.float32)
+    df = extract_windows(lm, w, ExtractionSettings(prefix=24, suffix=24, batch_size=64))
+    assert len(df) == n
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+""")
+
+
+def test_peak_memory_flat_in_number_of_samples(tmp_path):
+    script = tmp_path / "mem.py"
+    script.write_text(_MEM_SCRIPT)
+    peaks = {}
+    for n in (300, 3000):
+        r = subprocess.run([sys.executable, str(script), str(n)], capture_output=True, text=True,
+                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr
+        peaks[n] = int(r.stdout.split()[-1])
+    assert peaks[3000] <= 1.10 * peaks[300], peaks
