@@ -211,7 +211,7 @@ def extract_windows(loaded: LoadedModel, windows: Windows, settings: ExtractionS
         for batch in iter_scored_batches(model, W, batch_size=st.batch_size, bos_id=bos_id, keep_cache=keep_cache,
                                          pad_id=pad_id, skip=done, max_length=loaded.max_length):
             idx = batch.indices
-            decode_batch = max(decode_batch, len(idx))
+            decode_batch = max(decode_batch, len(idx) * _decode_factor(model, P + S))
             targets = W[idx, P:]
             kv = gen.kv_from_cache(batch.cache) if keep_cache else None
             if st.decoding == "greedy" and st.shortcut:
@@ -255,6 +255,18 @@ def extract_windows(loaded: LoadedModel, windows: Windows, settings: ExtractionS
         run.finish()
         df.attrs["run_dir"] = str(run.path)
     return df
+
+
+def _decode_factor(model, window: int) -> int:
+    """How many times more rows a decoding group may hold than a scoring batch at equal memory: a scoring row
+    holds the window's KV cache and ~4 vocabulary-sized float32 temporaries per position, a decoding row the same
+    cache and one position's logits. Capped at 4 (larger groups stop paying off); 1 for large models."""
+    cfg = model.config
+    vocab = int(getattr(cfg, "vocab_size", 50000))
+    width = int(getattr(cfg, "hidden_size", getattr(cfg, "n_embd", 1024)))
+    layers = int(getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", 12)))
+    cache = 2 * layers * width * window
+    return int(max(1, min(4, (cache + 4 * vocab * window) // (cache + vocab))))
 
 
 def _with_bos(ctx: np.ndarray, bos_id: int | None) -> torch.Tensor:

@@ -218,7 +218,7 @@ def test_resume_skips_finished_samples(mixed, tmp_path, monkeypatch):
     assert len(scored) == len(df) - n_saved and n_saved > 0
 
 
-def test_cli_extract_writes_run_dir(memorized, tmp_path):
+def test_cli_extract_writes_run_dir(memorized, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "memaudit", "extract", str(memorized.model_dir), "--data",
                         str(memorized.train_file), "--limit", "20", "--out", str(out)], capture_output=True, text=True)
@@ -235,9 +235,14 @@ def test_cli_extract_writes_run_dir(memorized, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["command"] == "extract" and len(cfg["inputs"]["model_weights_sha256"]) == 64
     assert (out / "rouge_l.png").stat().st_size > 1000 and (out / "match_prefix.png").stat().st_size > 1000
-    again = subprocess.run([sys.executable, "-m", "memaudit", "extract", str(memorized.model_dir), "--data",
-                            str(memorized.train_file), "--limit", "20", "--out", str(out)], capture_output=True, text=True)
-    assert again.returncode == 2 and again.stderr.startswith("error: ") and "--resume" in again.stderr
+    from memaudit import cli  # a second run into the same folder: refused in one line (in-process main())
+
+    monkeypatch.setattr(sys, "argv", ["memaudit", "extract", str(memorized.model_dir), "--data",
+                                      str(memorized.train_file), "--limit", "20", "--out", str(out)])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("error: ") and "--resume" in err
 
 
 # --- memory: nothing is held per sample beyond its few numbers -------------------------------------------------
