@@ -275,6 +275,78 @@ def exposure(
     typer.echo(f"exposure of {s['n_canaries']} canaries: mean {s['mean_exposure_bits']:.2f} bits, max "
                f"{s['max_exposure_bits']:.2f} of {s['max_possible_exposure_bits']:.2f} possible; unseen controls "
                f"{ctrl} bits -> {s['out']}")
+
+
+@app.command()
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="Run directories (extract, mia, memorization, capacity, "
+                                                    "exposure, risk) and/or trained model directories."),
+    out: Path = typer.Option(Path("reports/report"), help="Folder for report.md, report.html and figures/."),
+    label: Optional[list[str]] = typer.Option(None, help="A label per run directory, in order (repeat the "
+                                                          "option); default: the model's directory name."),
+    title: str = typer.Option("memaudit report", help="Report title."),
+    top: int = typer.Option(5, help="Most memorized samples listed per run."),
+):
+    """One Markdown + self-contained HTML report from any mix of run directories, runs of a kind side by side."""
+    from .report import build_report
+
+    res = build_report(run_dirs, out, labels=label, title=title, top=top)
+    typer.echo(f"report of {len(res['runs'])} runs with {res['figures']} figures -> {res['markdown']}, {res['html']}")
+
+
+def _risk_gateable() -> list[str]:
+    from .risk import GATEABLE
+
+    return list(GATEABLE)
+
+
+@app.command()
+def risk(
+    params: Optional[float] = typer.Option(None, help="Parameters of the model to be trained (pre-training mode)."),
+    train_sequences: Optional[float] = typer.Option(None, help="Training sequences of --window tokens."),
+    train_tokens: Optional[float] = typer.Option(None, help="Training tokens (cut into --window-token sequences)."),
+    window: int = typer.Option(64, help="Tokens per sequence (the MIA law was fitted on 64)."),
+    precision: str = typer.Option("published", help="Capacity in bits/parameter (Morris et al.): published (3.6), "
+                                                    "float32 (3.83) or bfloat16 (3.51)."),
+    bits_per_token: Optional[float] = typer.Option(None, help="Information per training token, for data bits. "
+                                                              "Default 4.0 (English text, ~GPT-2-class code length)."),
+    random_vocab: Optional[int] = typer.Option(None, help="The data is uniform random tokens over this vocabulary "
+                                                          "(bits per token = log2 V, exact)."),
+    model: Optional[Path] = typer.Option(None, help="Trained model directory (post-training mode)."),
+    data: Optional[Path] = typer.Option(None, help="Its training documents (post-training mode)."),
+    nonmembers: Optional[Path] = typer.Option(None, help="Documents it never saw, for membership inference."),
+    canaries: Optional[Path] = typer.Option(None, help="Canaries .jsonl (default: MODEL/canaries.jsonl if there)."),
+    fail_above: Optional[str] = typer.Option(None, help="Exit 3 when a figure exceeds its limit, e.g. "
+                                                        "exact_rate=0.01,mia_auc=0.6 (names: " +
+                                                        ", ".join(_risk_gateable()) + ")."),
+    laws_dir: Path = typer.Option(Path("reports/capacity"), help="Where fitted MIA laws (memaudit capacity) are "
+                                                                 "looked for."),
+    prefix: int = typer.Option(32, help="Extraction prompt tokens."),
+    suffix: int = typer.Option(32, help="Extraction target tokens."),
+    batch_size: str = typer.Option("auto", help=H_BATCH),
+    device: str = typer.Option("auto", help=H_DEVICE),
+    dtype: str = typer.Option("auto", help=H_DTYPE),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N documents of each file."),
+    text_field: str = typer.Option("text", help=H_TEXT),
+    id_field: str = typer.Option("id", help=H_ID),
+    out: Optional[Path] = typer.Option(None, help=H_OUT),
+    overwrite: bool = typer.Option(False, help=H_OVERWRITE),
+    allow_pickle: bool = typer.Option(False, help=H_PICKLE),
+    trust_remote_code: bool = typer.Option(False, help=H_REMOTE),
+):
+    """Pre-release risk: predicted capacity, regime and MIA F1; after training, measured figures and a verdict."""
+    from .risk import run_risk
+
+    s = run_risk(out=out, params=params, train_sequences=train_sequences, train_tokens=train_tokens, window=window,
+                 precision=precision, bits_per_token=bits_per_token, random_vocab=random_vocab, model=model,
+                 data=data, nonmembers=nonmembers, canaries=canaries, fail_above=fail_above, laws_dir=laws_dir,
+                 prefix=prefix, suffix=suffix, batch_size=_batch_size(batch_size), device=device, dtype=dtype,
+                 limit=limit, text_field=text_field, id_field=id_field, allow_pickle=allow_pickle,
+                 trust_remote_code=trust_remote_code, overwrite=overwrite, echo=typer.echo)
+    typer.echo(f"-> {s['out']}")
+    if s["exit_code"]:
+        raise typer.Exit(s["exit_code"])
+
 # <<< helper E
 
 
