@@ -209,7 +209,8 @@ def extract_windows(loaded: LoadedModel, windows: Windows, settings: ExtractionS
     keep_cache = st.decoding in ("greedy", "sample") and st.shortcut
     with progress_bar(n - len(done), "extract") as advance:
         for batch in iter_scored_batches(model, W, batch_size=st.batch_size, bos_id=bos_id, keep_cache=keep_cache,
-                                         pad_id=pad_id, skip=done, max_length=loaded.max_length):
+                                         pad_id=pad_id, skip=done, max_length=loaded.max_length,
+                                         greedy_only=st.decoding != "sample"):
             idx = batch.indices
             decode_batch = max(decode_batch, len(idx) * _decode_factor(model, P + S))
             targets = W[idx, P:]

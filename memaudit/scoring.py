@@ -57,9 +57,14 @@ class ScoredBatch:
     cache: object | None = None
 
 
-def token_stats_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Reduce logits [b, T, V] and targets [b, T] to the per-token arrays, in float32, slice by slice."""
+def token_stats_from_logits(logits: torch.Tensor, targets: torch.Tensor,
+                            greedy_only: bool = False) -> dict[str, torch.Tensor]:
+    """Reduce logits [b, T, V] and targets [b, T] to the per-token arrays, in float32, slice by slice.
+    `greedy_only`: only `argmax` and `hit` (no softmax; the extraction shortcut needs nothing else)."""
     b, t, v = logits.shape
+    if greedy_only:
+        am = logits.argmax(-1)
+        return {"argmax": am, "hit": am == targets}
     step = max(1, _STATS_CHUNK_ELEMS // max(1, b * v))
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("logprob", "hit", "argmax", "mean_lp", "var_lp")}
     for s in range(0, t, step):
@@ -125,8 +130,11 @@ def iter_scored_batches(model: torch.nn.Module, sequences: Sequence[Sequence[int
                         batch_size: int | str = "auto", bos_id: int | None = None, keep_cache: bool = False,
                         pad_id: int = 0, skip: set[int] | None = None,
                         on_progress: Callable[[int], None] | None = None,
-                        max_length: int | None = None) -> Iterator[ScoredBatch]:
+                        max_length: int | None = None, greedy_only: bool = False) -> Iterator[ScoredBatch]:
     """Score `sequences` in batches of similar length (longest first, so out-of-memory shows at once).
+
+    `greedy_only=True` keeps only `hit` and `argmax` (logprob, mean_lp, var_lp are NaN): cheaper, for greedy
+    extraction.
 
     With `bos_id`, BOS is prepended and every token of each sequence is scored; without it the first token
     is context only. `skip` holds sample indices already done (resume). Yields batches in processing order.
@@ -162,7 +170,7 @@ def iter_scored_batches(model: torch.nn.Module, sequences: Sequence[Sequence[int
         try:
             with torch.inference_mode():
                 out = model(input_ids=inputs.to(device), attention_mask=mask.to(device), use_cache=keep_cache)
-                stats = token_stats_from_logits(out.logits, targets.to(device))
+                stats = token_stats_from_logits(out.logits, targets.to(device), greedy_only=greedy_only)
         except Exception as exc:
             if _is_oom(exc) and bs > 1:
                 bs //= 2
@@ -173,6 +181,9 @@ def iter_scored_batches(model: torch.nn.Module, sequences: Sequence[Sequence[int
                 raise MemauditError("out of memory even at batch size 1: use a shorter window or a smaller dtype") from None
             raise
         host = {k: v.cpu().numpy() for k, v in stats.items()}
+        for k in ("logprob", "mean_lp", "var_lp"):
+            if k not in host:  # greedy_only
+                host[k] = np.full(targets.shape, np.nan, dtype=np.float32)
         per_sample = []
         for r, row in enumerate(rows):
             n = len(row) - 1
