@@ -162,7 +162,8 @@ class EnsembleConfig:
     grad_clip: float = 1.0  # per model; 0 disables
     eval_every: int = 250
     plateau_window: int = 2000  # convergence: memorised bits grew < plateau_tol over this many steps...
-    plateau_tol: float = 0.005  # ...relative to the current value
+    plateau_tol: float = 0.005  # ...relative to the current value; then the model's LR decays linearly to 0
+    anneal_fraction: float = 0.25  # over this fraction of the steps taken so far, and training stops
     full_fraction: float = 0.995  # ...or the model already memorises this fraction of the data's bits
     compute_dtype: str = "float32"
     threads: int | None = None
@@ -176,6 +177,7 @@ class ModelRecord:
     n_rows: int
     converged: bool = False
     converged_step: int | None = None
+    anneal_start: int | None = None  # the step its plateau was detected (annealing began)
     steps: int = 0
     history: list[tuple[int, float, float]] = field(default_factory=list)  # (step, loss nats, bits on data)
     final_state: dict[str, torch.Tensor] | None = None
@@ -231,7 +233,7 @@ def train_ensemble(shape: GPTShape, datasets: Sequence[np.ndarray], seeds: Seque
     orders: list[list[int]] = [[] for _ in datasets]
 
     def next_batch(m: int) -> np.ndarray:
-        n, b = sizes[m], min(cfg.batch_size, sizes[m])
+        n, b = sizes[m], cfg.batch_size  # a dataset smaller than a batch repeats within it (= full batch)
         out = []
         while len(out) < b:  # epochs of fresh permutations, so every row is seen once per epoch
             if not orders[m]:
@@ -241,23 +243,28 @@ def train_ensemble(shape: GPTShape, datasets: Sequence[np.ndarray], seeds: Seque
             del orders[m][:take]
         return np.asarray(out)
 
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=0.0)
+    opt = StackedAdam(model, betas=cfg.betas)
+    anneal: dict[int, tuple[int, int]] = {}  # record -> (first annealing step, annealing steps)
     for step in range(1, cfg.max_steps + 1):
-        lr = cfg.lr * min(1.0, step / max(1, cfg.warmup_steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        b = min(cfg.batch_size, min(sizes[m] for m in active))
-        rows = torch.as_tensor(np.stack([next_batch(m)[:b] for m in active]))  # [A, b]
-        idx_in = torch.gather(inputs[active], 1, rows[:, :, None].expand(-1, -1, S))
-        idx_tg = torch.gather(targets[active], 1, rows[:, :, None].expand(-1, -1, S))
+        lrs = []
+        for m in active:  # warmup, constant, then (after its plateau) a linear decay to 0 for this model only
+            lr = cfg.lr * min(1.0, step / max(1, cfg.warmup_steps))
+            if m in anneal:
+                start, length = anneal[m]
+                lr *= max(0.0, 1.0 - (step - start) / length)
+            lrs.append(lr)
+        b = cfg.batch_size
+        rows = torch.as_tensor(np.stack([next_batch(m) for m in active]))  # [A, b]
+        slots = torch.as_tensor(active)[:, None]
+        idx_in, idx_tg = inputs[slots, rows], targets[slots, rows]  # [A, b, S], no copy of whole datasets
         logits = model(idx_in)
         nll = F.cross_entropy(logits.float().flatten(0, 2), idx_tg.flatten(), reduction="none")
         per_model = nll.view(len(active), -1).mean(1)
-        opt.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         per_model.sum().backward()  # models share no parameters: each gets its own gradient
         if cfg.grad_clip > 0:
             _clip_per_model(model, cfg.grad_clip)
-        opt.step()
+        opt.step(torch.tensor(lrs))
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             bits = code_lengths_bits(model, inputs[active], targets[active], [sizes[m] for m in active])
             done = []
@@ -265,9 +272,18 @@ def train_ensemble(shape: GPTShape, datasets: Sequence[np.ndarray], seeds: Seque
                 rec = records[m]
                 rec.steps = step
                 rec.history.append((step, float(per_model[slot].detach()), float(bits[slot])))
-                if _plateaued(rec, cfg, data_bits[m] if data_bits is not None else None):
-                    rec.converged, rec.converged_step = True, step
+                hb = data_bits[m] if data_bits is not None else None
+                if m in anneal:
+                    if step >= anneal[m][0] + anneal[m][1]:
+                        rec.converged, rec.converged_step = True, step
+                        done.append(slot)
+                elif hb is not None and hb - rec.history[-1][2] >= cfg.full_fraction * hb:
+                    rec.converged, rec.converged_step = True, step  # memorised (nearly) all of its data
                     done.append(slot)
+                elif _plateaued(rec, cfg, hb):
+                    length = max(cfg.eval_every, int(cfg.anneal_fraction * step))
+                    anneal[m] = (step, length)
+                    rec.anneal_start = step
             if on_eval is not None:
                 on_eval(step, records)
             if done and cfg.drop_converged:
@@ -277,17 +293,53 @@ def train_ensemble(shape: GPTShape, datasets: Sequence[np.ndarray], seeds: Seque
                 if not keep:
                     active = []
                     break
-                _shrink(model, opt, keep)
+                opt.keep(keep)
+                model.keep(keep)
+                opt.rebind(model)
                 active = [active[s] for s in keep]
     for slot, m in enumerate(active):
         records[m].final_state = _slice_state(model, slot)
     return records
 
 
+class StackedAdam:
+    """Adam (no weight decay) on stacked parameters with one learning rate per model (the leading axis)."""
+
+    def __init__(self, model: EnsembleGPT, betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-8):
+        self.betas, self.eps, self.t = betas, eps, 0
+        self.names = list(model.params.keys())
+        self.exp_avg = {k: torch.zeros_like(p) for k, p in model.params.items()}
+        self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in model.params.items()}
+        self.model = model
+
+    def rebind(self, model: EnsembleGPT) -> None:
+        self.model = model
+
+    def keep(self, slots: list[int]) -> None:
+        index = torch.as_tensor(slots, dtype=torch.long)
+        self.exp_avg = {k: v[index].clone() for k, v in self.exp_avg.items()}
+        self.exp_avg_sq = {k: v[index].clone() for k, v in self.exp_avg_sq.items()}
+
+    @torch.no_grad()
+    def step(self, lrs: torch.Tensor) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        for k in self.names:
+            p = self.model.params[k]
+            if p.grad is None:
+                continue
+            g = p.grad
+            m, v = self.exp_avg[k], self.exp_avg_sq[k]
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v / c2).sqrt_().add_(self.eps)
+            step = (lrs / c1).to(p.dtype).view(-1, *([1] * (p.dim() - 1)))
+            p.addcdiv_(m * step, denom, value=-1.0)
+
+
 def _plateaued(rec: ModelRecord, cfg: EnsembleConfig, data_bits: float | None) -> bool:
     step, _, bits = rec.history[-1]
-    if data_bits is not None and data_bits - bits >= cfg.full_fraction * data_bits:
-        return True
     if data_bits is None or step < cfg.plateau_window + cfg.warmup_steps:
         return False
     past = [h for h in rec.history if h[0] <= step - cfg.plateau_window]
@@ -307,17 +359,3 @@ def _clip_per_model(model: EnsembleGPT, max_norm: float) -> None:
 
 def _slice_state(model: EnsembleGPT, slot: int) -> dict[str, torch.Tensor]:
     return {k: v.detach()[slot].clone() for k, v in model.params.items()}
-
-
-def _shrink(model: EnsembleGPT, opt: torch.optim.Optimizer, keep: list[int]) -> None:
-    """Keep only the listed slots, in the parameters and in Adam's state."""
-    index = torch.as_tensor(keep, dtype=torch.long)
-    old = list(model.params.items())
-    states = {k: opt.state.get(p, {}) for k, p in old}
-    model.keep(keep)
-    opt.param_groups[0]["params"] = list(model.parameters())
-    opt.state.clear()
-    for k, p in model.params.items():
-        st = states[k]
-        if st:
-            opt.state[p] = {n: (v[index].clone() if torch.is_tensor(v) and v.dim() > 0 else v) for n, v in st.items()}

@@ -1,0 +1,85 @@
+"""Ensemble trainer vs the plain way: 8 GPT-2 models (same shape, own seed and random dataset), same steps.
+
+Plain: each model a transformers GPT2LMHeadModel with torch.optim.Adam, trained one after another.
+Ensemble: memaudit.training.ensemble.train_ensemble, all 8 in one stacked model (convergence checks off, same
+number of steps, same batch size and learning rate). Both on the same machine in one run, with the same
+thread count. Prints a table, models per hour, and `speedup=<x>` last.
+
+    python bench/bench_capacity.py [--models 8] [--steps 300] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from memaudit.capacity import model_shape, random_dataset
+from memaudit.training.ensemble import EnsembleConfig, train_ensemble
+
+
+def plain_loop(shape, datasets, seeds, steps, batch_size, lr, bos):
+    """One model at a time, the usual way: HF model, Adam, sampled batches, per-step backward."""
+    from transformers import GPT2LMHeadModel
+
+    for data, seed in zip(datasets, seeds):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(shape.hf_config(bos)).train()
+        opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98))
+        rows = torch.as_tensor(data)
+        inputs = torch.cat([torch.full((len(rows), 1), bos), rows[:, :-1]], 1)
+        rng = np.random.default_rng(seed)
+        for step in range(steps):
+            for g in opt.param_groups:
+                g["lr"] = lr * min(1.0, (step + 1) / 100)
+            idx = torch.as_tensor(rng.choice(len(rows), size=min(batch_size, len(rows)), replace=False))
+            logits = model(input_ids=inputs[idx]).logits
+            loss = F.cross_entropy(logits.flatten(0, 1), rows[idx].flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+    return float(loss)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--seq-len", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    shape = model_shape(args.layers, args.width, args.vocab, args.seq_len)
+    n = int(round(1.5 * 3.6 * shape.parameters / (args.seq_len * math.log2(args.vocab))))
+    datasets = [random_dataset(n, args.seq_len, args.vocab, seed) for seed in range(args.models)]
+    seeds = list(range(args.models))
+
+    t0 = time.perf_counter()
+    plain_loop(shape, datasets, seeds, args.steps, args.batch_size, 1e-2, args.vocab)
+    t_plain = time.perf_counter() - t0
+
+    cfg = EnsembleConfig(max_steps=args.steps, batch_size=args.batch_size, lr=1e-2, warmup_steps=100,
+                         eval_every=10 ** 9, drop_converged=False)
+    t0 = time.perf_counter()
+    train_ensemble(shape, datasets, seeds, cfg, bos_id=args.vocab)
+    t_ens = time.perf_counter() - t0
+
+    print(f"shape: {args.layers} layer(s) x width {args.width}, V={args.vocab}, S={args.seq_len}, "
+          f"{shape.parameters:,} params/model; {args.models} models x {args.steps} steps, batch {args.batch_size}, "
+          f"{n} sequences each; torch threads {args.threads}; {torch.__version__}")
+    print(f"{'method':<34}{'seconds':>10}{'models/hour':>14}")
+    for name, t in (("plain loop (HF GPT2, one at a time)", t_plain), ("memaudit ensemble (stacked bmm)", t_ens)):
+        print(f"{name:<34}{t:>10.1f}{args.models / t * 3600:>14.0f}")
+    print(f"speedup={t_plain / t_ens:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,324 @@
+"""Model capacity in bits per parameter on uniform random tokens (Morris et al., arXiv 2505.24832, METHODS.md 3).
+
+Data: N sequences of S i.i.d. uniform tokens from V, so H(data) = N * S * log2 V exactly. Each model reads
+BOS + the first S-1 tokens and is charged for all S tokens (the first conditioned on BOS; BOS is one extra
+embedding row, id V, counted in the parameters). Memorization = H(data) - sum_x bits(x | model), with the code
+lengths measured by the scoring engine on each trained model exported to a HF GPT2LMHeadModel. A model's
+capacity is the plateau: the maximum over dataset sizes N, valid only when (a) every run it rests on met the
+convergence rule (memorized bits grew < plateau_tol over plateau_window steps at constant LR, then the LR was
+annealed to 0) and (b) the largest dataset exceeds what the model stores (< 90% of its bits memorized).
+Otherwise the figure is a lower bound and is reported as one.
+
+All models of one shape (every dataset size and seed) train together in one `EnsembleGPT`. Under torchrun,
+each rank trains its share of the shapes and rank 0 assembles the results.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import MemauditError
+
+PUBLISHED_ALPHA = 3.6  # bits per parameter (Morris et al.); 3.83 fp32, 3.51 bf16
+PUBLISHED_ALPHA_FP32 = 3.83
+PUBLISHED_ALPHA_BF16 = 3.51
+SATURATION_FRACTION = 0.9  # the largest dataset must be memorized below this fraction for a plateau
+
+
+@dataclass
+class RandomGridConfig:
+    layers: list[int] = field(default_factory=lambda: [1])
+    widths: list[int] = field(default_factory=lambda: [8, 12, 16, 24])
+    vocab: int = 64
+    seq_len: int = 32
+    sizes: list[str] = field(default_factory=lambda: ["0.5x", "1.5x", "3x"])  # N, or multiples of 3.6*P bits
+    seeds: int = 1
+    max_steps: int = 12000
+    batch_size: int = 32
+    lr: float = 1e-2
+    warmup_steps: int = 100
+    eval_every: int = 250
+    plateau_window: int = 1000
+    plateau_tol: float = 0.005
+    anneal_fraction: float = 0.3
+    head_dim: int = 16
+    dtype: str = "float32"
+    threads: int | None = None
+    data_seed: int = 0
+
+    def validate(self) -> None:
+        if not self.layers or not self.widths or min(self.layers) < 1 or min(self.widths) < 1:
+            raise MemauditError("--layers and --widths need positive integers")
+        if self.vocab < 2 or self.seq_len < 2:
+            raise MemauditError("--vocab must be >= 2 and --seq-len >= 2")
+        if self.seeds < 1 or self.max_steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise MemauditError("--seeds, --max-steps, --batch-size must be >= 1 and --lr > 0")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise MemauditError(f"--dtype must be float32 or bfloat16 for capacity, not {self.dtype!r}")
+        if not self.sizes:
+            raise MemauditError("--sizes needs at least one dataset size")
+        for s in self.sizes:
+            parse_size(s, 1000, self.seq_len, self.vocab)
+
+
+PAPER_GRID = dict(layers=[1, 2, 4, 8], widths=[32, 64, 128, 256], vocab=2048, seq_len=64,
+                  sizes=["0.25x", "0.5x", "1x", "1.5x", "2x", "4x"], seeds=1, max_steps=100000, batch_size=2048,
+                  lr=1e-3, warmup_steps=500)
+
+
+def parse_size(text: str, params: int, seq_len: int, vocab: int) -> int:
+    """`1000` sequences, or `1.5x`: enough sequences for 1.5 * 3.6 bits per parameter of data."""
+    try:
+        if text.endswith("x"):
+            mult = float(text[:-1])
+            n = int(round(mult * PUBLISHED_ALPHA * params / (seq_len * math.log2(vocab))))
+        else:
+            n = int(text)
+    except ValueError:
+        raise MemauditError(f"bad dataset size {text!r}: use a number of sequences or a multiple like 1.5x") from None
+    if n < 1:
+        raise MemauditError(f"dataset size {text!r} gives fewer than 1 sequence")
+    return n
+
+
+def model_shape(layers: int, width: int, vocab: int, seq_len: int, head_dim: int = 16):
+    from .training.ensemble import GPTShape
+
+    heads = max(1, width // head_dim)
+    while width % heads:
+        heads -= 1
+    return GPTShape(layers=layers, width=width, heads=heads, vocab=vocab + 1, positions=seq_len)
+
+
+def random_dataset(n: int, seq_len: int, vocab: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, size=(n, seq_len), dtype=np.int64)
+
+
+def _score_bits(hf_model, rows: np.ndarray, bos_id: int, dtype: str) -> float:
+    """Total code length (bits) of the rows under the model, by the scoring engine, first token on BOS."""
+    import torch
+
+    from .scoring import score
+
+    if dtype == "bfloat16":
+        hf_model = hf_model.to(torch.bfloat16)
+    stats = score(hf_model, rows.tolist(), batch_size=256, bos_id=bos_id, pad_id=bos_id)
+    return float(sum(s.bits for s in stats))
+
+
+def train_shape(cfg: RandomGridConfig, layers: int, width: int, on_eval=None) -> pd.DataFrame:
+    """All dataset sizes x seeds of one shape in one ensemble; one results row per model."""
+    import torch
+
+    from .training.ensemble import EnsembleConfig, EnsembleGPT, train_ensemble
+
+    shape = model_shape(layers, width, cfg.vocab, cfg.seq_len, cfg.head_dim)
+    P = shape.parameters
+    jobs = []
+    for size in cfg.sizes:
+        n = parse_size(size, P, cfg.seq_len, cfg.vocab)
+        for seed in range(cfg.seeds):
+            data_seed = hash((cfg.data_seed, layers, width, n, seed)) % (2 ** 31)
+            jobs.append((size, n, seed, random_dataset(n, cfg.seq_len, cfg.vocab, data_seed)))
+    bits_per_token = math.log2(cfg.vocab)
+    H = [n * cfg.seq_len * bits_per_token for _, n, _, _ in jobs]
+    ecfg = EnsembleConfig(max_steps=cfg.max_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                          warmup_steps=cfg.warmup_steps, eval_every=cfg.eval_every,
+                          plateau_window=cfg.plateau_window, plateau_tol=cfg.plateau_tol,
+                          anneal_fraction=cfg.anneal_fraction, compute_dtype=cfg.dtype, threads=cfg.threads)
+    t0 = time.time()
+    records = train_ensemble(shape, [j[3] for j in jobs], [1000 * layers + width + 7 * j[2] for j in jobs], ecfg,
+                             bos_id=cfg.vocab, data_bits=H, on_eval=on_eval)
+    seconds = time.time() - t0
+    rows = []
+    one = EnsembleGPT(shape, [0])
+    for rec, (size, n, seed, data), h in zip(records, jobs, H):
+        with torch.no_grad():
+            for k, v in rec.final_state.items():
+                one.params[k].copy_(v[None])
+        bits = _score_bits(one.to_hf(0, bos_id=cfg.vocab), data, cfg.vocab, cfg.dtype)
+        rows.append({"layers": layers, "width": width, "heads": shape.heads, "params": P, "size": size,
+                     "n_sequences": n, "seed": seed, "vocab": cfg.vocab, "seq_len": cfg.seq_len, "dtype": cfg.dtype,
+                     "data_bits": h, "model_bits": bits, "memorized_bits": h - bits,
+                     "memorized_fraction": (h - bits) / h, "bits_per_param": (h - bits) / P,
+                     "final_loss_nats": rec.history[-1][1] if rec.history else float("nan"),
+                     "steps": rec.steps, "anneal_start": rec.anneal_start, "converged": rec.converged,
+                     "ensemble_seconds": seconds,
+                     "history": ";".join(f"{s}:{h - b:.1f}" for s, _, b in rec.history)})
+    return pd.DataFrame(rows)
+
+
+def capacities(results: pd.DataFrame) -> pd.DataFrame:
+    """Per shape: capacity = max over dataset sizes of memorized bits (mean over seeds), with validity flags."""
+    out = []
+    for (L, W), g in results.groupby(["layers", "width"], sort=True):
+        by_n = g.groupby("n_sequences").agg(memorized_bits=("memorized_bits", "mean"),
+                                            data_bits=("data_bits", "first"),
+                                            converged=("converged", "all")).reset_index()
+        best = by_n.loc[by_n["memorized_bits"].idxmax()]
+        largest = by_n.loc[by_n["n_sequences"].idxmax()]
+        saturated = bool(largest["memorized_bits"] < SATURATION_FRACTION * largest["data_bits"])
+        converged = bool(g["converged"].all())
+        P = int(g["params"].iloc[0])
+        out.append({"layers": L, "width": W, "params": P, "capacity_bits": float(best["memorized_bits"]),
+                    "bits_per_param": float(best["memorized_bits"]) / P,
+                    "at_n_sequences": int(best["n_sequences"]), "converged": converged,
+                    "saturated": saturated, "lower_bound": not (converged and saturated)})
+    return pd.DataFrame(out)
+
+
+def fit_bits_per_param(caps: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Capacity = alpha * params, least squares through the origin; 95% CI by bootstrap over the models."""
+    P = caps["params"].to_numpy(float)
+    C = caps["capacity_bits"].to_numpy(float)
+    if len(P) == 0:
+        raise MemauditError("no models to fit")
+    alpha = float((P * C).sum() / (P * P).sum())
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(P), len(P))
+        boots.append((P[i] * C[i]).sum() / (P[i] * P[i]).sum())
+    lo, hi = np.quantile(boots, [0.025, 0.975]) if len(P) > 1 else (alpha, alpha)
+    lower = bool(caps["lower_bound"].any())
+    return {"estimate": alpha, "ci95": [float(lo), float(hi)], "n_models": int(len(P)),
+            "per_model_min": float(caps["bits_per_param"].min()), "per_model_max": float(caps["bits_per_param"].max()),
+            "is_lower_bound": lower,
+            "status": ("lower bound: some models did not reach their plateau (not converged in --max-steps, or "
+                       "the largest dataset was still memorized >= 90%)") if lower else "capacity (all plateaus reached)"}
+
+
+def _shard() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def run_random_capacity(cfg: RandomGridConfig, out: str | os.PathLike | None = None, *, resume: bool = False,
+                        overwrite: bool = False) -> dict:
+    """The random-data grid: train, measure, fit; writes results.csv, capacities.csv, summary.json, figures."""
+    from .progress import progress_bar
+    from .rundir import RunDir
+
+    cfg.validate()
+    rank, world = _shard()
+    if world > 1:
+        import datetime
+
+        import torch.distributed as dist
+
+        if not dist.is_initialized():  # gloo: ranks only meet at the end, so no short timeout
+            dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
+    settings = asdict(cfg)
+    run = RunDir(out or RunDir.default_out("capacity"), "capacity", settings, resume=resume or rank > 0,
+                 overwrite=overwrite and rank == 0)
+    if resume and (run.path / "results.csv").exists():  # a finished run: refit and redraw only
+        return finish_random_capacity(run, cfg, pd.read_csv(run.path / "results.csv"))
+    shapes = [(L, W) for L in cfg.layers for W in cfg.widths]
+    done = {(int(d["layers"].iloc[0]), int(d["width"].iloc[0])) for d in run.load_partials() if len(d)}
+    mine = [s for i, s in enumerate(shapes) if i % world == rank and s not in done]
+    with progress_bar(len(mine) * cfg.max_steps, "capacity grid") as advance:
+        for L, W in mine:
+            last = [0]
+
+            def tick(step, _recs, last=last):
+                advance(step - last[0])
+                last[0] = step
+
+            df = train_shape(cfg, L, W, on_eval=tick)
+            run.save_partial(f"shape-L{L}-W{W}", df)
+            advance(cfg.max_steps - last[0])
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if rank > 0:
+            return {"out": str(run.path), "rank": rank}
+    results = pd.concat(run.load_partials(), ignore_index=True).sort_values(["params", "n_sequences", "seed"])
+    return finish_random_capacity(run, cfg, results)
+
+
+def finish_random_capacity(run, cfg: RandomGridConfig, results: pd.DataFrame) -> dict:
+    caps = capacities(results)
+    fit = fit_bits_per_param(caps)
+    run.write_samples(results.drop(columns=["history"]), "results.parquet")
+    results.to_csv(run.path / "results.csv", index=False)
+    caps.to_csv(run.path / "capacities.csv", index=False)
+    below = results[results["data_bits"] <= 0.9 * results["params"] * PUBLISHED_ALPHA]
+    summary = {
+        "method": "Morris et al. (arXiv 2505.24832) random-data capacity; METHODS.md section 3",
+        "first_token": "conditioned on BOS (id = vocab, one extra embedding row, counted in params)",
+        "data_bits_formula": "N * S * log2(V)",
+        "grid": settings_without_history(cfg),
+        "bits_per_param": fit,
+        "published": {"alpha": PUBLISHED_ALPHA, "fp32": PUBLISHED_ALPHA_FP32, "bf16": PUBLISHED_ALPHA_BF16,
+                      "per_model_range": [2.9, 4.2]},
+        "below_capacity_min_memorized_fraction": float(below["memorized_fraction"].min()) if len(below) else None,
+        "n_models": int(len(results)), "n_converged": int(results["converged"].sum()),
+        "capacities": caps.to_dict(orient="records"),
+    }
+    if fit["is_lower_bound"]:
+        summary["capacity_reached"] = False
+        summary["message"] = (f"no capacity reported: {int((caps['lower_bound']).sum())} of {len(caps)} shapes did not "
+                              f"reach their plateau within --max-steps {cfg.max_steps}; "
+                              f"{fit['estimate']:.2f} bits/parameter is a lower bound")
+    else:
+        summary["capacity_reached"] = True
+        summary["message"] = f"capacity {fit['estimate']:.2f} bits/parameter (95% CI {fit['ci95'][0]:.2f}-{fit['ci95'][1]:.2f})"
+    run.write_summary(summary)
+    figs = capacity_figures(results, caps, fit)
+    for name, fig in figs.items():
+        run.save_figure(fig, name)
+    run.finish()
+    summary["out"] = str(run.path)
+    return summary
+
+
+def settings_without_history(cfg: RandomGridConfig) -> dict:
+    return asdict(cfg)
+
+
+def capacity_figures(results: pd.DataFrame, caps: pd.DataFrame, fit: dict) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = {}
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colors = plt.cm.viridis(np.linspace(0, 0.9, max(1, len(caps))))
+    for color, (_, c) in zip(colors, caps.iterrows()):
+        g = results[(results["layers"] == c["layers"]) & (results["width"] == c["width"])]
+        g = g.groupby("n_sequences").agg(x=("data_bits", "first"), y=("memorized_bits", "mean"),
+                                         conv=("converged", "all")).reset_index()
+        ax.plot(g["x"], g["y"], "-", color=color, label=f"{c['layers']}x{c['width']} ({c['params']:,} params)")
+        conv = g["conv"].to_numpy(bool)
+        ax.scatter(g["x"][conv], g["y"][conv], color=color, marker="o")
+        ax.scatter(g["x"][~conv], g["y"][~conv], facecolors="none", edgecolors=color, marker="o")
+        ax.axhline(c["capacity_bits"], color=color, ls=":", lw=0.8)
+    lim = results["data_bits"].max()
+    ax.plot([0, lim], [0, lim], "k--", lw=0.8, label="memorized = data bits")
+    ax.set_xlabel("dataset bits H(data)")
+    ax.set_ylabel("memorized bits")
+    ax.set_title("Memorization vs data (hollow: not converged); dotted: capacity", fontsize=10)
+    ax.legend(fontsize=7)
+    figs["memorization_vs_data.png"] = fig
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.scatter(caps["params"], caps["capacity_bits"], c=np.where(caps["lower_bound"], "tab:orange", "tab:blue"),
+               zorder=3, label="capacity per model (orange: lower bound)")
+    x = np.linspace(0, caps["params"].max() * 1.1, 50)
+    tag = " (lower bound)" if fit["is_lower_bound"] else ""
+    ax.plot(x, fit["estimate"] * x, "b-", label=f"fit {fit['estimate']:.2f} bits/param "
+            f"[{fit['ci95'][0]:.2f}, {fit['ci95'][1]:.2f}]{tag}")
+    ax.plot(x, PUBLISHED_ALPHA * x, "k--", label="published 3.6 bits/param")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("capacity (bits)")
+    ax.legend(fontsize=8)
+    ax.set_title("Capacity vs parameters", fontsize=10)
+    figs["capacity_vs_params.png"] = fig
+    return figs

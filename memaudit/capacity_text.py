@@ -1,0 +1,210 @@
+"""Real text: fixed models on growing numbers of 64-token windows (double descent) and the MIA scaling law.
+
+Morris et al. (arXiv 2505.24832), METHODS.md section 3. For each model shape and each dataset size N the model
+trains on the first N windows of one shuffled pool of deduplicated 64-token windows; a reference model of the
+same shape trains on the whole pool. All of them (every N and the reference) train together in one ensemble,
+for a fixed step budget (text has no known H(data), so the random-data plateau rule does not apply).
+Measured with the scoring engine on the exported models:
+  - test loss (nats/token) on held-out windows, and train loss;
+  - per-sample unintended memorization mem_U = max(0, bits(x|reference) - bits(x|model)) of the training windows;
+  - dataset bits = sum_x bits(x|reference) over the training windows; x-axis = dataset bits / (3.6 * params);
+  - loss-threshold MIA F1: members = the N training windows, non-members = as many held-out windows, the
+    threshold that maximises F1 (an optimistic attacker, as a scaling-law fit needs one rule for every point).
+The sigmoid law of `memaudit.scaling_laws` is fitted to (N/P, F1) and compared with the published constants.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .errors import MemauditError
+
+WINDOW = 64
+
+
+@dataclass
+class TextCapacityConfig:
+    text: str
+    widths: list[int] = field(default_factory=lambda: [16])
+    layers: int = 1
+    vocab_size: int = 512
+    sizes: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128, 256, 512, 1024])
+    n_test: int = 256
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 5e-3
+    warmup_steps: int = 100
+    seed: int = 0
+    threads: int | None = None
+    text_field: str = "text"
+
+
+def text_windows(texts: list[str], tokenizer, window: int = WINDOW) -> np.ndarray:
+    """Every non-overlapping `window`-token chunk of every document, duplicates dropped (first kept)."""
+    from .data import tokenize
+
+    seen, rows = set(), []
+    for toks in tokenize(tokenizer, texts):
+        for s in range(0, len(toks) - window + 1, window):
+            w = np.asarray(toks[s:s + window], dtype=np.int64)
+            key = w.tobytes()
+            if key not in seen:
+                seen.add(key)
+                rows.append(w)
+    if not rows:
+        raise MemauditError(f"no document has {window} tokens: give a longer text file")
+    return np.stack(rows)
+
+
+def best_f1(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> float:
+    """Max F1 over thresholds of `score >= t => member` (scores: higher = more likely a member)."""
+    s = np.concatenate([member_scores, nonmember_scores])
+    y = np.concatenate([np.ones(len(member_scores)), np.zeros(len(nonmember_scores))])
+    order = np.argsort(-s, kind="stable")
+    y, s = y[order], s[order]
+    tp = np.cumsum(y)
+    fp = np.cumsum(1 - y)
+    last = np.r_[s[1:] != s[:-1], True]  # only thresholds between distinct scores
+    tp, fp = tp[last], fp[last]
+    f1 = 2 * tp / (tp + fp + len(member_scores))
+    return float(f1.max())
+
+
+def run_text_capacity(cfg: TextCapacityConfig, out=None, *, resume: bool = False, overwrite: bool = False) -> dict:
+    import torch
+
+    from .data import file_hash, read_documents, train_tokenizer
+    from .rundir import RunDir
+    from .scaling_laws import PUBLISHED_CONSTANTS, fit_mia_law, mia_law
+    from .scoring import score
+    from .training.ensemble import EnsembleConfig, EnsembleGPT, GPTShape, train_ensemble
+
+    if not cfg.widths or min(cfg.widths) < 1 or cfg.layers < 1:
+        raise MemauditError("--widths and --layers need positive integers")
+    texts = read_documents(cfg.text, text_field=cfg.text_field)["text"].tolist()
+    run = RunDir(out or RunDir.default_out("capacity-text"), "capacity-text", asdict(cfg),
+                 inputs={"text": cfg.text, "text_sha256": file_hash(cfg.text)}, resume=resume, overwrite=overwrite)
+    tok = train_tokenizer(texts, vocab_size=cfg.vocab_size)
+    windows = text_windows(texts, tok)
+    rng = np.random.default_rng(cfg.seed)
+    windows = windows[rng.permutation(len(windows))]
+    n_test = min(cfg.n_test, len(windows) // 4)
+    test, pool = windows[:n_test], windows[n_test:]
+    sizes = sorted({n for n in cfg.sizes if n <= len(pool)})
+    if len(sizes) < 3:
+        raise MemauditError(f"only {len(pool)} training windows of {WINDOW} tokens: too few for 3 dataset sizes")
+    bos = tok.bos_token_id
+    V = len(tok)
+    rows = []
+    for width in cfg.widths:
+        heads = max(1, width // 16)
+        shape = GPTShape(layers=cfg.layers, width=width, heads=heads, vocab=V, positions=WINDOW)
+        P = shape.parameters
+        key = f"text-W{width}"
+        done = [d for d in run.load_partials() if len(d) and d["width"].iloc[0] == width]
+        if done:
+            rows.append(done[0])
+            continue
+        datasets = [pool[:n] for n in sizes] + [pool]  # the last one is the reference (whole corpus pool)
+        ecfg = EnsembleConfig(max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                              warmup_steps=cfg.warmup_steps, eval_every=cfg.steps, drop_converged=False,
+                              threads=cfg.threads)
+        recs = train_ensemble(shape, datasets, [cfg.seed * 100 + i for i in range(len(datasets))], ecfg,
+                              bos_id=bos)
+        one = EnsembleGPT(shape, [0])
+
+        def bits_of(rec, data):
+            with torch.no_grad():
+                for k, v in rec.final_state.items():
+                    one.params[k].copy_(v[None])
+            stats = score(one.to_hf(0, bos_id=bos), data.tolist(), batch_size=128, bos_id=bos, pad_id=bos)
+            return np.array([s.bits for s in stats])
+
+        ref = recs[-1]
+        ref_test = bits_of(ref, test)
+        ref_pool = bits_of(ref, pool[:max(sizes)])
+        df_rows = []
+        for n, rec in zip(sizes, recs[:-1]):
+            train_bits = bits_of(rec, pool[:n])
+            test_bits = bits_of(rec, test)
+            mem = np.maximum(0.0, ref_pool[:n] - train_bits)
+            k = min(n, len(test))
+            f1 = best_f1(-train_bits[:k], -test_bits[:k])  # loss attack: lower loss = member
+            data_bits = float(ref_pool[:n].sum())
+            df_rows.append({"width": width, "layers": cfg.layers, "params": P, "n_sequences": n,
+                            "n_over_p": n / P, "dataset_bits_ref": data_bits,
+                            "data_over_capacity": data_bits / (3.6 * P),
+                            "train_loss_nats": float(train_bits.sum() * math.log(2) / (n * WINDOW)),
+                            "test_loss_nats": float(test_bits.sum() * math.log(2) / (len(test) * WINDOW)),
+                            "ref_test_loss_nats": float(ref_test.sum() * math.log(2) / (len(test) * WINDOW)),
+                            "mem_u_bits_total": float(mem.sum()), "mem_u_bits_per_sample": float(mem.mean()),
+                            "mia_f1": f1, "mia_pairs": k, "steps": rec.steps})
+        df = pd.DataFrame(df_rows)
+        run.save_partial(key, df)
+        rows.append(df)
+    results = pd.concat(rows, ignore_index=True)
+    results.to_csv(run.path / "text_results.csv", index=False)
+    try:
+        fit = fit_mia_law(results["n_over_p"], results["mia_f1"])
+    except MemauditError as exc:
+        fit = {"error": str(exc)}
+    pub = mia_law(results["n_over_p"], **PUBLISHED_CONSTANTS)
+    summary = {"method": __doc__.split("\n\n")[0], "tokenizer_vocab": V, "n_windows_pool": int(len(pool)),
+               "n_test_windows": int(n_test), "capacity_alpha_for_x_axis": 3.6,
+               "mia_law_fit": fit, "mia_law_published": PUBLISHED_CONSTANTS,
+               "mia_f1_rmse_vs_published_law": float(np.sqrt(np.mean((results["mia_f1"] - pub) ** 2))),
+               "results": results.to_dict(orient="records")}
+    peak = results.loc[results.groupby("width")["test_loss_nats"].idxmax()]
+    summary["test_loss_peak_at_data_over_capacity"] = peak[["width", "data_over_capacity"]].to_dict(orient="records")
+    summary["message"] = (f"{len(results)} text runs; MIA law fit c1={fit.get('c1', float('nan')):.3g} "
+                          f"c2={fit.get('c2', float('nan')):.3g} c3={fit.get('c3', float('nan')):.3g} "
+                          f"(published 1.34, 33.14, 0.034)")
+    run.write_summary(summary)
+    for name, fig in text_figures(results, fit).items():
+        run.save_figure(fig, name)
+    run.finish()
+    summary["out"] = str(run.path)
+    return summary
+
+
+def text_figures(results: pd.DataFrame, fit: dict) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .scaling_laws import PUBLISHED_CONSTANTS, mia_law
+
+    figs = {}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for w, g in results.groupby("width"):
+        g = g.sort_values("data_over_capacity")
+        axes[0].plot(g["data_over_capacity"], g["test_loss_nats"], "o-", label=f"test, width {w}")
+        axes[0].plot(g["data_over_capacity"], g["train_loss_nats"], "x--", label=f"train, width {w}")
+        axes[1].plot(g["data_over_capacity"], g["mem_u_bits_per_sample"], "o-", label=f"width {w}")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.axvline(1.0, color="grey", ls=":")
+        ax.set_xlabel("dataset bits / capacity (3.6 bits/param)")
+    axes[0].set_ylabel("loss (nats/token)")
+    axes[1].set_ylabel("mem_U per training sample (bits)")
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
+    figs["double_descent.png"] = fig
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.scatter(results["n_over_p"], results["mia_f1"], label="measured (loss attack)")
+    x = np.logspace(np.log10(results["n_over_p"].min() / 2), np.log10(max(results["n_over_p"].max() * 2, 0.2)), 100)
+    ax.plot(x, mia_law(x, **PUBLISHED_CONSTANTS), "k--", label="published law")
+    if "c1" in fit:
+        ax.plot(x, mia_law(x, fit["c1"], fit["c2"], fit["c3"]), "b-", label="fitted law")
+    ax.set_xscale("log")
+    ax.set_xlabel("training sequences / parameters")
+    ax.set_ylabel("MIA F1")
+    ax.legend(fontsize=8)
+    figs["mia_law.png"] = fig
+    return figs

@@ -1,0 +1,70 @@
+"""The membership-inference scaling law of Morris et al. (arXiv 2505.24832), METHODS.md section 3.
+
+Loss-threshold attack F1 on 64-token sequences for a model of P parameters trained on N sequences:
+    F1 = 0.5 * (1 + c1 * sigmoid(-c2 * (N / P - c3)))
+published constants c1 = 1.34, c2 = 33.14, c3 = 0.034 (the form that reproduces the published validation table:
+GPT-2 small, 123.7M parameters, 1.50M sequences -> 0.980; 13.57M sequences -> 0.534).
+`fit_mia_law` fits (c1, c2, c3) to measured (N/P, F1) points with scipy's curve_fit.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MemauditError
+
+PUBLISHED_CONSTANTS = {"c1": 1.34, "c2": 33.14, "c3": 0.034}
+PUBLISHED_CHECKS = [(123.7e6, 1.50e6, 0.980), (123.7e6, 13.57e6, 0.534)]  # (params, sequences, F1)
+
+
+def mia_law(ratio, c1: float, c2: float, c3: float):
+    """F1 as a function of N / P (training sequences per parameter)."""
+    ratio = np.asarray(ratio, dtype=float)
+    return 0.5 * (1.0 + c1 / (1.0 + np.exp(c2 * (ratio - c3))))
+
+
+def fit_mia_law(ratios, f1s, p0: tuple[float, float, float] | None = None) -> dict:
+    """Least-squares fit of (c1, c2, c3) to measured F1; returns the constants and their standard errors."""
+    from scipy.optimize import curve_fit
+
+    x, y = np.asarray(ratios, float), np.asarray(f1s, float)
+    if len(x) < 3:
+        raise MemauditError("fitting the MIA law needs at least 3 (N/P, F1) points")
+    p0 = p0 or (PUBLISHED_CONSTANTS["c1"], PUBLISHED_CONSTANTS["c2"], PUBLISHED_CONSTANTS["c3"])
+    try:
+        popt, pcov = curve_fit(mia_law, x, y, p0=p0, bounds=([0.0, 0.0, -10.0], [2.0, 1e6, 10.0]), maxfev=20000)
+    except (RuntimeError, ValueError) as exc:
+        raise MemauditError(f"the MIA law fit did not converge: {exc}") from None
+    err = np.sqrt(np.clip(np.diag(pcov), 0, None))
+    resid = y - mia_law(x, *popt)
+    return {"c1": float(popt[0]), "c2": float(popt[1]), "c3": float(popt[2]),
+            "stderr": {"c1": float(err[0]), "c2": float(err[1]), "c3": float(err[2])},
+            "rmse": float(np.sqrt(np.mean(resid ** 2))), "n_points": int(len(x))}
+
+
+def _fitted_constants(law) -> dict:
+    if isinstance(law, dict):
+        return law
+    path = Path(law)
+    if not path.is_file():
+        raise MemauditError(f"law must be 'published', a dict of constants or a fit JSON file; {law} not found")
+    data = json.loads(path.read_text())
+    data = data.get("mia_law_fit", data)
+    if not all(k in data for k in ("c1", "c2", "c3")):
+        raise MemauditError(f"{law} holds no fitted MIA law (keys c1, c2, c3)")
+    return data
+
+
+def predict_mia_f1(params: float, train_sequences: float, law: str | dict | os.PathLike = "published") -> float:
+    """Predicted loss-attack F1 for a model of `params` parameters trained on `train_sequences` 64-token sequences.
+
+    `law`: "published" (Morris et al. constants), a dict {c1, c2, c3} from `fit_mia_law`, or a JSON file holding
+    one (e.g. reports/capacity/capacity.json, key `mia_law_fit`).
+    """
+    if params <= 0 or train_sequences <= 0:
+        raise MemauditError("params and train_sequences must be positive")
+    c = PUBLISHED_CONSTANTS if (isinstance(law, str) and law == "published") else _fitted_constants(law)
+    return float(mia_law(train_sequences / params, c["c1"], c["c2"], c["c3"]))

@@ -1,0 +1,142 @@
+"""Capacity (Morris et al.): the ensemble trainer is exact GPT-2, stacking changes no model, fits and laws."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from memaudit.capacity import fit_bits_per_param, model_shape, random_dataset
+from memaudit.training.ensemble import EnsembleConfig, EnsembleGPT, GPTShape, train_ensemble
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "memaudit", *args], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "MEMAUDIT_NO_PROGRESS": "1"})
+
+
+def test_ensemble_is_hf_gpt2_with_same_parameter_count():
+    from memaudit.models import count_parameters
+
+    shape = GPTShape(layers=2, width=16, heads=2, vocab=33, positions=12)
+    ens = EnsembleGPT(shape, seeds=[0, 1, 2])
+    idx = torch.randint(0, 33, (3, 4, 12))
+    logits = ens(idx)
+    for m in range(3):
+        hf = ens.to_hf(m)
+        with torch.no_grad():
+            ref = hf(input_ids=idx[m]).logits
+        torch.testing.assert_close(logits[m].detach(), ref, rtol=1e-5, atol=1e-5)
+        assert count_parameters(hf) == shape.parameters
+    assert not torch.allclose(logits[0], logits[1])  # seeds give different models
+
+
+def test_stacking_changes_no_model():
+    """Two models trained together end exactly where each ends when trained alone."""
+    shape = model_shape(1, 8, 16, 8)
+    data = [random_dataset(20, 8, 16, 1), random_dataset(45, 8, 16, 2)]
+    cfg = EnsembleConfig(max_steps=30, batch_size=8, lr=1e-2, warmup_steps=5, eval_every=10, drop_converged=False)
+    together = train_ensemble(shape, data, [3, 4], cfg, bos_id=16)
+    for m in range(2):
+        alone = train_ensemble(shape, [data[m]], [[3, 4][m]], cfg, bos_id=16)[0]
+        for k, v in alone.final_state.items():
+            torch.testing.assert_close(together[m].final_state[k], v, rtol=1e-4, atol=1e-5)
+        assert together[m].history[-1][2] == pytest.approx(alone.history[-1][2], rel=1e-4)
+
+
+def test_small_dataset_is_memorized_and_bits_are_exact():
+    """Below capacity a model memorizes (nearly) all the data; the convergence rule stops it; the ensemble's
+    code lengths equal an independent HF computation."""
+    shape = model_shape(1, 16, 16, 16)
+    data = random_dataset(8, 16, 16, 5)  # 512 bits for a ~3.8K-parameter model
+    H = data.size * math.log2(16)
+    cfg = EnsembleConfig(max_steps=1500, batch_size=8, lr=1e-2, warmup_steps=20, eval_every=50,
+                         plateau_window=200, anneal_fraction=0.2)
+    rec = train_ensemble(shape, [data], [0], cfg, bos_id=16, data_bits=[H])[0]
+    assert rec.converged and rec.steps < 1500
+    one = EnsembleGPT(shape, [0])
+    with torch.no_grad():
+        for k, v in rec.final_state.items():
+            one.params[k].copy_(v[None])
+        hf = one.to_hf(0)
+        x = torch.cat([torch.full((8, 1), 16), torch.as_tensor(data)], 1)
+        lp = torch.log_softmax(hf(input_ids=x[:, :-1]).logits.double(), -1)
+        bits = float(-lp.gather(-1, x[:, 1:, None]).sum() / math.log(2))
+    assert rec.history[-1][2] == pytest.approx(bits, rel=1e-4, abs=1e-3)
+    # the first token of each row is coded from BOS alone, so at most about 15/16 of the bits can be memorized
+    assert (H - bits) / H >= 0.9
+
+
+def test_capacity_cli_tiny_grid_reports_lower_bound(tmp_path):
+    out = tmp_path / "cap"
+    r = _cli("capacity", "--widths", "8,12", "--vocab", "32", "--seq-len", "8", "--sizes", "0.5x,2x",
+             "--max-steps", "60", "--eval-every", "20", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "lower bound" in r.stdout and "no capacity reported" in r.stdout
+    s = json.loads((out / "summary.json").read_text())
+    assert s["capacity_reached"] is False and s["bits_per_param"]["is_lower_bound"] is True
+    res = pd.read_csv(out / "results.csv")
+    assert len(res) == 4 and set(res["params"]) == {model_shape(1, w, 32, 8).parameters for w in (8, 12)}
+    np.testing.assert_allclose(res["data_bits"], res["n_sequences"] * 8 * 5)
+    np.testing.assert_allclose(res["memorized_bits"], res["data_bits"] - res["model_bits"])
+    caps = pd.read_csv(out / "capacities.csv")
+    for _, c in caps.iterrows():
+        g = res[res["width"] == c["width"]]
+        assert c["capacity_bits"] == pytest.approx(g["memorized_bits"].max())
+    assert (out / "capacity_vs_params.png").exists() and (out / "memorization_vs_data.png").exists()
+
+
+def test_capacity_bad_input_one_line(tmp_path):
+    from memaudit.capacity import RandomGridConfig
+    from memaudit.errors import MemauditError
+
+    r = _cli("capacity", "--widths", "a,b", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "--widths" in r.stderr and "Traceback" not in r.stderr
+    for kwargs, words in (({"dtype": "float16"}, "--dtype"), ({"sizes": ["zz"]}, "dataset size"),
+                          ({"vocab": 1}, "--vocab")):
+        with pytest.raises(MemauditError, match=words):
+            RandomGridConfig(**kwargs).validate()
+
+
+def test_fit_through_origin_and_bootstrap():
+    P = np.array([1e4, 2e4, 4e4, 8e4])
+    rng = np.random.default_rng(0)
+    C = 3.6 * P * (1 + 0.03 * rng.standard_normal(4))
+    caps = pd.DataFrame({"params": P, "capacity_bits": C, "bits_per_param": C / P, "lower_bound": False})
+    fit = fit_bits_per_param(caps)
+    assert fit["estimate"] == pytest.approx((P * C).sum() / (P * P).sum())
+    assert fit["ci95"][0] <= fit["estimate"] <= fit["ci95"][1]
+    assert 3.3 < fit["estimate"] < 3.9 and fit["is_lower_bound"] is False
+
+
+def test_mia_law_published_checks_and_fit():
+    from memaudit.scaling_laws import PUBLISHED_CHECKS, fit_mia_law, mia_law, predict_mia_f1
+
+    # METHODS.md constants against the published validation table (Morris et al.): 0.980 and 0.534.
+    assert predict_mia_f1(123.7e6, 1.50e6) == pytest.approx(0.980, abs=0.035)
+    assert predict_mia_f1(123.7e6, 13.57e6) == pytest.approx(0.534, abs=0.02)
+    assert predict_mia_f1(1e6, 1e3) > predict_mia_f1(1e6, 1e5)  # more data per parameter, weaker attack
+    assert len(PUBLISHED_CHECKS) == 2
+    x = np.logspace(-3.5, -0.5, 25)
+    y = mia_law(x, 1.2, 40.0, 0.02)
+    fit = fit_mia_law(x, y)
+    assert fit["c1"] == pytest.approx(1.2, rel=1e-3) and fit["c2"] == pytest.approx(40.0, rel=1e-2)
+    assert predict_mia_f1(1e6, 2e4, law=fit) == pytest.approx(float(mia_law(0.02, 1.2, 40.0, 0.02)), rel=1e-3)
+
+
+def test_best_f1_against_brute_force():
+    from memaudit.capacity_text import best_f1
+
+    rng = np.random.default_rng(1)
+    m, n = rng.normal(1, 1, 30).round(1), rng.normal(0, 1, 40).round(1)
+    brute = 0.0
+    for t in np.unique(np.concatenate([m, n])):
+        tp, fp = (m >= t).sum(), (n >= t).sum()
+        brute = max(brute, 2 * tp / (2 * tp + fp + (len(m) - tp)))
+    assert best_f1(m, n) == pytest.approx(brute)
