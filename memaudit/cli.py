@@ -189,6 +189,94 @@ def demo(
 
 
 @app.command()
+def memorization(
+    model_dir: Path = typer.Argument(..., help="Target model directory."),
+    data: Path = typer.Option(..., help="Samples to measure (.jsonl, .txt, .parquet, .csv)."),
+    reference: str = typer.Option(..., help="Reference: a model directory with the same tokenizer, or 'zstd'."),
+    zstd_level: int = typer.Option(19, help="zstd compression level (1-22) for --reference zstd."),
+    zstd_dict_from: Optional[Path] = typer.Option(None, help="Train a zstd dictionary on this text file first."),
+    top_k: int = typer.Option(20, help="How many samples with the most mem_U to list in summary.json."),
+    out: Optional[Path] = typer.Option(None, help=H_OUT),
+    batch_size: str = typer.Option("auto", help=H_BATCH),
+    device: str = typer.Option("auto", help=H_DEVICE),
+    dtype: str = typer.Option("float32", help="Scoring precision: float32 (default, exact code lengths) or bfloat16."),
+    text_field: str = typer.Option("text", help=H_TEXT),
+    id_field: str = typer.Option("id", help=H_ID),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N samples."),
+    allow_pickle: bool = typer.Option(False, help=H_PICKLE),
+    trust_remote_code: bool = typer.Option(False, help=H_REMOTE),
+    resume: bool = typer.Option(False, help=H_RESUME),
+    overwrite: bool = typer.Option(False, help=H_OVERWRITE),
+):
+    """Unintended memorization in bits per sample: max(0, bits under the reference - bits under the model)."""
+    from .compression import measure_memorization
+
+    s = measure_memorization(model_dir, data, reference, out=out, zstd_level=zstd_level,
+                             zstd_dict_from=zstd_dict_from, batch_size=_batch_size(batch_size), device=device,
+                             dtype=dtype, text_field=text_field, id_field=id_field, limit=limit, top_k=top_k,
+                             allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, resume=resume,
+                             overwrite=overwrite)
+    typer.echo(f"{s['n_samples']} samples: {s['total_mem_u_bits']:.1f} bits of unintended memorization against "
+               f"{s['reference']} ({s['fraction_samples_with_mem_u']:.1%} of samples > 0) -> {s['out']}")
+
+
+@app.command()
+def capacity(
+    layers: str = typer.Option("1", help="Comma-separated layer counts of the grid."),
+    widths: str = typer.Option("8,16,24,32", help="Comma-separated model widths of the grid."),
+    vocab: int = typer.Option(512, help="Vocabulary V of the uniform random tokens (paper: 2048)."),
+    seq_len: int = typer.Option(32, help="Tokens per sequence S (paper: 64)."),
+    sizes: str = typer.Option("0.5x,1.5x,3x", help="Dataset sizes: sequences, or multiples of 3.6 bits/param "
+                              "of data (e.g. 0.5x,1.5x,3x)."),
+    seeds: int = typer.Option(1, help="Models per (shape, dataset size), each with its own data and init."),
+    max_steps: int = typer.Option(12000, help="Step budget per model; a model not converged by then is a lower bound."),
+    batch_size: int = typer.Option(32, help="Sequences per model per step."),
+    lr: float = typer.Option(1e-2, help="Adam learning rate after warmup (no weight decay)."),
+    warmup_steps: int = typer.Option(100, help="Linear warmup steps."),
+    eval_every: int = typer.Option(250, help="Measure every model's memorized bits every this many steps."),
+    plateau_window: int = typer.Option(1000, help="Convergence: memorized bits grew < --plateau-tol over this many steps."),
+    plateau_tol: float = typer.Option(0.005, help="Relative growth below which memorization has plateaued."),
+    anneal_fraction: float = typer.Option(0.3, help="After the plateau, decay the LR to 0 over this fraction of the steps so far."),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16 (weights used in bf16; measured in bf16)."),
+    paper_grid: bool = typer.Option(False, help="The paper's grid: V=2048, S=64, layers 1,2,4,8 x widths 32-256 (GPU)."),
+    text: Optional[Path] = typer.Option(None, help="Real-text mode: fixed models on growing numbers of 64-token "
+                                         "windows of this file (double descent and the MIA law)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
+    out: Optional[Path] = typer.Option(None, help=H_OUT),
+    resume: bool = typer.Option(False, help=H_RESUME),
+    overwrite: bool = typer.Option(False, help=H_OVERWRITE),
+):
+    """Model capacity in bits per parameter on random tokens (Morris et al.); with --text, double descent and MIA."""
+    from .capacity import PAPER_GRID, RandomGridConfig, run_random_capacity
+
+    def ints(name: str, value: str) -> list[int]:
+        try:
+            return [int(v) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise MemauditError(f"--{name} must be comma-separated integers, not {value!r}") from None
+
+    if text is not None:
+        from .capacity_text import TextCapacityConfig, run_text_capacity
+
+        s = run_text_capacity(TextCapacityConfig(text=str(text), widths=ints("widths", widths),
+                                                 layers=ints("layers", layers)[0], threads=threads),
+                              out, resume=resume, overwrite=overwrite)
+        typer.echo(s["message"] + f" -> {s['out']}")
+        return
+    cfg = RandomGridConfig(layers=ints("layers", layers), widths=ints("widths", widths), vocab=vocab, seq_len=seq_len,
+                           sizes=[v.strip() for v in sizes.split(",") if v.strip()], seeds=seeds, max_steps=max_steps,
+                           batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, eval_every=eval_every,
+                           plateau_window=plateau_window,
+                           plateau_tol=plateau_tol, anneal_fraction=anneal_fraction, dtype=dtype, threads=threads)
+    if paper_grid:
+        for k, v in PAPER_GRID.items():
+            setattr(cfg, k, v)
+    s = run_random_capacity(cfg, out, resume=resume, overwrite=overwrite)
+    if "message" in s:
+        typer.echo(s["message"] + f" -> {s['out']}")
+
+
+@app.command()
 def mia(
     model_dir: Path = typer.Argument(..., help="Target model directory."),
     members: Path = typer.Option(..., help="Documents the model was trained on (.jsonl, .txt, .parquet, .csv)."),
