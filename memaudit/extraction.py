@@ -9,7 +9,9 @@ the first miss d (there its context is the true context), and emits the pass's a
   - the others are decoded only from d on, continuing from the pass's KV cache cropped before position d.
 Diverged rows are pooled across scoring batches (all windows have the same length, so their caches stack) and
 decoded together from the pool's smallest d; a row whose own d is later is fed its known tokens (the target,
-then its argmax at d) until then. `shortcut=False` decodes every sample from the prefix instead (verification).
+then its argmax at d) until then. A pool holds up to 4x the scoring batch's rows when that fits the same memory
+(`_decode_factor`: a decoding row keeps one position's logits, a scoring row the whole window's), so fewer
+sequential steps are needed. `shortcut=False` decodes every sample from the prefix instead (verification).
 
 Sampling reports the (n, p)-discoverable extraction of Hayes et al. 2024 (see `_np_columns`).
 """
