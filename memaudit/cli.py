@@ -174,18 +174,24 @@ def extract(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="Folder for the corpus, the trained model and the runs."),
-    epochs: int = typer.Option(60, help="Training epochs (enough for the tiny model to memorize)."),
-    n_train: int = typer.Option(100, help="Docstrings trained on."),
-    n_heldout: int = typer.Option(100, help="Docstrings held out."),
+    out: Path = typer.Option(Path("runs/demo"), help="Folder for the corpus, the trained models, the runs and the report."),
+    epochs: int = typer.Option(50, help="Training epochs per model (enough for the standard model to memorize)."),
+    n_train: int = typer.Option(64, help="Docstrings trained on."),
+    n_heldout: int = typer.Option(64, help="Docstrings held out (the non-members)."),
+    objectives: str = typer.Option("standard,goldfish,sinks", help="Objectives to train and compare."),
     seed: int = typer.Option(0, help="Seed for the corpus split and training."),
-    overwrite: bool = typer.Option(False, help="Retrain and rerun even if --out holds a finished demo."),
+    overwrite: bool = typer.Option(False, help="Retrain even if --out holds models trained with these settings."),
 ):
-    """The embedded default: train a tiny model on stdlib docstrings, then probe trained vs held-out ones."""
-    from .demo import run_demo
+    """The showcase: standard, goldfish and sinks tiny models on stdlib docstrings, probed by extraction, membership
+    inference and memorization, in one comparison report."""
+    from .demo import SHOWCASE_OBJECTIVES, run_showcase
 
-    run_demo(out, epochs=epochs, n_train=n_train, n_heldout=n_heldout, seed=seed, overwrite=overwrite,
-             echo=typer.echo)
+    objs = tuple(o.strip() for o in objectives.split(",") if o.strip())
+    bad = [o for o in objs if o not in SHOWCASE_OBJECTIVES]
+    if bad or not objs:
+        raise MemauditError(f"--objectives takes a comma list of {', '.join(SHOWCASE_OBJECTIVES)}")
+    run_showcase(out, epochs=epochs, n_train=n_train, n_heldout=n_heldout, objectives=objs, seed=seed,
+                 overwrite=overwrite, echo=typer.echo)
 
 
 @app.command()
