@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from . import distributed
-from .attacks import ATTACKS, DCPDD_CAP, DEFAULT_K, AttackInputs, gradient_norms, parse_attacks, parse_ks, \
+from .attacks import DCPDD_CAP, DEFAULT_K, AttackInputs, gradient_norms, parse_attacks, parse_ks, \
     run_attacks, token_log_frequencies
 from .data import file_hash, read_documents, tokenize
 from .errors import MemauditError
@@ -110,8 +110,10 @@ def _recall_prefix(samples: _Samples, n_shots: int, seed: int, sep: int | None, 
     return shots, prefix[-budget:] if budget > 0 else []
 
 
-def _metrics(scores: np.ndarray, member: np.ndarray, *, n_bootstrap: int, cal_fraction: float,
-             seed: int, cal_idx: np.ndarray, eval_idx: np.ndarray) -> dict[str, Any]:
+def _metrics(scores: np.ndarray, member: np.ndarray, *, n_bootstrap: int, seed: int,
+             cal_idx: np.ndarray) -> dict[str, Any]:
+    """AUC (+ bootstrap interval), oracle TPR@FPR on all samples, calibrated figures on the evaluation split.
+    Samples with a NaN score (recall's shots) are left out."""
     ok = ~np.isnan(scores)
     s, y = scores[ok], member[ok]
     fpr, tpr, _ = roc_curve(s, y)
@@ -347,9 +349,9 @@ def mia(model_dir: str | Path, members: str | Path, nonmembers: str | Path, *,
     df = pd.DataFrame({"id": samples.ids, "member": samples.member,
                        "n_tokens": [len(s) for s in scored]} | {f"score_{c}": v for c, v in cols.items()})
 
-    cal_idx, eval_idx = stratified_split(samples.member, calibration_fraction, seed)
-    metrics = {c: _metrics(v, samples.member, n_bootstrap=bootstrap, cal_fraction=calibration_fraction, seed=seed,
-                           cal_idx=cal_idx, eval_idx=eval_idx) for c, v in cols.items()}
+    cal_idx, _ = stratified_split(samples.member, calibration_fraction, seed)
+    metrics = {c: _metrics(v, samples.member, n_bootstrap=bootstrap, seed=seed, cal_idx=cal_idx)
+               for c, v in cols.items()}
     summary: dict[str, Any] = {
         "attacks": metrics,
         "columns": list(cols),

@@ -2,6 +2,7 @@
 orientation (memorized model: AUC > 0.9; a model that saw neither set: 0.5 inside the interval), bad input."""
 import json
 import math
+import os
 import subprocess
 import sys
 import zlib
@@ -222,7 +223,7 @@ def test_no_bos_scores_all_but_the_first_token(memorized):
 
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "memaudit", "mia", *map(str, args)], capture_output=True,
-                          text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_cli_bad_input_is_one_clear_line(memorized, tmp_path):
