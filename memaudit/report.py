@@ -301,7 +301,7 @@ padding:0 1em;color:#1d1d1f;line-height:1.45}
 h1{border-bottom:2px solid #ddd;padding-bottom:.3em}h2{margin-top:2em;border-bottom:1px solid #eee}
 table{border-collapse:collapse;margin:1em 0;font-size:.9em;display:block;overflow-x:auto}
 th,td{border:1px solid #d0d0d0;padding:.3em .6em;text-align:left;vertical-align:top;max-width:420px;
-overflow-wrap:anywhere}th{background:#f4f4f6;overflow-wrap:normal;white-space:nowrap}tr:nth-child(even) td{background:#fafafa}
+overflow-wrap:anywhere}th{background:#f4f4f6;overflow-wrap:normal;white-space:nowrap}tr:nth-child(even) td{background:#fafafa}td:first-child{white-space:nowrap}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:.9em}
 pre{background:#f6f8fa;padding:.8em;overflow-x:auto;font-size:.8em;white-space:pre-wrap;overflow-wrap:anywhere}
 .verdict{font-weight:bold;font-size:1.1em;padding:.6em;border-left:4px solid #444;background:#f4f4f6}
