@@ -256,7 +256,9 @@ def fmt(v: Any) -> str:
     return s if len(s) <= MAX_CELL else s[:MAX_CELL] + f"... [{len(s) - MAX_CELL} more characters]"
 
 
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~>])")
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]|~])")  # inline Markdown syntax (< > & become entities first)
+# a line start that would open a heading, a list item or an ordered list item
+_MD_LINE_START = re.compile(r"^(\s*)(#|[+\-](?=\s|$)|\d+(?=[.)](?:\s|$)))")
 
 
 def md_escape(text: str) -> str:
@@ -264,7 +266,9 @@ def md_escape(text: str) -> str:
     Markdown punctuation backslash-escaped, line breaks as spaces."""
     s = html.escape(str(text), quote=True)
     s = _MD_SPECIAL.sub(r"\\\1", s)
-    return re.sub(r"[\r\n\t]+", " ", s)
+    s = re.sub(r"[\r\n\t]+", " ", s)
+    return _MD_LINE_START.sub(lambda m: m.group(1) + (m.group(2) + "\\" if m.group(2)[0].isdigit()
+                                                     else "\\" + m.group(2)), s)
 
 
 def _fence(text: str) -> str:
