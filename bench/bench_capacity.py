@@ -5,12 +5,13 @@ Ensemble: memaudit.training.ensemble.train_ensemble, all 8 in one stacked model 
 number of steps, same batch size and learning rate). Both on the same machine in one run, with the same
 thread count. Prints a table, models per hour, and `speedup=<x>` last.
 
-    python bench/bench_capacity.py [--models 8] [--steps 300] [--threads 1]
+    python bench/bench_capacity.py [--models 8] [--steps 200] [--threads 1,2]
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 
 import numpy as np
@@ -42,43 +43,54 @@ def plain_loop(shape, datasets, seeds, steps, batch_size, lr, bos):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-    return float(loss)
+    return float(loss.detach())
+
+
+def time_both(shape, datasets, seeds, args, threads: int) -> tuple[float, float]:
+    """Best of `--repeats` interleaved runs of each (the machine is shared: the minimum is the least disturbed)."""
+    torch.set_num_threads(threads)
+    cfg = EnsembleConfig(max_steps=args.steps, batch_size=args.batch_size, lr=1e-2, warmup_steps=100,
+                         eval_every=10 ** 9, drop_converged=False)
+    plain, ens = [], []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        plain_loop(shape, datasets, seeds, args.steps, args.batch_size, 1e-2, args.vocab)
+        plain.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        train_ensemble(shape, datasets, seeds, cfg, bos_id=args.vocab)
+        ens.append(time.perf_counter() - t0)
+    return min(plain), min(ens)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--seq-len", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", default="1,2", help="thread counts to time; speedup= reports the last")
+    ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     shape = model_shape(args.layers, args.width, args.vocab, args.seq_len)
     n = int(round(1.5 * 3.6 * shape.parameters / (args.seq_len * math.log2(args.vocab))))
     datasets = [random_dataset(n, args.seq_len, args.vocab, seed) for seed in range(args.models)]
     seeds = list(range(args.models))
-
-    t0 = time.perf_counter()
-    plain_loop(shape, datasets, seeds, args.steps, args.batch_size, 1e-2, args.vocab)
-    t_plain = time.perf_counter() - t0
-
-    cfg = EnsembleConfig(max_steps=args.steps, batch_size=args.batch_size, lr=1e-2, warmup_steps=100,
-                         eval_every=10 ** 9, drop_converged=False)
-    t0 = time.perf_counter()
-    train_ensemble(shape, datasets, seeds, cfg, bos_id=args.vocab)
-    t_ens = time.perf_counter() - t0
-
     print(f"shape: {args.layers} layer(s) x width {args.width}, V={args.vocab}, S={args.seq_len}, "
           f"{shape.parameters:,} params/model; {args.models} models x {args.steps} steps, batch {args.batch_size}, "
-          f"{n} sequences each; torch threads {args.threads}; {torch.__version__}")
-    print(f"{'method':<34}{'seconds':>10}{'models/hour':>14}")
-    for name, t in (("plain loop (HF GPT2, one at a time)", t_plain), ("memaudit ensemble (stacked bmm)", t_ens)):
-        print(f"{name:<34}{t:>10.1f}{args.models / t * 3600:>14.0f}")
-    print(f"speedup={t_plain / t_ens:.2f}")
+          f"{n} sequences each; best of {args.repeats} interleaved runs; torch {torch.__version__}, "
+          f"{os.cpu_count()} CPUs (shared)")
+    print(f"{'method':<36}{'threads':>8}{'seconds':>10}{'models/hour':>14}")
+    speedup = float("nan")
+    for threads in [int(t) for t in args.threads.split(",")]:
+        t_plain, t_ens = time_both(shape, datasets, seeds, args, threads)
+        for name, t in (("plain loop (HF GPT2, one at a time)", t_plain), ("memaudit ensemble (stacked bmm)", t_ens)):
+            print(f"{name:<36}{threads:>8}{t:>10.1f}{args.models / t * 3600:>14.0f}")
+        speedup = t_plain / t_ens
+        print(f"speedup at {threads} thread(s): {speedup:.2f}")
+    print(f"speedup={speedup:.2f}")
 
 
 if __name__ == "__main__":

@@ -216,7 +216,9 @@ def run_random_capacity(cfg: RandomGridConfig, out: str | os.PathLike | None = N
     settings = asdict(cfg)
     run = RunDir(out or RunDir.default_out("capacity"), "capacity", settings, resume=resume or rank > 0,
                  overwrite=overwrite and rank == 0)
-    if resume and (run.path / "results.csv").exists():  # a finished run: refit and redraw only
+    if resume and (run.path / "results.csv").exists():  # a finished run: refit and redraw only (rank 0)
+        if rank > 0:
+            return {"out": str(run.path), "rank": rank}
         return finish_random_capacity(run, cfg, pd.read_csv(run.path / "results.csv"))
     shapes = [(L, W) for L in cfg.layers for W in cfg.widths]
     done = {(int(d["layers"].iloc[0]), int(d["width"].iloc[0])) for d in run.load_partials() if len(d)}

@@ -88,6 +88,8 @@ def run_text_capacity(cfg: TextCapacityConfig, out=None, *, resume: bool = False
     texts = read_documents(cfg.text, text_field=cfg.text_field)["text"].tolist()
     run = RunDir(out or RunDir.default_out("capacity-text"), "capacity-text", asdict(cfg),
                  inputs={"text": cfg.text, "text_sha256": file_hash(cfg.text)}, resume=resume, overwrite=overwrite)
+    if resume and (run.path / "text_results.csv").exists():  # a finished run: refit and redraw only
+        return _finish_text(run, pd.read_csv(run.path / "text_results.csv"), {})
     tok = train_tokenizer(texts, vocab_size=cfg.vocab_size)
     windows = text_windows(texts, tok)
     rng = np.random.default_rng(cfg.seed)
@@ -148,13 +150,25 @@ def run_text_capacity(cfg: TextCapacityConfig, out=None, *, resume: bool = False
         rows.append(df)
     results = pd.concat(rows, ignore_index=True)
     results.to_csv(run.path / "text_results.csv", index=False)
+    return _finish_text(run, results, {"tokenizer_vocab": V, "n_windows_pool": int(len(pool)),
+                                       "n_test_windows": int(n_test)})
+
+
+def _finish_text(run, results: pd.DataFrame, info: dict) -> dict:
+    from .scaling_laws import PUBLISHED_CONSTANTS, fit_mia_law, mia_law
+
+    old = run.path / "summary.json"
+    if not info and old.exists():
+        import json
+
+        prev = json.loads(old.read_text())
+        info = {k: prev[k] for k in ("tokenizer_vocab", "n_windows_pool", "n_test_windows") if k in prev}
     try:
         fit = fit_mia_law(results["n_over_p"], results["mia_f1"])
     except MemauditError as exc:
         fit = {"error": str(exc)}
     pub = mia_law(results["n_over_p"], **PUBLISHED_CONSTANTS)
-    summary = {"method": __doc__.split("\n\n")[0], "tokenizer_vocab": V, "n_windows_pool": int(len(pool)),
-               "n_test_windows": int(n_test), "capacity_alpha_for_x_axis": 3.6,
+    summary = {"method": __doc__.split("\n\n")[0], **info, "capacity_alpha_for_x_axis": 3.6,
                "mia_law_fit": fit, "mia_law_published": PUBLISHED_CONSTANTS,
                "mia_f1_rmse_vs_published_law": float(np.sqrt(np.mean((results["mia_f1"] - pub) ** 2))),
                "results": results.to_dict(orient="records")}

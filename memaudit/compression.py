@@ -160,7 +160,7 @@ def measure_memorization(model_dir: str | os.PathLike, data: str | os.PathLike, 
         raise MemauditError(f"{data}: no sample has enough tokens to score")
     n_truncated = sum(len(token_lists[i]) > room for i in keep)
     seqs = [token_lists[i][:room] for i in keep]
-    texts = [docs["text"].iloc[i] if len(token_lists[i]) <= room else tok.decode(seqs[k])
+    texts = [docs["text"].iloc[i] if len(token_lists[i]) <= room else tok.decode(seqs[k], clean_up_tokenization_spaces=False)
              for k, i in enumerate(keep)]
 
     with progress_bar(len(seqs), "code lengths (target)") as advance:

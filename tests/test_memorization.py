@@ -113,15 +113,15 @@ def test_zstd_reference_matches_zstandard_and_separates(memorized, tmp_path):
     dfp = pd.read_parquet(tmp_path / "zp" / "samples.parquet")
     for i in range(5):
         frame = zstandard.ZstdCompressor(level=3, write_checksum=False, write_content_size=False).compress(
-            texts[i].encode())
+            texts[i].encode()[: dfp["n_bytes"][i]])  # long docs are cut to the model's context
         assert dfp["bits_reference"][i] == 8 * len(frame)
-        assert dfp["n_bytes"][i] == len(texts[i].encode())
+        assert 0 < dfp["n_bytes"][i] <= len(texts[i].encode())
     assert "dictionary" in s_m["reference"] and s_m["reference"].startswith("zstd level 19")
     assert s_m["total_mem_u_bits"] / df["n_tokens"].sum() > 2 * s_h["total_mem_u_bits"] / max(
         1, pd.read_parquet(tmp_path / "zh" / "samples.parquet")["n_tokens"].sum())
     # the member texts are listed, escaped, for a reviewer
-    assert s_m["top_samples"][0]["text"] in [t[:600] for t in texts] or s_m["top_samples"][0]["text"].endswith(
-        "more characters]")
+    top = s_m["top_samples"][0]["text"]
+    assert any(t.startswith(top) for t in texts)  # the scored part of a member (cut to the context)
 
 
 def test_bad_input_one_line(memorized, tmp_path):
