@@ -4,8 +4,7 @@ A tiny GPT-2 is trained for many epochs on 100 real documents (the embedded stdl
 memaudit.corpus.demo_corpus), once with the standard loss and once per goldfish mask (hash, static, random,
 and the official repository's product hash) and drop rate 1/k, k in {2, 4, 8}. Each model is then probed for
 exact extraction: the first 32 tokens of each document as the prompt, the next 32 as the target (METHODS.md
-section 1). Greedy decoding reproduces the target iff the teacher-forced argmax hits every suffix token, so
-the exact count comes from one scoring pass (memaudit.scoring.score), no generation needed.
+section 1), with memaudit's extraction probe (`memaudit extract`, greedy decoding).
 The paper: standard loss 84/100 documents reproduced verbatim, goldfish k=4 0/100 (LLaMA-2-7B, 100 epochs).
 
 Run:  python reports/goldfish/reproduce.py --jobs 2   (writes results.csv and results.md here)
@@ -15,15 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
+from types import SimpleNamespace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from memaudit.corpus import demo_corpus
-from memaudit.data import make_windows, read_documents, tokenize, write_documents
-from memaudit.models import load_model
-from memaudit.scoring import score
+from memaudit.data import write_documents
+from memaudit.extraction import extract
 from memaudit.training import TrainConfig, train
 
 HERE = Path(__file__).resolve().parent
@@ -43,16 +42,12 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 
 def extraction(model_dir: Path, data: Path) -> dict:
-    loaded = load_model(model_dir, device="cpu", dtype="float32")
-    docs = read_documents(data)
-    win = make_windows(tokenize(loaded.tokenizer, docs["text"].tolist()), docs["id"].tolist(), PREFIX, SUFFIX)
-    stats = score(loaded.model, win.tokens.tolist(), bos_id=loaded.tokenizer.bos_token_id, batch_size=32)
-    suffix_hits = np.stack([s.hit[PREFIX:PREFIX + SUFFIX] for s in stats])
-    exact = suffix_hits.all(axis=1)
-    first_miss = np.where(suffix_hits.all(axis=1), SUFFIX, np.argmin(suffix_hits, axis=1))
-    return {"documents": len(win.ids), "exact": int(exact.sum()),
-            "exact_pct": 100.0 * exact.mean(), "match_prefix_mean": float(first_miss.mean()),
-            "suffix_token_acc": float(suffix_hits.mean())}
+    """The extraction probe (`memaudit extract`, greedy): 32-token prompts, 32-token targets, BOS first."""
+    summary = extract(model_dir, data, prefix=PREFIX, suffix=SUFFIX, device="cpu", dtype="float32",
+                      batch_size=32).attrs["summary"]
+    return {"documents": summary["n_samples"], "exact": summary["n_exact"],
+            "exact_pct": 100.0 * summary["exact_rate"], "match_prefix_mean": summary["mean_match_prefix"],
+            "token_match": summary["mean_token_match"], "rouge_l_text": summary["mean_rouge_l_text"]}
 
 
 def run_one(name: str, mode: str, k: int | None, work: Path, epochs: int, config: str) -> dict:
@@ -61,9 +56,16 @@ def run_one(name: str, mode: str, k: int | None, work: Path, epochs: int, config
     torch.set_num_threads(1)  # runs go in parallel processes, one core each
     t0 = time.time()
     extra = {} if k is None else {"objective": "goldfish", "goldfish_mode": mode, "goldfish_k": k, "goldfish_h": 13}
-    res = train(TrainConfig(data=str(work / "train.jsonl"), val_data=str(work / "val.jsonl"), out=str(work / name),
-                            config=config, epochs=epochs, lr=3e-3, batch_size=16, seq_len=SEQ_LEN,
-                            warmup_steps=20, seed=0, device="cpu", **extra))
+    cfg = TrainConfig(data=str(work / "train.jsonl"), val_data=str(work / "val.jsonl"), out=str(work / name),
+                      config=config, epochs=epochs, lr=3e-3, batch_size=16, seq_len=SEQ_LEN, warmup_steps=20,
+                      seed=0, device="cpu", **extra)
+    done = work / name / "train_config.json"
+    if done.is_file() and all(json.loads(done.read_text()).get(f) == v for f, v in asdict(cfg).items()):
+        meta = json.loads(done.read_text())  # already trained with these settings (work dir reused)
+        last = pd.read_csv(work / name / "training_log.csv").iloc[-1]
+        res = SimpleNamespace(dropped_fraction=meta.get("goldfish_dropped_fraction"), val_loss=float(last.val_loss))
+    else:
+        res = train(cfg)
     ex = extraction(work / name, work / "train.jsonl")
     row = {"run": name, "mask": mode if k else "-", "k": k or "-", "epochs": epochs,
            "dropped_fraction": res.dropped_fraction, **ex, "val_loss": res.val_loss,
@@ -79,6 +81,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="runs trained at once (one core each)")
     ap.add_argument("--work", default="/tmp/memaudit-goldfish")
     ap.add_argument("--only", default=None, help="comma list of run names, e.g. standard,hash-k4 (print only)")
+    ap.add_argument("--write", action="store_true", help="with --only: still write results.csv/results.md")
     args = ap.parse_args()
     work = Path(args.work)
     members, heldout = demo_corpus(n_train=100, n_heldout=100, seed=0)
@@ -95,7 +98,7 @@ def main() -> None:
     if "standard" in set(df["run"]):
         std = float(df.loc[df["run"] == "standard", "val_loss"].iloc[0])
         df["val_loss_vs_standard_pct"] = 100.0 * (df["val_loss"] / std - 1.0)
-    if args.only:
+    if args.only and not args.write:
         print(df.to_string(index=False))
         return
     df.to_csv(HERE / "results.csv", index=False)
@@ -106,6 +109,7 @@ def main() -> None:
              f"{PREFIX}-token prompts and {SUFFIX}-token targets over the {int(std_row.documents)} documents long "
              "enough; validation on 100 held-out docstrings (unmasked loss). Written by `reproduce.py`.", "",
              markdown_table(df), "",
+             "Runs not in the table were not finished in this session's time budget.\n" if args.only else "",
              "## Targets", "",
              f"- standard reproduces >= 80% exactly (paper 84/100): {std_row.exact}/{int(std_row.documents)} "
              f"({std_row.exact_pct:.0f}%) -> {'met' if std_row.exact_pct >= 80 else 'NOT met'}",
@@ -115,10 +119,12 @@ def main() -> None:
              f"{std_row.val_loss:.4f} ({gf4.val_loss_vs_standard_pct:+.1f}%) -> "
              f"{'met' if abs(gf4.val_loss_vs_standard_pct) <= 10 else 'NOT met'}"]
     for k in (2, 4, 8):
+        if not {f"random-k{k}", f"hash-k{k}"} <= set(df.run):
+            continue
         r, h = df[df.run == f"random-k{k}"].iloc[0], df[df.run == f"hash-k{k}"].iloc[0]
-        lines.append(f"- k={k}: random leaks {r.exact} exact / suffix accuracy {r.suffix_token_acc:.3f}, hash "
-                     f"{h.exact} / {h.suffix_token_acc:.3f} -> random leaks more: "
-                     f"{'yes' if (r.exact, r.suffix_token_acc) > (h.exact, h.suffix_token_acc) else 'NO'}")
+        lines.append(f"- k={k}: random leaks {r.exact} exact / token match {r.token_match:.3f}, hash "
+                     f"{h.exact} / {h.token_match:.3f} -> random leaks more: "
+                     f"{'yes' if (r.exact, r.token_match) > (h.exact, h.token_match) else 'NO'}")
     (HERE / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
