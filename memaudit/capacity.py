@@ -214,8 +214,13 @@ def run_random_capacity(cfg: RandomGridConfig, out: str | os.PathLike | None = N
         if not dist.is_initialized():  # gloo: ranks only meet at the end, so no short timeout
             dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
     settings = asdict(cfg)
-    run = RunDir(out or RunDir.default_out("capacity"), "capacity", settings, resume=resume or rank > 0,
-                 overwrite=overwrite and rank == 0)
+    out = out or RunDir.default_out("capacity")
+    if rank == 0:
+        run = RunDir(out, "capacity", settings, resume=resume, overwrite=overwrite)
+    if world > 1:
+        dist.barrier()  # rank 0 has created (or checked) the run directory; the others join it
+    if rank > 0:
+        run = RunDir(out, "capacity", settings, resume=True)
     if resume and (run.path / "results.csv").exists():  # a finished run: refit and redraw only (rank 0)
         if rank > 0:
             return {"out": str(run.path), "rank": rank}
