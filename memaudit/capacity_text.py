@@ -169,14 +169,15 @@ def _finish_text(run, results: pd.DataFrame, info: dict) -> dict:
         fit = {"error": str(exc)}
     pub = mia_law(results["n_over_p"], **PUBLISHED_CONSTANTS)
     summary = {"method": __doc__.split("\n\n")[0], **info, "capacity_alpha_for_x_axis": 3.6,
-               "mia_law_fit": fit, "mia_law_published": PUBLISHED_CONSTANTS,
+               "mia_law_fit": fit, "mia_law_published": {"name": "morris2025", **PUBLISHED_CONSTANTS},
                "mia_f1_rmse_vs_published_law": float(np.sqrt(np.mean((results["mia_f1"] - pub) ** 2))),
                "results": results.to_dict(orient="records")}
     peak = results.loc[results.groupby("width")["test_loss_nats"].idxmax()]
     summary["test_loss_peak_at_data_over_capacity"] = peak[["width", "data_over_capacity"]].to_dict(orient="records")
     summary["message"] = (f"{len(results)} text runs; MIA law fit c1={fit.get('c1', float('nan')):.3g} "
                           f"c2={fit.get('c2', float('nan')):.3g} c3={fit.get('c3', float('nan')):.3g} "
-                          f"(published 1.34, 33.14, 0.034)")
+                          f"(published morris2025: 1.34, {PUBLISHED_CONSTANTS['c2']:.3g}, "
+                          f"{PUBLISHED_CONSTANTS['c3']:.3g})")
     run.write_summary(summary)
     for name, fig in text_figures(results, fit).items():
         run.save_figure(fig, name)

@@ -11,8 +11,9 @@ Before training (from the parameter count P and the number N of training sequenc
 - regime: "memorizing" while data_bits / capacity_bits < 1 (the model can store the data), else "generalizing"
   (double descent sits at a ratio of ~1; past it per-sample unintended memorization falls).
 - predicted_memorization_bits = min(capacity_bits, data_bits) (METHODS.md section 3).
-- predicted_mia_f1 from the MIA scaling law (memaudit.scaling_laws.predict_mia_f1): the published one, and
-  beside it every law fitted by `memaudit capacity` found in reports/capacity/*.json (key mia_law_fit).
+- predicted_mia_f1 from the MIA scaling law (memaudit.scaling_laws.predict_mia_f1): the published one
+  ("morris2025"), and beside it METHODS.md's transcription ("methods-md") and every law fitted by
+  `memaudit capacity` found in reports/capacity/*.json (key mia_law_fit).
 After training, the measuring commands run on the model and their headline figures go beside the prediction;
 the verdict compares them with thresholds, and `fail_above` makes the command exit with FAIL_EXIT_CODE.
 """
@@ -88,7 +89,7 @@ def predict(params: float, *, train_sequences: float | None = None, train_tokens
             window: int = MIA_LAW_WINDOW, precision: str = "published", bits_per_token: float | None = None,
             random_vocab: int | None = None, laws_dir: str | os.PathLike = "reports/capacity") -> dict[str, Any]:
     """The pre-training prediction (see the module docstring)."""
-    from .scaling_laws import predict_mia_f1
+    from .scaling_laws import LAW_SOURCES, LAWS, predict_mia_f1
 
     if params is None or params <= 0:
         raise MemauditError("--params must be a positive number of parameters")
@@ -126,8 +127,7 @@ def predict(params: float, *, train_sequences: float | None = None, train_tokens
         f1 = predict_mia_f1(params, train_sequences, spec)
         return {"name": name, "predicted_mia_f1": min(1.0, f1), "uncapped_f1": f1, "source": source}
 
-    laws = [law("morris2025-published", "published", "Morris et al. 2025 (arXiv 2505.24832), METHODS.md section 3: "
-                                                      "F1 = 0.5 (1 + 1.34 sigmoid(-33.14 (N/P - 0.034)))")]
+    laws = [law(name, name, LAW_SOURCES[name]) for name in LAWS]  # the published law first: it is the one used
     laws += [law(f"fitted:{f.stem}", f, str(f)) for f in fitted_laws(laws_dir)]
     notes = []
     if window != MIA_LAW_WINDOW:
