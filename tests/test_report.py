@@ -38,14 +38,16 @@ def _figure(run, name):
     run.save_figure(fig, name)
 
 
-def _extract_run(root: Path, model_name: str, exact_rate: float, text: str = EVIL) -> Path:
+def _extract_run(root: Path, model_name: str, exact_rate: float, text: str = EVIL,
+                 figures: tuple[str, ...] = ("rouge_l.png",)) -> Path:
     run = RunDir(root / f"extract-{model_name}", "extract", {"prefix": 32, "suffix": 32},
                  inputs={"model": str(root / model_name), "data": "train.jsonl"})
     run.write_samples(pd.DataFrame({"id": ["a", "b", "c"], "exact": [True, False, False],
                                     "rouge_l": [1.0, 0.2, 0.5], "token_match": [1.0, 0.1, 0.4],
                                     "target": [text, "plain", "other"], "generated": [text, "x", "y"]}))
     run.write_summary({"n_samples": 3, "exact_rate": exact_rate, "n_exact": 1, "mean_rouge_l": 0.57})
-    _figure(run, "rouge_l.png")
+    for name in figures:
+        _figure(run, name)
     return run.path
 
 
@@ -109,19 +111,42 @@ def test_missing_optional_files_and_fields(tmp_path):
     assert r.returncode == 2 and "one label per run directory" in r.stderr
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed")
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed (Debian package chromium)")
 def test_html_renders_in_headless_chromium(tmp_path):
+    """Every embedded figure decodes in a real browser and the data's <script> stays text there too."""
+    import re
+
     from PIL import Image
 
-    run = _extract_run(tmp_path, "standard", 0.33)
-    res = build_report([run], tmp_path / "rep")
+    runs = [_extract_run(tmp_path, name, rate, figures=("rouge_l.png", "match_prefix.png"))
+            for name, rate in (("standard", 0.9), ("goldfish", 0.0))]
+    res = build_report(runs, tmp_path / "rep")
+    page = Path(res["html"]).read_text()
+    n_figures = page.count("<img ")
+    assert n_figures >= 3
+    # a probe appended after the report (not part of it) writes what the browser made of the page into the DOM
+    probe = ("<script>window.addEventListener('load', () => document.body.setAttribute('data-probe', JSON.stringify("
+             "{imgs: [...document.images].map(i => i.complete && i.naturalWidth > 0 && i.getBoundingClientRect()"
+             ".height > 0), scripts: document.scripts.length, alerted: window.__alerted || 0,"
+             " text: document.body.innerText.includes('<script>alert(1)<\\/script>')})))</script>")
+    guard = "<script>window.alert = () => { window.__alerted = (window.__alerted || 0) + 1 };</script>"
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.replace("<head>", "<head>" + guard, 1) + probe)
+    chrome = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+              "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'p'}",
+              "--virtual-time-budget=5000"]
+    dom = subprocess.run(chrome + ["--dump-dom", probed.resolve().as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout
+    found = re.search(r'data-probe="([^"]*)"', dom)
+    assert found, "the browser did not run the page's load event"
+    result = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert result["imgs"] == [True] * n_figures  # every figure decoded and laid out with a height
+    assert result["scripts"] == 2 and result["alerted"] == 0  # only the probe's two scripts; data ran nothing
+    assert result["text"]  # the training sample's markup is shown as text
     shot = tmp_path / "shot.png"
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync", "--no-first-run",
-                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1000,1600",
-                    Path(res["html"]).resolve().as_uri()], capture_output=True, timeout=120)
-    img = Image.open(shot).convert("RGB")
-    colors = img.getcolors(maxcolors=1 << 20)
+    subprocess.run(chrome + [f"--screenshot={shot}", "--window-size=1000,1600", Path(res["html"]).resolve().as_uri()],
+                   capture_output=True, timeout=120)
+    colors = Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 20)
     # the embedded matplotlib figure draws its default blue line (#1f77b4): present only if the image rendered
     assert any(abs(r - 0x1f) < 12 and abs(g - 0x77) < 12 and abs(b - 0xb4) < 12 for _, (r, g, b) in colors)
 
