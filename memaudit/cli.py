@@ -184,13 +184,13 @@ def demo(
 ):
     """The showcase: standard, goldfish and sinks tiny models on stdlib docstrings, probed by extraction, membership
     inference and memorization, in one comparison report."""
-    from .demo import SHOWCASE_OBJECTIVES, run_showcase
+    from .demo import SHOWCASE_OBJECTIVES, run_demo
 
     objs = tuple(o.strip() for o in objectives.split(",") if o.strip())
     bad = [o for o in objs if o not in SHOWCASE_OBJECTIVES]
     if bad or not objs:
         raise MemauditError(f"--objectives takes a comma list of {', '.join(SHOWCASE_OBJECTIVES)}")
-    run_showcase(out, epochs=epochs, n_train=n_train, n_heldout=n_heldout, objectives=objs, seed=seed,
+    run_demo(out, epochs=epochs, n_train=n_train, n_heldout=n_heldout, objectives=objs, seed=seed,
                  overwrite=overwrite, echo=typer.echo)
 
 
