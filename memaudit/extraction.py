@@ -82,27 +82,65 @@ def sample_metrics(generated: np.ndarray, target: np.ndarray) -> dict:
             "rouge_l": rouge_l_ids(target, generated)}
 
 
-def _rows_frame(indices: Sequence[int], generated: np.ndarray, targets: np.ndarray, tokenizer,
-                ids: Sequence[str], extra: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
-    gen_text = tokenizer.batch_decode(generated.tolist())
+_COLUMNS = ["index", "id", "exact", "token_match", "match_prefix", "rouge_l", "rouge_l_text", "generated", "target",
+            "generated_ids"]
+
+
+def _records(indices: Sequence[int], generated: np.ndarray, targets: np.ndarray, tokenizer, ids: Sequence[str],
+             extra: dict[str, np.ndarray] | None = None, reproduced: bool = False) -> list[dict]:
+    """One result row per sample (plain dicts: a DataFrame is built once per saved group, not per batch).
+    `reproduced`: the generated suffixes are the targets themselves, so their text is decoded once."""
     tgt_text = tokenizer.batch_decode(targets.tolist())
+    gen_text = tgt_text if reproduced else tokenizer.batch_decode(generated.tolist())
     rows = []
     for k, i in enumerate(indices):
         m = sample_metrics(generated[k], targets[k])
-        rows.append({"index": int(i), "id": ids[i], **m, "rouge_l_text": rouge_l_text(tgt_text[k], gen_text[k]),
-                     "generated": gen_text[k], "target": tgt_text[k],
-                     "generated_ids": generated[k].astype(np.int32)})  # compact: 4 bytes a token
-    df = pd.DataFrame(rows)
-    for name, values in (extra or {}).items():
-        df[name] = values
-    return df
+        row = {"index": int(i), "id": ids[i], **m, "rouge_l_text": rouge_l_text(tgt_text[k], gen_text[k]),
+               "generated": gen_text[k], "target": tgt_text[k],
+               "generated_ids": generated[k].astype(np.int32)}  # compact: 4 bytes a token
+        for name, values in (extra or {}).items():
+            row[name] = values[k]
+        rows.append(row)
+    return rows
 
 
-# --- the decoding pool of the greedy shortcut -------------------------------------------------------------------
+# --- the greedy shortcut: staged verification and the decoding pool --------------------------------------------
+
+# Staged verification. The first pass reads the prefix and the first _FIRST_STAGE suffix tokens; rows that miss
+# there leave at once for decoding (a non-memorized sample then costs about what plain decoding costs), the
+# others are checked to the end in one continuation pass from the cache. That pass costs one more forward per
+# batch, which is not worth it when nearly every row survives the first stage (most samples memorized): then
+# the first pass reads the whole suffix. The choice compares expected costs in units of one row-token of
+# teacher forcing, with a forward's fixed cost taken as _FORWARD_COST row-tokens and the survival rate estimated
+# from the samples done so far. It only changes how the work is cut, never the result.
+_FIRST_STAGE = 4
+_FORWARD_COST = 64
+
+
+@dataclass
+class _Stages:
+    """Running estimate of how many rows survive the first stage, and the per-batch choice of its length."""
+    S: int
+    seen: int = 0
+    survived: int = 0
+
+    def first_stage(self, rows: int) -> int:
+        k0 = min(self.S, _FIRST_STAGE)
+        f = (self.survived + 1) / (self.seen + 2)  # Laplace: 1/2 before any evidence
+        wasted = (1 - f) * rows * (self.S - k0)  # teacher-forced tokens past the misses, when reading it all
+        extra = (1 - (1 - f) ** rows) * _FORWARD_COST  # the continuation pass, needed if any row survives
+        return self.S if wasted <= extra else k0
+
+    def record(self, match_prefix: np.ndarray) -> None:
+        self.seen += len(match_prefix)
+        self.survived += int((np.asarray(match_prefix) >= min(self.S, _FIRST_STAGE)).sum())
+
 
 @dataclass
 class _Pool:
-    """Diverged rows waiting for decoding: per scoring batch, their cache (or None) and per-row data."""
+    """Diverged rows waiting for decoding, in groups: `d` (first miss, a suffix position), `indices` (samples),
+    `tok` (the pass's argmax at d = the greedy token there), `kv` (their cache over the context before d), and,
+    only without a sliceable cache, `argmax` [k, S] (the pass's argmax at every suffix position)."""
     chunks: list[dict] = field(default_factory=list)
     size: int = 0
 
@@ -112,26 +150,93 @@ class _Pool:
 
 
 def _flush(pool: _Pool, model, windows: np.ndarray, P: int, S: int, bos_id: int | None) -> tuple[list[int], np.ndarray]:
-    """Decode every pooled row from the pool's smallest divergence point; returns (indices, generated [n, S])."""
-    b = 1 if bos_id is not None else 0
+    """Decode every pooled row from its own divergence point; returns (indices, generated [n, S])."""
     indices = [i for c in pool.chunks for i in c["indices"]]
-    d = torch.tensor(np.concatenate([c["d"] for c in pool.chunks]))
-    argmax = torch.tensor(np.concatenate([c["argmax"] for c in pool.chunks]))  # [n, S] pass argmax per suffix pos
-    d0 = int(d.min())
-    forced = argmax[:, d0:]
-    n_forced = d - d0 + 1  # up to and including the row's own divergence point
     if all(c["kv"] is not None for c in pool.chunks):
-        past = gen.cache_from_kv(gen.concat_kv([gen.crop_kv(c["kv"], b + P + d0) for c in pool.chunks]))
-        tail = gen.greedy(model, None, S - d0, past=past, forced=forced, n_forced=n_forced)
-    else:  # no reusable cache: read the context up to d0 again
+        # each group joins the decoding batch at its own step, with its own cache: nothing is read twice
+        outs = gen.greedy_join(model, [(c["d"], c["kv"], torch.as_tensor(c["tok"])) for c in pool.chunks], S)
+        generated = np.concatenate([
+            np.concatenate([windows[c["indices"], P: P + c["d"]], o[:, c["d"]:].cpu().numpy()], axis=1)
+            for c, o in zip(pool.chunks, outs)])
+    else:  # no reusable cache: read the context up to the pool's first divergence point again
+        d = torch.tensor(np.concatenate([np.full(len(c["indices"]), c["d"]) for c in pool.chunks]))
+        argmax = torch.tensor(np.concatenate([c["argmax"] for c in pool.chunks]))
+        d0 = int(d.min())
         ctx = torch.as_tensor(windows[indices, : P + d0])
         if bos_id is not None:
             ctx = torch.cat([torch.full((len(indices), 1), bos_id, dtype=torch.long), ctx], dim=1)
-        tail = gen.greedy(model, ctx, S - d0, forced=forced, n_forced=n_forced)
-    generated = np.concatenate([windows[indices, P: P + d0], tail.cpu().numpy()], axis=1)
+        tail = gen.greedy(model, ctx, S - d0, forced=argmax[:, d0:], n_forced=d - d0 + 1)
+        generated = np.concatenate([windows[indices, P: P + d0], tail.cpu().numpy()], axis=1)
     pool.chunks.clear()
     pool.size = 0
     return indices, generated
+
+
+def _cache_is_sliceable(model, token: int) -> bool:
+    """Whether the model's KV cache is a plain per-layer history we can crop and join (one 1-token forward)."""
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([[token]], device=device), use_cache=True)
+    return gen.kv_from_cache(out.past_key_values) is not None
+
+
+def _verify_batch(model, batch, W: np.ndarray, P: int, S: int, bos_id: int | None, sliceable: bool,
+                  pool: _Pool) -> tuple[np.ndarray, np.ndarray]:
+    """Finish the staged verification of one scoring batch (its pass read the suffix up to some k0): rows that
+    miss go to `pool` with their cache, the others continue teacher-forced from the cache to the end. Returns
+    the batch rows (positions in `batch.indices`) that reproduce the whole suffix, and every row's first miss
+    (S when none)."""
+    b = 1 if bos_id is not None else 0
+    sbase = P - 1 + b  # input position that predicts suffix token 0
+    idx = np.asarray(batch.indices)
+    n = len(idx)
+    k0 = batch.lengths[0] - sbase
+    first_miss = np.full(n, S)
+    argmax = np.full((n, S), -1, dtype=np.int64)
+    argmax[:, :k0] = np.stack([s.argmax[sbase: sbase + k0] for s in batch.stats])
+    targets = W[idx, P:]
+    feed = W[idx, :-1] if bos_id is None else np.concatenate([np.full((n, 1), bos_id), W[idx, :-1]], axis=1)
+    rows = np.arange(n)  # batch rows still matching; row rows[j] is row j of `cache`
+    cache = batch.cache
+    done = 0  # suffix positions checked so far
+    end = k0
+    ends = [S]
+    while True:
+        hit = argmax[rows, done:end] == targets[rows, done:end]
+        ok = hit.all(1)
+        kv = gen.kv_from_cache(cache) if sliceable else None
+        if (~ok).any():
+            j_miss = np.flatnonzero(~ok)
+            d = done + np.argmin(hit[j_miss], axis=1)
+            first_miss[rows[j_miss]] = d
+            for dv in np.unique(d):
+                js = j_miss[d == dv]
+                r = rows[js]
+                chunk = {"indices": idx[r].tolist(), "d": int(dv), "tok": argmax[r, dv]}
+                if kv is not None:
+                    chunk["kv"] = gen.select_kv(kv, js.tolist(), b + P + int(dv))
+                else:
+                    chunk["kv"] = None
+                    chunk["argmax"] = argmax[r]
+                pool.add(chunk)
+            rows = rows[ok]
+            if len(rows) and kv is not None:
+                cache = gen.cache_from_kv(gen.select_kv(kv, np.flatnonzero(ok).tolist(), sbase + end))
+        done = end
+        if done >= S or not len(rows):
+            return rows, first_miss
+        end = ends.pop(0)
+        dev = next(model.parameters()).device
+        with torch.inference_mode():
+            if kv is not None:  # continue from the cache: read only the next stage's tokens
+                x = torch.as_tensor(feed[rows, sbase + done: sbase + end], device=dev)
+                logits, cache = gen._forward(model, x, cache, last_only=False)
+            else:  # read everything again (no sliceable cache); logits only for the stage
+                x = torch.as_tensor(feed[rows, : sbase + end], device=dev)
+                logits = model(input_ids=x).logits[:, sbase + done:]
+                cache = None
+        argmax[rows, done:end] = logits.argmax(-1).cpu().numpy()
+        del logits
 
 
 # --- sampling: (n, p)-discoverable extraction -------------------------------------------------------------------
@@ -190,7 +295,8 @@ def extract_windows(loaded: LoadedModel, windows: Windows, settings: ExtractionS
     done = {int(i) for f in frames for i in f["index"]}
     n_partials = len(frames)
     pool = _Pool()
-    finished: list[pd.DataFrame] = []
+    finished: list[dict] = []  # result rows not yet saved
+    records: list[dict] = []  # saved rows, without a run directory
     decode_batch = 0
     sbase = P - 1 + b  # stats index of the first suffix token
 
@@ -198,56 +304,66 @@ def extract_windows(loaded: LoadedModel, windows: Windows, settings: ExtractionS
         nonlocal n_partials
         if not finished:
             return
-        df = pd.concat(finished, ignore_index=True)
-        finished.clear()
         if run is not None:
+            df = pd.DataFrame(finished)
             run.save_partial(f"{n_partials:06d}", df)
-        frames.append(df)
+            frames.append(df)
+        else:
+            records.extend(finished)
+        k = len(finished)
+        finished.clear()
         n_partials += 1
-        advance(len(df))
+        advance(k)
         if on_batch is not None:
             on_batch(n_partials)
 
-    keep_cache = st.decoding in ("greedy", "sample") and st.shortcut
+    shortcut = st.decoding == "greedy" and st.shortcut
+    keep_cache = st.decoding == "sample" and st.shortcut
+    pass_kw: dict = {"greedy_only": st.decoding != "sample"}
+    if shortcut:
+        sliceable = _cache_is_sliceable(model, bos_id if bos_id is not None else int(W[0, 0]) if n else 0)
+        stages = _Stages(S)
+        for f in frames:  # resume: what the finished samples showed
+            stages.record(f["match_prefix"].to_numpy())
+        # the first stage reads BOS + prefix + k0 - 1 suffix tokens (predicting k0), logits only from the suffix
+        # on; without a sliceable cache a continuation would re-read everything, so then it reads it all at once
+        pass_kw = {"greedy_only": True, "score_from": sbase,
+                   "max_positions": (lambda rows: sbase + stages.first_stage(rows)) if sliceable else sbase + S}
+        keep_cache = sliceable
+    elif st.decoding == "beam":
+        pass_kw = {"greedy_only": True, "max_positions": 1}  # the pass only batches the samples: read nothing
     with progress_bar(n - len(done), "extract") as advance:
         for batch in iter_scored_batches(model, W, batch_size=st.batch_size, bos_id=bos_id, keep_cache=keep_cache,
-                                         pad_id=pad_id, skip=done, max_length=loaded.max_length,
-                                         greedy_only=st.decoding != "sample"):
+                                         pad_id=pad_id, skip=done, max_length=loaded.max_length, **pass_kw):
             idx = batch.indices
-            decode_batch = max(decode_batch, len(idx) * _decode_factor(model, P + S))
             targets = W[idx, P:]
-            kv = gen.kv_from_cache(batch.cache) if keep_cache else None
-            if st.decoding == "greedy" and st.shortcut:
-                hits = np.stack([s.hit[sbase: sbase + S] for s in batch.stats])
-                exact_rows = np.flatnonzero(hits.all(1))
+            if shortcut:
+                decode_batch = max(decode_batch, len(idx) * _decode_factor(model, P + S))
+                exact_rows, first_miss = _verify_batch(model, batch, W, P, S, bos_id, sliceable, pool)
+                stages.record(first_miss)
                 if len(exact_rows):
-                    finished.append(_rows_frame([idx[r] for r in exact_rows], targets[exact_rows],
-                                                targets[exact_rows], tok, windows.ids))
-                div = np.flatnonzero(~hits.all(1))
-                if len(div):
-                    d = np.argmin(hits[div], axis=1)  # first miss
-                    argmax = np.stack([batch.stats[r].argmax[sbase: sbase + S] for r in div]).astype(np.int64)
-                    sub = gen.select_kv(kv, div.tolist(), b + P + int(d.max())) if kv is not None else None
-                    pool.add({"indices": [idx[r] for r in div], "d": d, "argmax": argmax, "kv": sub})
-                del kv, batch
+                    finished += _records([idx[r] for r in exact_rows], targets[exact_rows], targets[exact_rows],
+                                         tok, windows.ids, reproduced=True)
+                del batch
                 if pool.size >= decode_batch:
-                    finished.append(_greedy_frame(pool, model, W, P, S, bos_id, tok, windows.ids))
+                    finished += _greedy_records(pool, model, W, P, S, bos_id, tok, windows.ids)
             elif st.decoding == "greedy":  # plain decoding from the prefix, for verification
-                finished.append(_rows_frame(idx, _plain_greedy(model, W[idx, :P], S, bos_id), targets, tok,
-                                            windows.ids))
+                finished += _records(idx, _plain_greedy(model, W[idx, :P], S, bos_id), targets, tok, windows.ids)
             elif st.decoding == "sample":
-                finished.append(_sample_frame(model, W, idx, batch, kv, P, S, b, bos_id, st, tok, windows.ids))
+                kv = gen.kv_from_cache(batch.cache) if keep_cache else None
+                finished += _sample_records(model, W, idx, batch, kv, P, S, b, bos_id, st, tok, windows.ids)
+                del kv
             else:
                 ctx = _with_bos(W[idx, :P], bos_id)
                 out = gen.beam_search(model, ctx, S, st.num_beams, pad_id).cpu().numpy()
-                finished.append(_rows_frame(idx, out, targets, tok, windows.ids))
+                finished += _records(idx, out, targets, tok, windows.ids)
             save(advance)
         if pool.size:
-            finished.append(_greedy_frame(pool, model, W, P, S, bos_id, tok, windows.ids))
+            finished += _greedy_records(pool, model, W, P, S, bos_id, tok, windows.ids)
             save(advance)
 
-    df = (pd.concat(frames, ignore_index=True) if frames else _rows_frame([], np.zeros((0, S), np.int64),
-                                                                           np.zeros((0, S), np.int64), tok, []))
+    parts = frames + ([pd.DataFrame(records)] if records else [])
+    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=_COLUMNS)
     df = df.sort_values("index", kind="stable").drop(columns="index").reset_index(drop=True)
     summary = summarize(df, windows, st, use_bos)
     df.attrs["summary"] = summary
@@ -283,12 +399,12 @@ def _plain_greedy(model, prefixes: np.ndarray, S: int, bos_id: int | None) -> np
     return gen.greedy(model, _with_bos(prefixes, bos_id), S).cpu().numpy()
 
 
-def _greedy_frame(pool: _Pool, model, W, P, S, bos_id, tok, ids) -> pd.DataFrame:
+def _greedy_records(pool: _Pool, model, W, P, S, bos_id, tok, ids) -> list[dict]:
     indices, generated = _flush(pool, model, W, P, S, bos_id)
-    return _rows_frame(indices, generated, W[indices, P:], tok, ids)
+    return _records(indices, generated, W[indices, P:], tok, ids)
 
 
-def _sample_frame(model, W, idx, batch, kv, P, S, b, bos_id, st: ExtractionSettings, tok, ids) -> pd.DataFrame:
+def _sample_records(model, W, idx, batch, kv, P, S, b, bos_id, st: ExtractionSettings, tok, ids) -> list[dict]:
     """n draws per sample from the pass's cache over the prefix; metrics on the first draw; (n, p) columns."""
     n = st.num_samples
     targets = torch.as_tensor(W[idx, P:], dtype=torch.long)
@@ -311,7 +427,7 @@ def _sample_frame(model, W, idx, batch, kv, P, S, b, bos_id, st: ExtractionSetti
         log_p_seq = gen.sequence_logprob(model, feed, targets, past=past2, temperature=st.temperature,
                                          top_k=st.top_k, top_p=st.top_p).cpu().numpy()
     extra = _np_columns(exact_per_draw, log_p_seq, n)
-    return _rows_frame(idx, draws[:, 0], W[idx, P:], tok, ids, extra)
+    return _records(idx, draws[:, 0], W[idx, P:], tok, ids, extra)
 
 
 def summarize(df: pd.DataFrame, windows: Windows, st: ExtractionSettings, use_bos: bool) -> dict:

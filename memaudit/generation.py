@@ -115,6 +115,53 @@ def greedy(model, input_ids: torch.Tensor | None, n_new: int, *, past=None, forc
     return out
 
 
+@torch.inference_mode()
+def greedy_join(model, joins: Sequence[tuple[int, KV, torch.Tensor]], n_new: int) -> list[torch.Tensor]:
+    """Greedy decoding where rows enter the batch at different steps, each with its own cached context.
+
+    `joins[i] = (t, kv, tok)`: k rows whose output at step t is `tok` [k] (already known) and whose cache `kv`
+    holds exactly the context before it (cache length = base + t, the same base for every entry). Rows decode
+    together from the step they join on, so no row reads a token it already has in its cache, and a step runs
+    only the rows that need it. Returns per entry a [k, n_new] tensor: column t is `tok`, later columns the
+    greedy tokens; earlier columns are left 0 (the caller knows them).
+    """
+    device = next(model.parameters()).device
+    outs = [torch.zeros((len(tok), n_new), dtype=torch.long, device=device) for _, _, tok in joins]
+    for o, (t, _, tok) in zip(outs, joins):
+        o[:, t] = tok.to(device)
+    order = sorted(range(len(joins)), key=lambda i: joins[i][0])
+    if not order:
+        return outs
+    kv: KV | None = None
+    cache = None
+    tok_run = None
+    members: list[tuple[int, int]] = []  # (entry, rows) in batch order
+    nxt_join = 0
+    for t in range(joins[order[0]][0], n_new - 1):
+        entering = []
+        while nxt_join < len(order) and joins[order[nxt_join]][0] == t:
+            entering.append(order[nxt_join])
+            nxt_join += 1
+        if entering:
+            if cache is not None:
+                kv = kv_from_cache(cache)
+            parts = ([kv] if kv is not None else []) + [joins[i][1] for i in entering]
+            kv = concat_kv(parts)
+            cache = cache_from_kv(kv)
+            toks = ([tok_run] if tok_run is not None else []) + [joins[i][2].to(device) for i in entering]
+            tok_run = torch.cat(toks)
+            members += [(i, len(joins[i][2])) for i in entering]
+        if tok_run is None:
+            continue
+        logits, cache = _forward(model, tok_run[:, None], cache)
+        tok_run = logits[:, -1].argmax(-1)
+        r = 0
+        for i, k in members:
+            outs[i][:, t + 1] = tok_run[r:r + k]
+            r += k
+    return outs
+
+
 def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
                    top_p: float = 1.0) -> torch.Tensor:
     """Log-probabilities of the sampling distribution: temperature, then top-k, then top-p (nucleus), as HF

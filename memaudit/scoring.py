@@ -84,6 +84,20 @@ def token_stats_from_logits(logits: torch.Tensor, targets: torch.Tensor,
     return {k: torch.cat(v, dim=1) for k, v in parts.items()}
 
 
+def _forward_from(model: torch.nn.Module, inputs: torch.Tensor, mask: torch.Tensor, use_cache: bool, first: int):
+    """The model's forward with logits for input positions >= `first` only (all positions if the model does not
+    take `logits_to_keep`, sliced afterwards)."""
+    if first == 0:
+        return model(input_ids=inputs, attention_mask=mask, use_cache=use_cache)
+    try:
+        out = model(input_ids=inputs, attention_mask=mask, use_cache=use_cache, logits_to_keep=inputs.shape[1] - first)
+    except TypeError:  # no logits_to_keep
+        out = model(input_ids=inputs, attention_mask=mask, use_cache=use_cache)
+    if out.logits.shape[1] != inputs.shape[1] - first:
+        out.logits = out.logits[:, first:]
+    return out
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
@@ -130,11 +144,18 @@ def iter_scored_batches(model: torch.nn.Module, sequences: Sequence[Sequence[int
                         batch_size: int | str = "auto", bos_id: int | None = None, keep_cache: bool = False,
                         pad_id: int = 0, skip: set[int] | None = None,
                         on_progress: Callable[[int], None] | None = None,
-                        max_length: int | None = None, greedy_only: bool = False) -> Iterator[ScoredBatch]:
+                        max_length: int | None = None, greedy_only: bool = False,
+                        max_positions: int | Callable[[int], int] | None = None,
+                        score_from: int = 0) -> Iterator[ScoredBatch]:
     """Score `sequences` in batches of similar length (longest first, so out-of-memory shows at once).
 
     `greedy_only=True` keeps only `hit` and `argmax` (logprob, mean_lp, var_lp are NaN): cheaper, for greedy
     extraction.
+    `max_positions`: read only the first `max_positions` input positions of each sample (a staged pass that the
+    caller continues from the cache); the stats then cover those positions only. A callable gets the batch's
+    number of samples and returns it, so a caller can choose per batch.
+    `score_from`: compute logits only from input position `score_from` on (the model's `logits_to_keep`, which
+    skips the vocabulary projection of the context); earlier positions get argmax -1, hit False and NaN.
 
     With `bos_id`, BOS is prepended and every token of each sequence is scored; without it the first token
     is context only. `skip` holds sample indices already done (resume). Yields batches in processing order.
@@ -154,11 +175,21 @@ def iter_scored_batches(model: torch.nn.Module, sequences: Sequence[Sequence[int
     bs = auto_batch_size(model, longest, len(order)) if batch_size == "auto" else int(batch_size)
     if bs < 1:
         raise MemauditError("--batch-size must be >= 1 or auto")
+    if isinstance(max_positions, int) and max_positions < 1:
+        raise MemauditError("max_positions must be >= 1")
+    if score_from < 0:
+        raise MemauditError("score_from must be >= 0")
     pos = 0
     while pos < len(order):
         idx = order[pos:pos + bs]
         rows = [seqs[i] for i in idx]
+        if max_positions is not None:  # read max_positions inputs, so keep one more token (the last target)
+            limit = max_positions(len(idx)) if callable(max_positions) else max_positions
+            if limit < 1:
+                raise MemauditError("max_positions must be >= 1")
+            rows = [r[:limit + 1] for r in rows]
         width = max(len(r) for r in rows) - 1
+        first = min(score_from, width - 1)  # at least one position gets logits
         inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
         targets = torch.zeros((len(rows), width), dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -169,8 +200,8 @@ def iter_scored_batches(model: torch.nn.Module, sequences: Sequence[Sequence[int
             mask[r, :n] = 1
         try:
             with torch.inference_mode():
-                out = model(input_ids=inputs.to(device), attention_mask=mask.to(device), use_cache=keep_cache)
-                stats = token_stats_from_logits(out.logits, targets.to(device), greedy_only=greedy_only)
+                out = _forward_from(model, inputs.to(device), mask.to(device), keep_cache, first)
+                stats = token_stats_from_logits(out.logits, targets[:, first:].to(device), greedy_only=greedy_only)
         except Exception as exc:
             if _is_oom(exc) and bs > 1:
                 bs //= 2
@@ -183,7 +214,11 @@ def iter_scored_batches(model: torch.nn.Module, sequences: Sequence[Sequence[int
         host = {k: v.cpu().numpy() for k, v in stats.items()}
         for k in ("logprob", "mean_lp", "var_lp"):
             if k not in host:  # greedy_only
-                host[k] = np.full(targets.shape, np.nan, dtype=np.float32)
+                host[k] = np.full((len(rows), width - first), np.nan, dtype=np.float32)
+        if first:  # positions without logits
+            fill = {"logprob": np.nan, "mean_lp": np.nan, "var_lp": np.nan, "hit": False, "argmax": -1}
+            host = {k: np.concatenate([np.full((len(rows), first), fill[k], dtype=v.dtype), v], axis=1)
+                    for k, v in host.items()}
         per_sample = []
         for r, row in enumerate(rows):
             n = len(row) - 1
