@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
 from memaudit.capacity import fit_bits_per_param, model_shape, random_dataset
 from memaudit.training.ensemble import EnsembleConfig, EnsembleGPT, GPTShape, train_ensemble
@@ -48,6 +49,37 @@ def test_stacking_changes_no_model():
         for k, v in alone.final_state.items():
             torch.testing.assert_close(together[m].final_state[k], v, rtol=1e-4, atol=1e-5)
         assert together[m].history[-1][2] == pytest.approx(alone.history[-1][2], rel=1e-4)
+
+
+def test_fused_head_matches_autograd_cross_entropy():
+    """The chunked head+loss gives autograd's loss and gradients, also when chunks do not divide the tokens."""
+    torch.manual_seed(0)
+    shape = GPTShape(layers=1, width=16, heads=2, vocab=41, positions=10)
+    ens = EnsembleGPT(shape, seeds=[0, 1, 2])
+    idx, tg = torch.randint(0, 41, (3, 5, 10)), torch.randint(0, 40, (3, 5, 10))
+    weights = torch.tensor([1.0, 2.0, 0.5])  # per-model upstream gradients differ
+    fused = ens.loss(idx, tg, chunk=7)
+    (fused * weights).sum().backward()
+    g_fused = {k: p.grad.clone() for k, p in ens.params.items()}
+    ens.zero_grad()
+    ref = F.cross_entropy(ens(idx).flatten(0, 2), tg.flatten(), reduction="none").view(3, -1).mean(1)
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-6)
+    for k, p in ens.params.items():
+        torch.testing.assert_close(g_fused[k], p.grad, rtol=1e-4, atol=1e-7)
+    nll = ens.token_nll(idx, tg, chunk=9)
+    torch.testing.assert_close(nll.mean((1, 2)), ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_lr_scale_zero_leaves_model_untouched():
+    shape = model_shape(1, 8, 16, 8)
+    data = [random_dataset(20, 8, 16, 1)] * 2
+    cfg = EnsembleConfig(max_steps=10, batch_size=8, lr=1e-2, warmup_steps=2, eval_every=5, drop_converged=False)
+    recs = train_ensemble(shape, data, [3, 3], cfg, bos_id=16, lr_scales=[0.0, 1.0])
+    init = EnsembleGPT(shape, [3])
+    for k, v in recs[0].final_state.items():
+        torch.testing.assert_close(v, init.params[k][0].detach())
+    assert not torch.allclose(recs[1].final_state["wte"], init.params["wte"][0])
 
 
 def test_small_dataset_is_memorized_and_bits_are_exact():
@@ -90,6 +122,8 @@ def test_capacity_cli_tiny_grid_reports_lower_bound(tmp_path):
         g = res[res["width"] == c["width"]]
         assert c["capacity_bits"] == pytest.approx(g["memorized_bits"].max())
     assert (out / "capacity_vs_params.png").exists() and (out / "memorization_vs_data.png").exists()
+    assert (out / "training_curves.png").exists()
+    assert "below_measured_capacity_min_memorized_fraction" in s
 
 
 def test_capacity_bad_input_one_line(tmp_path):

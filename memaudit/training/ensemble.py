@@ -56,6 +56,43 @@ def _names(layers: int) -> list[str]:
     return names + ["lnf_w", "lnf_b"]
 
 
+class HeadCrossEntropy(torch.autograd.Function):
+    """Tied LM head + mean cross-entropy per model, fused and chunked over tokens.
+
+    x [M, n, d] (final LayerNorm output), w [M, V, d] (token embedding), targets [M, n] -> loss [M] in nats.
+    Standard autograd materialises the [M, n, V] logits, then log-softmax and its backward each stream them
+    through memory; at these sizes that is most of a step. Here each chunk of logits is made, turned into its
+    gradient (softmax - one-hot) and multiplied back into dx and dw while it is still in cache; the forward
+    keeps dx and dw (small) and the backward only scales them. Same loss and gradients, up to rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        M, n, _ = x.shape
+        wt = w.transpose(1, 2)
+        loss = torch.zeros(M, 1, dtype=torch.float32)
+        gx, gw = torch.empty_like(x), torch.zeros_like(w)
+        for s in range(0, n, chunk):
+            xs, ts = x[:, s:s + chunk], targets[:, s:s + chunk, None]
+            z = torch.bmm(xs, wt)
+            zf = z if z.dtype == torch.float32 else z.float()
+            g = torch.softmax(zf, -1)  # one fused kernel (torch.exp alone is ~5x slower on this CPU)
+            loss -= g.gather(-1, ts).log_().sum(1)
+            g.scatter_add_(-1, ts, torch.full(ts.shape, -1.0))  # softmax - one-hot
+            g = g if g.dtype == x.dtype else g.to(x.dtype)
+            gx[:, s:s + chunk] = torch.bmm(g, w)
+            gw.baddbmm_(g.transpose(1, 2), xs)
+        ctx.save_for_backward(gx, gw)
+        ctx.n = n
+        return loss.view(M) / n
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gx, gw = ctx.saved_tensors
+        scale = (grad / ctx.n).view(-1, 1, 1)
+        return gx * scale.to(gx.dtype), gw * scale.to(gw.dtype), None, None
+
+
 class EnsembleGPT(torch.nn.Module):
     """M GPT-2 models of one shape; forward(idx [M, B, T]) -> logits [M, B, T, vocab]."""
 
@@ -104,11 +141,14 @@ class EnsembleGPT(torch.nn.Module):
     def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(b[:, None, :], x, w)  # x [M, n, in] @ w [M, in, out] + b
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """Final-LayerNorm output [M, B*T, d] for idx [M, B, T] (everything but the tied LM head)."""
         M, B, T = idx.shape
         d, h = self.shape.width, self.shape.heads
         wte = self._p("wte")
-        tok = torch.gather(wte, 1, idx.reshape(M, B * T, 1).expand(M, B * T, d))
+        V = wte.shape[1]  # row idx of model m is row m*V + idx of the flattened tables (index_select beats gather)
+        flat = (idx.reshape(M, B * T) + torch.arange(0, M * V, V)[:, None]).view(-1)
+        tok = wte.reshape(M * V, d).index_select(0, flat)
         x = (tok.view(M, B, T, d) + self._p("wpe")[:, None, :T, :]).reshape(M, B * T, d)
         for i in range(self.shape.layers):
             a = self._ln(x, self._p(f"h{i}.ln1_w"), self._p(f"h{i}.ln1_b"))
@@ -120,8 +160,29 @@ class EnsembleGPT(torch.nn.Module):
             a = self._ln(x, self._p(f"h{i}.ln2_w"), self._p(f"h{i}.ln2_b"))
             a = F.gelu(self._linear(a, self._p(f"h{i}.fc_w"), self._p(f"h{i}.fc_b")), approximate="tanh")
             x = x + self._linear(a, self._p(f"h{i}.fc2_w"), self._p(f"h{i}.fc2_b"))
-        x = self._ln(x, self._p("lnf_w"), self._p("lnf_b"))
-        return torch.bmm(x, wte.transpose(1, 2)).view(M, B, T, -1)
+        return self._ln(x, self._p("lnf_w"), self._p("lnf_b"))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        M, B, T = idx.shape
+        return torch.bmm(self.hidden(idx), self._p("wte").transpose(1, 2)).view(M, B, T, -1)
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+        """Per-model mean next-token loss in nats ([M]) through the fused head (same value and gradient as
+        cross_entropy(forward(idx)), without ever holding the full [M, B*T, vocab] logits)."""
+        M, B, T = idx.shape
+        return HeadCrossEntropy.apply(self.hidden(idx), self._p("wte"), targets.reshape(M, B * T), chunk)
+
+    def token_nll(self, idx: torch.Tensor, targets: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+        """-log p(target) in nats per token, [M, B, T], chunked (no gradient)."""
+        M, B, T = idx.shape
+        with torch.no_grad():
+            x, w = self.hidden(idx), self._p("wte")
+            tg = targets.reshape(M, B * T)
+            out = torch.empty(M, B * T, dtype=torch.float32)
+            for s in range(0, B * T, chunk):
+                z = torch.bmm(x[:, s:s + chunk], w.transpose(1, 2)).float()
+                out[:, s:s + chunk] = torch.logsumexp(z, -1) - z.gather(-1, tg[:, s:s + chunk, None]).squeeze(-1)
+        return out.view(M, B, T)
 
     def keep(self, models: Sequence[int]) -> None:
         """Drop every model not listed (training continues on the rest at lower cost)."""
@@ -159,6 +220,7 @@ class EnsembleConfig:
     lr: float = 3e-3
     warmup_steps: int = 200
     betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
     grad_clip: float = 1.0  # per model; 0 disables
     eval_every: int = 250
     plateau_window: int = 2000  # convergence: memorised bits grew < plateau_tol over this many steps...
@@ -195,20 +257,21 @@ def code_lengths_bits(model: EnsembleGPT, inputs: torch.Tensor, targets: torch.T
     limit = torch.as_tensor(list(n_rows))[:, None]
     with torch.no_grad():
         for s in range(0, N, chunk):
-            logits = model(inputs[:, s:s + chunk]).float()
-            nll = F.cross_entropy(logits.flatten(0, 2), targets[:, s:s + chunk].flatten(), reduction="none")
-            nll = nll.view(M, -1, T).sum(2) * (torch.arange(s, s + logits.shape[1])[None, :] < limit)
+            nll = model.token_nll(inputs[:, s:s + chunk], targets[:, s:s + chunk]).sum(2)
+            nll = nll * (torch.arange(s, s + nll.shape[1])[None, :] < limit)
             total += nll.sum(1).double() / math.log(2)
     return total
 
 
 def train_ensemble(shape: GPTShape, datasets: Sequence[np.ndarray], seeds: Sequence[int], cfg: EnsembleConfig,
                    *, bos_id: int, data_bits: Sequence[float] | None = None,
-                   on_eval: Callable[[int, list[ModelRecord]], None] | None = None) -> list[ModelRecord]:
+                   on_eval: Callable[[int, list[ModelRecord]], None] | None = None,
+                   lr_scales: Sequence[float] | None = None) -> list[ModelRecord]:
     """Train one model per (dataset, seed) until each one's memorisation plateaus or `max_steps`.
 
     `datasets[m]` is int [N_m, S] token rows; the model sees BOS + row[:-1] and predicts every token of the row.
-    `data_bits[m]` (H of dataset m) enables the "memorised nearly everything" stop. Returns a record per model
+    `data_bits[m]` (H of dataset m) enables the "memorised nearly everything" stop; `lr_scales[m]` multiplies
+    model m's learning rate (one ensemble can sweep learning rates). Returns a record per model
     with its training history and final weights (`final_state`, per-model slices of the stacked parameters).
     """
     if len(datasets) != len(seeds) or not datasets:
@@ -243,12 +306,12 @@ def train_ensemble(shape: GPTShape, datasets: Sequence[np.ndarray], seeds: Seque
             del orders[m][:take]
         return np.asarray(out)
 
-    opt = StackedAdam(model, betas=cfg.betas)
+    opt = StackedAdam(model, betas=cfg.betas, eps=cfg.eps)
     anneal: dict[int, tuple[int, int]] = {}  # record -> (first annealing step, annealing steps)
     for step in range(1, cfg.max_steps + 1):
         lrs = []
         for m in active:  # warmup, constant, then (after its plateau) a linear decay to 0 for this model only
-            lr = cfg.lr * min(1.0, step / max(1, cfg.warmup_steps))
+            lr = cfg.lr * (lr_scales[m] if lr_scales is not None else 1.0) * min(1.0, step / max(1, cfg.warmup_steps))
             if m in anneal:
                 start, length = anneal[m]
                 lr *= max(0.0, 1.0 - (step - start) / length)
@@ -257,9 +320,7 @@ def train_ensemble(shape: GPTShape, datasets: Sequence[np.ndarray], seeds: Seque
         rows = torch.as_tensor(np.stack([next_batch(m) for m in active]))  # [A, b]
         slots = torch.as_tensor(active)[:, None]
         idx_in, idx_tg = inputs[slots, rows], targets[slots, rows]  # [A, b, S], no copy of whole datasets
-        logits = model(idx_in)
-        nll = F.cross_entropy(logits.float().flatten(0, 2), idx_tg.flatten(), reduction="none")
-        per_model = nll.view(len(active), -1).mean(1)
+        per_model = model.loss(idx_in, idx_tg)
         model.zero_grad(set_to_none=True)
         per_model.sum().backward()  # models share no parameters: each gets its own gradient
         if cfg.grad_clip > 0:
