@@ -106,34 +106,44 @@ def _records(indices: Sequence[int], generated: np.ndarray, targets: np.ndarray,
 
 # --- the greedy shortcut: staged verification and the decoding pool --------------------------------------------
 
-# Staged verification. The first pass reads the prefix and the first _FIRST_STAGE suffix tokens; rows that miss
-# there leave at once for decoding (a non-memorized sample then costs about what plain decoding costs), the
-# others are checked to the end in one continuation pass from the cache. That pass costs one more forward per
-# batch, which is not worth it when nearly every row survives the first stage (most samples memorized): then
-# the first pass reads the whole suffix. The choice compares expected costs in units of one row-token of
-# teacher forcing, with a forward's fixed cost taken as _FORWARD_COST row-tokens and the survival rate estimated
-# from the samples done so far. It only changes how the work is cut, never the result.
-_FIRST_STAGE = 4
+# Staged verification. The first pass reads the prefix and the first k0 suffix positions; rows that miss there
+# leave at once for decoding (a non-memorized sample then costs about what plain decoding costs), the others are
+# checked to the end in one continuation pass from the cache. k0 is chosen per batch to minimize the expected
+# cost, in row-tokens of teacher forcing: B (k0 - 1) read by the first pass past the prefix, B P(d >= k0)
+# (S - k0) read by the continuation, and _FORWARD_COST per forward (the continuation runs when any row survives),
+# with the distribution of first misses d estimated from the samples done so far. Mostly memorized data then
+# gets one full pass per batch, non-memorized data a pass that stops right after the prefix. The choice only
+# changes how the work is cut, never the result.
 _FORWARD_COST = 64
+_FIRST_STAGES = (1, 2, 4, 8, 16)
 
 
 @dataclass
 class _Stages:
-    """Running estimate of how many rows survive the first stage, and the per-batch choice of its length."""
+    """Counts of first misses so far (index S: none) and the per-batch choice of the first stage's length."""
     S: int
-    seen: int = 0
-    survived: int = 0
+    counts: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.counts = np.zeros(self.S + 1)
+        self.counts[[0, self.S]] = 0.5  # prior: half diverge at once, half are memorized
 
     def first_stage(self, rows: int) -> int:
-        k0 = min(self.S, _FIRST_STAGE)
-        f = (self.survived + 1) / (self.seen + 2)  # Laplace: 1/2 before any evidence
-        wasted = (1 - f) * rows * (self.S - k0)  # teacher-forced tokens past the misses, when reading it all
-        extra = (1 - (1 - f) ** rows) * _FORWARD_COST  # the continuation pass, needed if any row survives
-        return self.S if wasted <= extra else k0
+        S = self.S
+        p = self.counts / self.counts.sum()
+        survive = 1.0 - np.cumsum(p)  # survive[k - 1] = P(d >= k)
+        best, best_cost = S, rows * (S - 1) + _FORWARD_COST  # one full pass
+        for k0 in _FIRST_STAGES:
+            if k0 >= S:
+                break
+            cont = 1.0 - (1.0 - survive[k0 - 1]) ** rows  # P(some row survives the first stage)
+            cost = rows * (k0 - 1) + rows * survive[k0 - 1] * (S - k0) + _FORWARD_COST * (1.0 + cont)
+            if cost < best_cost:
+                best, best_cost = k0, cost
+        return best
 
-    def record(self, match_prefix: np.ndarray) -> None:
-        self.seen += len(match_prefix)
-        self.survived += int((np.asarray(match_prefix) >= min(self.S, _FIRST_STAGE)).sum())
+    def record(self, first_miss: np.ndarray) -> None:
+        np.add.at(self.counts, np.minimum(np.asarray(first_miss, dtype=np.int64), self.S), 1.0)
 
 
 @dataclass

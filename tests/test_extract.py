@@ -128,6 +128,63 @@ def test_shortcut_equals_full_greedy_decoding(mixed):
         assert [list(r) for r in hf[:, prompts.shape[1]:].tolist()] == [list(g) for g in fast.generated_ids]
 
 
+def test_staged_verification_equals_full_greedy_at_every_cut(mixed, monkeypatch):
+    """The cost model only decides where the teacher-forced verification is cut (first stage of 1, 3 or all
+    suffix tokens; continuation from the cache); without a sliceable cache the shortcut re-reads the context.
+    Every variant must give plain greedy decoding's output."""
+    import memaudit.extraction as ex
+
+    m, path = mixed
+    kw = dict(prefix=32, suffix=32, limit=120)
+    full = extract(m, path, **kw, batch_size=16, shortcut=False)
+    assert 0 < full.exact.sum() < len(full) and ((full.match_prefix >= 3) & ~full.exact).sum() > 5
+    chosen = []
+    for k0 in (1, 3, 32):
+        monkeypatch.setattr(ex._Stages, "first_stage", lambda self, rows, k0=k0: chosen.append(k0) or k0)
+        pd.testing.assert_frame_equal(extract(m, path, **kw, batch_size=9), full)
+    assert sorted(set(chosen)) == [1, 3, 32]
+    monkeypatch.setattr(ex, "_cache_is_sliceable", lambda model, token: False)
+    pd.testing.assert_frame_equal(extract(m, path, **kw, batch_size=9), full)
+
+
+def test_stage_choice_follows_the_data():
+    from memaudit.extraction import _Stages
+
+    memorized, fresh, late, half = _Stages(32), _Stages(32), _Stages(32), _Stages(32)
+    memorized.record(np.full(64, 32))
+    fresh.record(np.zeros(64, dtype=int))
+    late.record(np.full(64, 20))
+    half.record(np.r_[np.zeros(32, dtype=int), np.full(32, 32)])
+    assert memorized.first_stage(16) == 32  # everything matches: one full pass per batch
+    assert fresh.first_stage(16) == 1  # everything diverges at once: stop right after the prefix
+    assert late.first_stage(64) == 32  # every row would survive any short stage: it saves nothing
+    assert half.first_stage(16) == 1  # half leave after the prefix: worth a second forward for the rest
+    assert _Stages(32).first_stage(1) == 32  # a single row: a second forward costs more than it saves
+
+
+def test_partial_scoring_pass_matches_full_pass(memorized):
+    """iter_scored_batches with max_positions / score_from: the same numbers on the positions it scores."""
+    from memaudit.scoring import iter_scored_batches
+
+    m = load_model(memorized.model_dir)
+    seqs = [t[:40] for t in tokenize(m.tokenizer, read_documents(memorized.train_file).text)[:12]]
+    bos = m.tokenizer.bos_token_id
+    full = {i: s for b in iter_scored_batches(m.model, seqs, batch_size=5, bos_id=bos)
+            for i, s in zip(b.indices, b.stats)}
+    cut = {i: s for b in iter_scored_batches(m.model, seqs, batch_size=5, bos_id=bos, max_positions=30,
+                                             score_from=20) for i, s in zip(b.indices, b.stats)}
+    for i, s in cut.items():
+        assert len(s) == 30 and (s.argmax[:20] == -1).all() and not s.hit[:20].any()
+        assert np.isnan(s.logprob[:20]).all()
+        np.testing.assert_array_equal(s.argmax[20:], full[i].argmax[20:30])
+        np.testing.assert_allclose(s.logprob[20:], full[i].logprob[20:30], rtol=1e-4, atol=1e-4)
+    per_batch = []
+    for b in iter_scored_batches(m.model, seqs, batch_size=5, bos_id=bos, greedy_only=True,
+                                 max_positions=lambda rows: per_batch.append(rows) or 10 + rows):
+        assert all(len(s) == 10 + len(b.indices) for s in b.stats)
+    assert per_batch == [5, 5, 2]
+
+
 def test_sampling_np_discoverable(mixed):
     m, path = mixed
     kw = dict(prefix=16, suffix=16, limit=70, decoding="sample", num_samples=8)
