@@ -1,15 +1,19 @@
 """The extraction probe (METHODS.md section 1): prompt with `prefix` tokens, compare the continuation with the
 true `suffix` tokens.
 
-Greedy shortcut. One teacher-forced pass over prefix + suffix (the scoring engine, with BOS first when the
-model has one, as the trainer trains rows) gives, at every suffix position j, whether the model's argmax given
-the TRUE context equals the target (`hit`) and what that argmax is. Greedy decoding reproduces the target up to
-the first miss d (there its context is the true context), and emits the pass's argmax at d. So:
+Greedy shortcut. A teacher-forced pass over prefix + suffix (the scoring engine, with BOS first when the model
+has one, as the trainer trains rows) gives, at every suffix position j, whether the model's argmax given the TRUE
+context equals the target (`hit`) and what that argmax is. Greedy decoding reproduces the target up to the first
+miss d (there its context is the true context), and emits the pass's argmax at d. So:
   - samples with no miss are exact and need no decoding;
   - the others are decoded only from d on, continuing from the pass's KV cache cropped before position d.
-Diverged rows are pooled across scoring batches (all windows have the same length, so their caches stack) and
-decoded together from the pool's smallest d; a row whose own d is later is fed its known tokens (the target,
-then its argmax at d) until then. A pool holds up to 4x the scoring batch's rows when that fits the same memory
+The pass is staged (see `_Stages`): a first pass reads the prefix and the first k0 suffix positions (k0 chosen
+per batch by a cost model fed with the first misses seen so far: 1 when samples diverge at once, the whole suffix
+when nearly all are memorized); only rows still matching continue, from the cache, to the end. A row that misses
+leaves at once, with its cache, for the decoding pool, so a non-memorized sample never pays for teacher forcing
+the whole suffix AND decoding it. The pool gathers diverged rows across scoring batches and decodes them
+together, each row joining the decoding batch at the step of its own d with its own cache (`gen.greedy_join`):
+no token is read twice. A pool holds up to 4x the scoring batch's rows when that fits the same memory
 (`_decode_factor`: a decoding row keeps one position's logits, a scoring row the whole window's), so fewer
 sequential steps are needed. `shortcut=False` decodes every sample from the prefix instead (verification).
 
@@ -230,21 +234,16 @@ def _verify_batch(model, batch, W: np.ndarray, P: int, S: int, bos_id: int | Non
                     chunk["argmax"] = argmax[r]
                 pool.add(chunk)
             rows = rows[ok]
-            if len(rows) and kv is not None:
+            if len(rows) and end < S and kv is not None:  # the survivors' cache, for the continuation
                 cache = gen.cache_from_kv(gen.select_kv(kv, np.flatnonzero(ok).tolist(), sbase + end))
         done = end
         if done >= S or not len(rows):
             return rows, first_miss
+        assert kv is not None, "a first stage short of the suffix needs a sliceable cache"
         end = ends.pop(0)
-        dev = next(model.parameters()).device
-        with torch.inference_mode():
-            if kv is not None:  # continue from the cache: read only the next stage's tokens
-                x = torch.as_tensor(feed[rows, sbase + done: sbase + end], device=dev)
-                logits, cache = gen._forward(model, x, cache, last_only=False)
-            else:  # read everything again (no sliceable cache); logits only for the stage
-                x = torch.as_tensor(feed[rows, : sbase + end], device=dev)
-                logits = model(input_ids=x).logits[:, sbase + done:]
-                cache = None
+        x = torch.as_tensor(feed[rows, sbase + done: sbase + end], device=next(model.parameters()).device)
+        with torch.inference_mode():  # continue from the cache: read only the next stage's tokens
+            logits, cache = gen._forward(model, x, cache, last_only=False)
         argmax[rows, done:end] = logits.argmax(-1).cpu().numpy()
         del logits
 
