@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -27,6 +27,18 @@ H_REMOTE = "Allow the model directory's own Python code to run (trust_remote_cod
 H_OUT = "Run directory to write (default: runs/<command>-<time>)."
 H_RESUME = "Continue an interrupted run in --out without redoing finished batches."
 H_OVERWRITE = "Replace an existing run in --out."
+
+# Options shared by the measuring commands: one definition each (help text here, default at the command).
+BatchSize = Annotated[str, typer.Option(help=H_BATCH)]
+Device = Annotated[str, typer.Option(help=H_DEVICE)]
+Dtype = Annotated[str, typer.Option(help=H_DTYPE)]
+OutDir = Annotated[Optional[Path], typer.Option(help=H_OUT)]
+Resume = Annotated[bool, typer.Option(help=H_RESUME)]
+Overwrite = Annotated[bool, typer.Option(help=H_OVERWRITE)]
+AllowPickle = Annotated[bool, typer.Option(help=H_PICKLE)]
+TrustRemoteCode = Annotated[bool, typer.Option(help=H_REMOTE)]
+TextField = Annotated[str, typer.Option(help=H_TEXT)]
+IdField = Annotated[str, typer.Option(help=H_ID)]
 
 
 @app.callback()
@@ -71,12 +83,12 @@ def train(
     vocab_size: int = typer.Option(2048, help="Vocabulary of the tokenizer trained on the data (from scratch only)."),
     val_fraction: float = typer.Option(0.1, help="Fraction of documents held out for validation loss."),
     seed: int = typer.Option(0, help="Random seed (split, init, order)."),
-    device: str = typer.Option("auto", help=H_DEVICE),
+    device: Device = "auto",
     dtype: str = typer.Option("float32", help="Training precision: float32 or bfloat16 (autocast)."),
-    text_field: str = typer.Option("text", help=H_TEXT),
-    id_field: str = typer.Option("id", help=H_ID),
+    text_field: TextField = "text",
+    id_field: IdField = "id",
     limit: Optional[int] = typer.Option(None, help="Use only the first N documents."),
-    allow_pickle: bool = typer.Option(False, help=H_PICKLE),
+    allow_pickle: AllowPickle = False,
     val_data: Optional[Path] = typer.Option(None, help="Separate validation documents (then --data is all training)."),
     warmup_steps: int = typer.Option(20, help="Linear learning-rate warmup steps."),
     weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
@@ -144,17 +156,17 @@ def extract(
                                        "as the trainer trains rows (default: when the tokenizer has one)."),
     shortcut: bool = typer.Option(True, help="Greedy: decode only diverged samples, from the divergence point. "
                                              "--no-shortcut decodes every sample in full (for verification)."),
-    batch_size: str = typer.Option("auto", help=H_BATCH),
-    device: str = typer.Option("auto", help=H_DEVICE),
-    dtype: str = typer.Option("auto", help=H_DTYPE),
+    batch_size: BatchSize = "auto",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     limit: Optional[int] = typer.Option(None, help="Use only the first N documents."),
-    text_field: str = typer.Option("text", help=H_TEXT),
-    id_field: str = typer.Option("id", help=H_ID),
-    out: Optional[Path] = typer.Option(None, help=H_OUT),
-    resume: bool = typer.Option(False, help=H_RESUME),
-    overwrite: bool = typer.Option(False, help=H_OVERWRITE),
-    allow_pickle: bool = typer.Option(False, help=H_PICKLE),
-    trust_remote_code: bool = typer.Option(False, help=H_REMOTE),
+    text_field: TextField = "text",
+    id_field: IdField = "id",
+    out: OutDir = None,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustRemoteCode = False,
     seed: int = typer.Option(0, help="Seed for sampled decoding."),
 ):
     """Extraction: prompt with each document's prefix and measure how much of the true suffix comes back."""
@@ -202,17 +214,17 @@ def memorization(
     zstd_level: int = typer.Option(19, help="zstd compression level (1-22) for --reference zstd."),
     zstd_dict_from: Optional[Path] = typer.Option(None, help="Train a zstd dictionary on this text file first."),
     top_k: int = typer.Option(20, help="How many samples with the most mem_U to list in summary.json."),
-    out: Optional[Path] = typer.Option(None, help=H_OUT),
-    batch_size: str = typer.Option("auto", help=H_BATCH),
-    device: str = typer.Option("auto", help=H_DEVICE),
+    out: OutDir = None,
+    batch_size: BatchSize = "auto",
+    device: Device = "auto",
     dtype: str = typer.Option("float32", help="Scoring precision: float32 (default, exact code lengths) or bfloat16."),
-    text_field: str = typer.Option("text", help=H_TEXT),
-    id_field: str = typer.Option("id", help=H_ID),
+    text_field: TextField = "text",
+    id_field: IdField = "id",
     limit: Optional[int] = typer.Option(None, help="Use only the first N samples."),
-    allow_pickle: bool = typer.Option(False, help=H_PICKLE),
-    trust_remote_code: bool = typer.Option(False, help=H_REMOTE),
-    resume: bool = typer.Option(False, help=H_RESUME),
-    overwrite: bool = typer.Option(False, help=H_OVERWRITE),
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustRemoteCode = False,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
 ):
     """Unintended memorization in bits per sample: max(0, bits under the reference - bits under the model)."""
     from .compression import measure_memorization
@@ -248,9 +260,9 @@ def capacity(
     text: Optional[Path] = typer.Option(None, help="Real-text mode: fixed models on growing numbers of 64-token "
                                          "windows of this file (double descent and the MIA law)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
-    out: Optional[Path] = typer.Option(None, help=H_OUT),
-    resume: bool = typer.Option(False, help=H_RESUME),
-    overwrite: bool = typer.Option(False, help=H_OVERWRITE),
+    out: OutDir = None,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
 ):
     """Model capacity in bits per parameter on random tokens (Morris et al.); with --text, double descent and MIA."""
     from .capacity import PAPER_GRID, RandomGridConfig, run_random_capacity
@@ -304,16 +316,16 @@ def mia(
     calibration_fraction: float = typer.Option(0.5, help="Fraction of each class used to calibrate thresholds; "
                                                          "calibrated figures are measured on the rest."),
     seed: int = typer.Option(0, help="Seed for the calibration split, bootstrap and recall shots."),
-    batch_size: str = typer.Option("auto", help=H_BATCH),
-    device: str = typer.Option("auto", help=H_DEVICE),
-    dtype: str = typer.Option("auto", help=H_DTYPE),
-    text_field: str = typer.Option("text", help=H_TEXT),
-    id_field: str = typer.Option("id", help=H_ID),
+    batch_size: BatchSize = "auto",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    text_field: TextField = "text",
+    id_field: IdField = "id",
     limit: Optional[int] = typer.Option(None, help="Use only the first N documents of each file."),
-    out: Optional[Path] = typer.Option(None, help=H_OUT),
-    overwrite: bool = typer.Option(False, help=H_OVERWRITE),
-    allow_pickle: bool = typer.Option(False, help=H_PICKLE),
-    trust_remote_code: bool = typer.Option(False, help=H_REMOTE),
+    out: OutDir = None,
+    overwrite: Overwrite = False,
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustRemoteCode = False,
 ):
     """Membership inference: how well each attack tells members from non-members (AUC, TPR at low FPR)."""
     from .membership import mia as run_mia
@@ -350,13 +362,13 @@ def exposure(
     estimator: str = typer.Option("sampling", help="Headline estimate when sampling: sampling (rank from the "
                                                    "fraction of more likely samples) or skewnorm (Carlini 2019)."),
     seed: int = typer.Option(0, help="Seed for sampled candidates and control secrets."),
-    batch_size: str = typer.Option("auto", help=H_BATCH),
-    device: str = typer.Option("auto", help=H_DEVICE),
-    dtype: str = typer.Option("auto", help=H_DTYPE),
-    out: Optional[Path] = typer.Option(None, help=H_OUT),
-    overwrite: bool = typer.Option(False, help=H_OVERWRITE),
-    allow_pickle: bool = typer.Option(False, help=H_PICKLE),
-    trust_remote_code: bool = typer.Option(False, help=H_REMOTE),
+    batch_size: BatchSize = "auto",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    out: OutDir = None,
+    overwrite: Overwrite = False,
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustRemoteCode = False,
 ):
     """Canary exposure (Carlini et al. 2019): log2 |R| - log2 rank of each secret among all candidates."""
     from .exposure import run_exposure
@@ -417,16 +429,16 @@ def risk(
                                                                  "looked for."),
     prefix: int = typer.Option(32, help="Extraction prompt tokens."),
     suffix: int = typer.Option(32, help="Extraction target tokens."),
-    batch_size: str = typer.Option("auto", help=H_BATCH),
-    device: str = typer.Option("auto", help=H_DEVICE),
-    dtype: str = typer.Option("auto", help=H_DTYPE),
+    batch_size: BatchSize = "auto",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     limit: Optional[int] = typer.Option(None, help="Use only the first N documents of each file."),
-    text_field: str = typer.Option("text", help=H_TEXT),
-    id_field: str = typer.Option("id", help=H_ID),
-    out: Optional[Path] = typer.Option(None, help=H_OUT),
-    overwrite: bool = typer.Option(False, help=H_OVERWRITE),
-    allow_pickle: bool = typer.Option(False, help=H_PICKLE),
-    trust_remote_code: bool = typer.Option(False, help=H_REMOTE),
+    text_field: TextField = "text",
+    id_field: IdField = "id",
+    out: OutDir = None,
+    overwrite: Overwrite = False,
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustRemoteCode = False,
 ):
     """Pre-release risk: predicted capacity, regime and MIA F1; after training, measured figures and a verdict."""
     from .risk import run_risk

@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -24,8 +24,8 @@ def file_hash(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _read_jsonl(path: Path, text_field: str, id_field: str) -> pd.DataFrame:
-    ids, texts = [], []
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """(line number, object) for each non-blank line of a JSON-lines file; bad UTF-8 or JSON is one clear error."""
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             try:
@@ -38,12 +38,18 @@ def _read_jsonl(path: Path, text_field: str, id_field: str) -> pd.DataFrame:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise MemauditError(f"{path}: line {lineno} is not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict) or text_field not in obj:
-                raise MemauditError(f"{path}: line {lineno} has no {text_field!r} field (use --text-field)")
-            if not isinstance(obj[text_field], str):
-                raise MemauditError(f"{path}: line {lineno}: field {text_field!r} is not a string")
-            texts.append(obj[text_field])
-            ids.append(str(obj[id_field]) if id_field in obj else None)
+            yield lineno, obj
+
+
+def _read_jsonl(path: Path, text_field: str, id_field: str) -> pd.DataFrame:
+    ids, texts = [], []
+    for lineno, obj in iter_jsonl(path):
+        if not isinstance(obj, dict) or text_field not in obj:
+            raise MemauditError(f"{path}: line {lineno} has no {text_field!r} field (use --text-field)")
+        if not isinstance(obj[text_field], str):
+            raise MemauditError(f"{path}: line {lineno}: field {text_field!r} is not a string")
+        texts.append(obj[text_field])
+        ids.append(str(obj[id_field]) if id_field in obj else None)
     return pd.DataFrame({"id": ids, "text": texts})
 
 

@@ -27,6 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .data import iter_jsonl
 from .errors import MemauditError
 
 SECRET_FIELD = "{secret}"
@@ -95,15 +96,7 @@ def read_canaries(path: str | os.PathLike) -> list[Canary]:
         path = default_canary_file(path)
     if not path.is_file():
         raise MemauditError(f"canary file not found: {path}")
-    out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise MemauditError(f"{path}: line {lineno} is not valid JSON ({exc.msg})") from None
-        out.append(_canary_from_record(obj, lineno, path))
+    out = [_canary_from_record(obj, lineno, path) for lineno, obj in iter_jsonl(path)]
     if not out:
         raise MemauditError(f"{path}: no canaries in the file")
     return out

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from memaudit.training import TrainConfig, read_canaries, train
+from memaudit.exposure import read_canaries
+from memaudit.training import TrainConfig, train
 
 TINY = dict(config="2x32", seq_len=48, batch_size=7, epochs=2, lr=3e-3, warmup_steps=2, device="cpu")
 
@@ -43,11 +44,11 @@ def test_goldfish_run_reports_dropped_fraction_and_canaries(docs, tmp_path):
     assert 0.17 < res.dropped_fraction < 0.27
     log = (tmp_path / "gf" / "training_log.csv").read_text().splitlines()
     assert log[0].startswith("epoch,step,train_loss,val_loss,lr,dropped_fraction") and len(log) == 3
-    can = read_canaries(tmp_path / "gf")
-    assert len(can) == 3 and len({c["digits"] for c in can}) == 3
+    can = read_canaries(tmp_path / "gf")  # the trainer's file, read back by the exposure side
+    assert len(can) == 3 and len({c.secret for c in can}) == 3
     for c in can:
-        assert c["secret"] == c["template"].format(c["digits"]) == c["prefix"] + c["digits"]
-        assert len(c["digits"]) == c["n_digits"] == 9 and c["digits"].isdigit() and c["repeats"] == 4
+        assert c.text == "my secret number is " + c.secret
+        assert c.digits == 9 and c.secret.isdigit() and c.repeats == 4
     assert res.n_train == 27 + 3 * 4  # 30 docs, 3 held out, plus the canary copies
 
 

@@ -47,13 +47,3 @@ def write_canaries(model_dir: str | Path, canaries: list[dict]) -> Path:
     path = Path(model_dir) / CANARY_FILE
     path.write_text("".join(json.dumps(c) + "\n" for c in canaries), encoding="utf-8")
     return path
-
-
-def read_canaries(path: str | Path) -> list[dict]:
-    """Canaries from a model dir or a canaries.jsonl file."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CANARY_FILE
-    if not path.is_file():
-        raise MemauditError(f"no canaries file at {path}")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
