@@ -77,6 +77,16 @@ def _model_label(model_path: str) -> str:
     return p.name
 
 
+def _read_table(path: Path, reader) -> pd.DataFrame | None:
+    """A run's table if it has one; a damaged file is one clear error line, not a traceback."""
+    if not path.is_file():
+        return None
+    try:
+        return reader(path)
+    except Exception as exc:  # pandas/pyarrow raise many types for a damaged file
+        raise MemauditError(f"unreadable {path}: {str(exc).splitlines()[0][:200]}") from None
+
+
 def load_run(path: str | os.PathLike, label: str | None = None) -> Run:
     """Read one run directory (or a trained model directory) into a Run."""
     path = Path(path)
@@ -84,12 +94,7 @@ def load_run(path: str | os.PathLike, label: str | None = None) -> Run:
         raise MemauditError(f"not a run directory: {path}")
     if (path / "training_log.csv").is_file() or (path / "train_config.json").is_file():
         cfg = _read_json(path / "train_config.json") if (path / "train_config.json").is_file() else {}
-        log = None
-        if (path / "training_log.csv").is_file():
-            try:
-                log = pd.read_csv(path / "training_log.csv")
-            except Exception as exc:
-                raise MemauditError(f"unreadable {path / 'training_log.csv'}: {str(exc).splitlines()[0][:200]}") from None
+        log = _read_table(path / "training_log.csv", pd.read_csv)
         summary = _train_summary(cfg, log, path)
         return Run(path, "train", label or _model_label(str(path)), {"command": "train", "settings": cfg},
                    summary, None, sorted(path.glob("*.png")), log)
@@ -101,12 +106,7 @@ def load_run(path: str | os.PathLike, label: str | None = None) -> Run:
     if kind == "unknown" and config.get("architectures"):
         raise MemauditError(f"{path} is a model directory without a training log: pass its run directories instead")
     summary = _read_json(path / "summary.json") if (path / "summary.json").is_file() else {}
-    samples = None
-    if (path / "samples.parquet").is_file():
-        try:
-            samples = pd.read_parquet(path / "samples.parquet")
-        except Exception as exc:
-            raise MemauditError(f"unreadable {path / 'samples.parquet'}: {str(exc).splitlines()[0][:200]}") from None
+    samples = _read_table(path / "samples.parquet", pd.read_parquet)
     inputs = config.get("inputs") or {}
     model = inputs.get("model") or inputs.get("model_dir") or (config.get("settings") or {}).get("model")
     return Run(path, kind, label or (_model_label(str(model)) if model else path.name), config, summary, samples,
