@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from memaudit.training.objectives import (IGNORE, goldfish_drop_mask, goldfish_labels, hash_drop,
-                                          official_hash_drop)
+from memaudit.training.objectives import (IGNORE, goldfish_drop_mask, goldfish_eligible, goldfish_labels,
+                                          hash_drop, official_hash_drop)
 from memaudit.training.sinks import SinkHooks, dropped_mask, release_from_model, sequence_id, sink_mask, sink_spec
 
 M64 = (1 << 64) - 1
@@ -106,6 +106,17 @@ def test_official_variant_follows_the_product_hash_table():
     assert official_hash_drop(shuffled, k, h)[0, 14] == got[0, 14]  # order-invariant
 
 
+@pytest.mark.parametrize("mode", ["hash", "hash-official", "static", "random"])
+def test_eligible_positions_cover_every_drop(mode):
+    ids = torch.tensor(np.random.default_rng(5).integers(1, 2048, size=(32, 120)))
+    drop = goldfish_drop_mask(ids, mode, 2, 13, seed=0, step=0)
+    eligible = goldfish_eligible(120, mode, 13)
+    assert not drop[:, ~eligible].any()  # nothing outside the eligible positions is ever dropped
+    assert eligible.tolist() == [j >= (13 if mode.startswith("hash") else 1) for j in range(120)]
+    with pytest.raises(ValueError):
+        goldfish_eligible(10, "nope", 13)
+
+
 def test_goldfish_labels_ignore_padding_and_dropped_targets():
     ids = torch.tensor(np.random.default_rng(4).integers(1, 2048, size=(2, 50)))
     mask = torch.ones_like(ids)
@@ -148,16 +159,19 @@ def test_hook_masks_the_gpt2_mlp_hidden_activation():
     model = _tiny("gpt2")
     spec = sink_spec(model, 0.3, 0.3)
     hooks = SinkHooks(model, spec)
-    mlp = model.transformer.h[1].mlp
     x = torch.randn(2, 4, 32)
     hooks.set_rows([11, 12])
-    got = mlp(x)
-    act = torch.nn.functional.gelu(x @ mlp.c_fc.weight + mlp.c_fc.bias, approximate="tanh")  # gelu_new
     masks = torch.stack([sink_mask(spec, 11), sink_mask(spec, 12)]).unsqueeze(1)
-    want = (act * masks) @ mlp.c_proj.weight + mlp.c_proj.bias
-    assert torch.allclose(got, want, atol=1e-5)
+    outs = []
+    for block in model.transformer.h:  # every layer, with the same neuron indices (one mask per row)
+        mlp = block.mlp
+        got = mlp(x)
+        act = torch.nn.functional.gelu(x @ mlp.c_fc.weight + mlp.c_fc.bias, approximate="tanh")  # gelu_new
+        want = (act * masks) @ mlp.c_proj.weight + mlp.c_proj.bias  # 0/1 mask, no rescaling in training
+        assert torch.allclose(got, want, atol=1e-5)
+        outs.append(got)
     hooks.remove()
-    assert not torch.allclose(mlp(x), got, atol=1e-5)
+    assert not torch.allclose(model.transformer.h[1].mlp(x), outs[1], atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -116,6 +116,20 @@ def random_drop(ids: torch.Tensor, k: int, seed: int, step: int) -> torch.Tensor
     return (torch.rand(ids.shape, generator=gen) < 1.0 / k).to(ids.device)
 
 
+def goldfish_eligible(width: int, mode: str, h: int) -> torch.Tensor:
+    """Bool [width]: the target positions a goldfish mask CAN drop (position 0, BOS, is never a target).
+
+    `hash` needs h predecessors (j >= h), `hash-official` a full window of h targets (j >= h); `static` and
+    `random` can drop any target. Among eligible targets the drop rate is ~1/k; over all targets it is lower
+    for the hash modes, since a document's first h - 1 targets are always kept.
+    """
+    if mode not in GOLDFISH_MODES:
+        raise ValueError(f"unknown goldfish mode {mode!r}")
+    positions = torch.arange(width)
+    first = h if mode in ("hash", "hash-official") else 1
+    return positions >= first
+
+
 def goldfish_drop_mask(ids: torch.Tensor, mode: str, k: int, h: int, seed: int = 0, step: int = 0) -> torch.Tensor:
     """Bool [B, T]: which target positions the goldfish loss excludes (position 0 never a target)."""
     if mode == "hash":
