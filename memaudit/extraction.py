@@ -340,8 +340,8 @@ def extract_windows(loaded: LoadedModel, windows: Windows, settings: ExtractionS
         pass_kw = {"greedy_only": True, "score_from": sbase,
                    "max_positions": (lambda rows: sbase + stages.first_stage(rows)) if sliceable else sbase + S}
         keep_cache = sliceable
-    elif st.decoding == "beam":
-        pass_kw = {"greedy_only": True, "max_positions": 1}  # the pass only batches the samples: read nothing
+    elif st.decoding != "sample":  # beam, or plain greedy: the pass only batches the samples, so read nothing
+        pass_kw = {"greedy_only": True, "max_positions": 1}
     with progress_bar(n - len(done), "extract") as advance:
         for batch in iter_scored_batches(model, W, batch_size=st.batch_size, bos_id=bos_id, keep_cache=keep_cache,
                                          pad_id=pad_id, skip=done, max_length=loaded.max_length, **pass_kw):
