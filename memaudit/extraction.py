@@ -33,7 +33,7 @@ import torch
 from . import generation as gen
 from .data import Windows, file_hash, make_windows, read_documents, tokenize
 from .errors import MemauditError
-from .metrics import rouge_l_ids, rouge_l_text
+from .metrics import rouge_l_ids, rouge_l_text, rouge_tokenize
 from .models import LoadedModel, load_model, weights_hash
 from .progress import progress_bar
 from .rundir import RunDir
@@ -97,9 +97,15 @@ def _records(indices: Sequence[int], generated: np.ndarray, targets: np.ndarray,
     tgt_text = tokenizer.batch_decode(targets.tolist())
     gen_text = tgt_text if reproduced else tokenizer.batch_decode(generated.tolist())
     rows = []
+    S = targets.shape[1]
     for k, i in enumerate(indices):
-        m = sample_metrics(generated[k], targets[k])
-        row = {"index": int(i), "id": ids[i], **m, "rouge_l_text": rouge_l_text(tgt_text[k], gen_text[k]),
+        if reproduced:  # identical sequences: the metrics' values are known exactly (LCS = the whole sequence)
+            m = {"exact": True, "token_match": 1.0, "match_prefix": int(S), "rouge_l": 1.0 if S else 0.0}
+            rl_text = 1.0 if rouge_tokenize(tgt_text[k]) else 0.0
+        else:
+            m = sample_metrics(generated[k], targets[k])
+            rl_text = rouge_l_text(tgt_text[k], gen_text[k])
+        row = {"index": int(i), "id": ids[i], **m, "rouge_l_text": rl_text,
                "generated": gen_text[k], "target": tgt_text[k],
                "generated_ids": generated[k].astype(np.int32)}  # compact: 4 bytes a token
         for name, values in (extra or {}).items():

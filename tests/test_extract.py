@@ -73,6 +73,26 @@ def test_sample_metrics_follow_pythia_and_carlini():
     assert m["match_prefix"] == 2 and sample_metrics(target.copy(), target)["match_prefix"] == 8
 
 
+def test_reproduced_rows_get_the_general_metrics():
+    """Exact rows skip the metric computations (their values are known): they must equal the general formulas,
+    including a text with no word token (ROUGE-L 0 for rouge-score)."""
+    from memaudit.extraction import _records
+
+    class Tok:
+        words = ["!!", "the", "Cat", ",", "x1", "..."]
+
+        def batch_decode(self, rows):
+            return [" ".join(self.words[t % 6] for t in r) for r in rows]
+
+    rng = np.random.default_rng(0)
+    targets = np.concatenate([rng.integers(0, 6, (30, 8)), [[0, 3, 5, 0, 3, 5, 0, 0]]])
+    ids = [str(i) for i in range(len(targets))]
+    fast = _records(range(len(targets)), targets, targets, Tok(), ids, reproduced=True)
+    slow = _records(range(len(targets)), targets.copy(), targets, Tok(), ids)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "generated_ids"} for r in rows]  # noqa: E731
+    assert strip(fast) == strip(slow) and fast[-1]["rouge_l_text"] == 0.0 and fast[0]["rouge_l_text"] == 1.0
+
+
 # --- the probe on a model that memorized its training documents ------------------------------------------------
 
 def test_exact_rate_trained_vs_heldout(memorized):
