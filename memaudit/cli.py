@@ -323,6 +323,7 @@ def mia(
     id_field: IdField = "id",
     limit: Optional[int] = typer.Option(None, help="Use only the first N documents of each file."),
     out: OutDir = None,
+    resume: Resume = False,
     overwrite: Overwrite = False,
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
@@ -334,7 +335,7 @@ def mia(
                   recall_shots=recall_shots, dcpdd_corpus=dcpdd_corpus, bootstrap=bootstrap,
                   calibration_fraction=calibration_fraction, seed=seed, batch_size=_batch_size(batch_size),
                   device=device, dtype=dtype, text_field=text_field, id_field=id_field, limit=limit, out=out,
-                  overwrite=overwrite, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+                  resume=resume, overwrite=overwrite, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if res is None:  # a non-zero rank under torchrun: rank 0 reports
         return
     s = res.summary

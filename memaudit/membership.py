@@ -30,9 +30,10 @@ from .metrics import (binary_metrics, bootstrap_roc, roc_auc, roc_curve, stratif
                       threshold_max_balanced_accuracy, tpr_at_fpr)
 from .models import load_model, weights_hash
 from .progress import progress_bar
-from .scoring import score_sharded
+from .scoring import TokenStats, score_sharded
 
 FPR_TARGETS = (0.01, 0.001)
+RESUME_CHUNK = 256  # samples per saved unit of a pass: an interrupted run redoes at most this many
 MIN_RECALL_PREFIX = 8  # fewer shot tokens than this is not a prefix worth the name
 
 
@@ -204,12 +205,13 @@ def mia(model_dir: str | Path, members: str | Path, nonmembers: str | Path, *,
         recall_shots: int = 5, dcpdd_corpus: str | Path | None = None, bootstrap: int = 1000,
         calibration_fraction: float = 0.5, seed: int = 0, batch_size: int | str = "auto",
         device: str = "auto", dtype: str = "auto", text_field: str = "text", id_field: str = "id",
-        limit: int | None = None, out: str | Path | None = None, overwrite: bool = False,
+        limit: int | None = None, out: str | Path | None = None, resume: bool = False, overwrite: bool = False,
         write: bool = True, allow_pickle: bool = False, trust_remote_code: bool = False) -> MiaResult | None:
     """Score members and non-members with the attacks and measure how well each separates them.
 
     Under torchrun every rank scores a shard and rank 0 gathers, computes the metrics and writes `out`;
-    the other ranks return None.
+    the other ranks return None. Each pass is saved in chunks of RESUME_CHUNK samples as it goes, so `resume`
+    continues an interrupted run in `out` from its last finished chunk.
     """
     t0 = time.time()
     names, is_all = parse_attacks(attacks)
@@ -228,11 +230,14 @@ def mia(model_dir: str | Path, members: str | Path, nonmembers: str | Path, *,
         skipped["reference"] = "no --reference model given"
     dev = distributed.rank_device(device)
     distributed.init_from_env(torch.device("cpu" if dev == "auto" else dev))
+    if resume and (out is None or not write):
+        raise MemauditError("--resume needs --out (the run directory to continue)")
     out_path = Path(out) if out is not None else None
     if write:
         out_path = out_path or distributed.broadcast_object(_default_out())
-        if (out_path / "config.json").exists() and not overwrite:
-            raise MemauditError(f"{out_path} already holds a run: pass --overwrite to replace it, or choose another --out")
+        if (out_path / "config.json").exists() and not (overwrite or resume):
+            raise MemauditError(f"{out_path} already holds a run: pass --resume to continue it, --overwrite to "
+                                "replace it, or choose another --out")
 
     mem_df = read_documents(members, text_field=text_field, id_field=id_field, limit=limit)
     non_df = read_documents(nonmembers, text_field=text_field, id_field=id_field, limit=limit)
@@ -277,16 +282,33 @@ def mia(model_dir: str | Path, members: str | Path, nonmembers: str | Path, *,
     samples = _Samples(ids=m_ids + n_ids, member=np.r_[np.ones(len(m_ids), bool), np.zeros(len(n_ids), bool)],
                        tokens=m_toks + n_toks, counts={"members": m_counts, "nonmembers": n_counts})
     n = len(samples.ids)
+    run = None
+    if write and distributed.is_main():
+        from .rundir import RunDir
+
+        settings = {"attacks": list(names), "k": ks, "window": window, "bos": bos, "recall_shots": recall_shots,
+                    "bootstrap": bootstrap, "calibration_fraction": calibration_fraction, "seed": seed,
+                    "batch_size": batch_size, "device": device, "dtype": dtype, "text_field": text_field,
+                    "id_field": id_field, "limit": limit}
+        inputs = {"model": str(model_dir), "model_weights_sha256": weights_hash(model_dir),
+                  "members": str(members), "members_sha256": file_hash(members),
+                  "nonmembers": str(nonmembers), "nonmembers_sha256": file_hash(nonmembers)}
+        if reference is not None:
+            inputs |= {"reference": str(reference), "reference_weights_sha256": weights_hash(reference)}
+        if dcpdd_corpus is not None:
+            inputs |= {"dcpdd_corpus": str(dcpdd_corpus)}
+        run = RunDir(out_path, "mia", settings, inputs=inputs, resume=resume, overwrite=overwrite)
     score_kw = dict(batch_size=batch_size, bos_id=bos_id, pad_id=tok.pad_token_id or 0, max_length=ctx)
     scored = [np.asarray(t[1:] if bos_id is None else t, dtype=np.int64) for t in samples.tokens]
 
     # Pass 1: the target model, one scoring pass for every logit-based attack.
-    with progress_bar(n, "mia: target pass") as advance:
-        stats = score_sharded(target.model, samples.tokens, on_progress=advance, **score_kw)
+    score_pass = lambda model, seqs, kw: lambda chunk, advance: score_sharded(  # noqa: E731
+        model, [seqs[i] for i in chunk], on_progress=advance, **kw)
+    stats = _resumable(run, "target", n, "mia: target pass", score_pass(target.model, samples.tokens, score_kw))
     ref_stats = None
     if ref is not None:
-        with progress_bar(n, "mia: reference pass") as advance:
-            ref_stats = score_sharded(ref.model, samples.tokens, on_progress=advance, **score_kw)
+        ref_stats = _resumable(run, "reference", n, "mia: reference pass", score_pass(ref.model, samples.tokens,
+                                                                                      score_kw))
         del ref
 
     recall_info: dict[str, Any] | None = None
@@ -309,9 +331,8 @@ def mia(model_dir: str | Path, members: str | Path, nonmembers: str | Path, *,
             # Pass 3: the same engine on [BOS] + prefix + x; the last len(x scored) entries are x's tokens.
             start = [bos_id] if bos_id is not None else []
             cond = [start + prefix + samples.tokens[i] for i in todo]
-            with progress_bar(len(todo), "mia: recall pass") as advance:
-                got = score_sharded(target.model, cond, on_progress=advance,
-                                    **{**score_kw, "bos_id": None, "max_length": ctx})
+            got = _resumable(run, "recall", len(cond), "mia: recall pass",
+                             score_pass(target.model, cond, {**score_kw, "bos_id": None, "max_length": ctx}))
             if got is not None:
                 recall_stats = [None] * n
                 for i, st in zip(todo, got):
@@ -322,10 +343,13 @@ def mia(model_dir: str | Path, members: str | Path, nonmembers: str | Path, *,
 
     gradnorms = None
     if "gradnorm" in names:
-        idx = distributed.shard_indices(n)
-        with progress_bar(len(idx), "mia: gradnorm (one backward per sample)") as advance:
-            local = gradient_norms(target.model, [samples.tokens[i] for i in idx], bos_id=bos_id, on_progress=advance)
-        full = distributed.gather_sharded(local.tolist(), idx, n)
+        def grad_chunk(chunk, advance):
+            pos = distributed.shard_indices(len(chunk))  # this rank's positions within the chunk
+            local = gradient_norms(target.model, [samples.tokens[chunk[p]] for p in pos], bos_id=bos_id,
+                                   on_progress=advance)
+            return distributed.gather_sharded(local.tolist(), pos, len(chunk))
+
+        full = _resumable(run, "gradnorm", n, "mia: gradnorm (one backward per sample)", grad_chunk)
         gradnorms = np.asarray(full) if full is not None else None
 
     if not distributed.is_main():
@@ -382,27 +406,53 @@ def mia(model_dir: str | Path, members: str | Path, nonmembers: str | Path, *,
         "seconds": round(time.time() - t0, 2),
     }
     path = None
-    if write:
-        from .rundir import RunDir
-
-        settings = {"attacks": names, "k": ks, "window": window, "bos": bos, "recall_shots": recall_shots,
-                    "bootstrap": bootstrap, "calibration_fraction": calibration_fraction, "seed": seed,
-                    "batch_size": batch_size, "device": device, "dtype": dtype, "text_field": text_field,
-                    "id_field": id_field, "limit": limit}
-        inputs = {"model": str(model_dir), "model_weights_sha256": weights_hash(model_dir),
-                  "members": str(members), "members_sha256": file_hash(members),
-                  "nonmembers": str(nonmembers), "nonmembers_sha256": file_hash(nonmembers)}
-        if reference is not None:
-            inputs |= {"reference": str(reference), "reference_weights_sha256": weights_hash(reference)}
-        if dcpdd_corpus is not None:
-            inputs |= {"dcpdd_corpus": str(dcpdd_corpus)}
-        run = RunDir(out_path, "mia", settings, inputs=inputs, overwrite=overwrite)
+    if run is not None:
         run.write_samples(df)
         summary["figures"] = _figures(run, df, list(cols), metrics)
         run.write_summary(summary)
         run.finish()
         path = run.path
     return MiaResult(samples=df, summary=summary, path=path)
+
+
+_STAT_FIELDS = {"logprob": np.float32, "hit": bool, "argmax": np.int32, "mean_lp": np.float32, "var_lp": np.float32}
+
+
+def _to_frame(items: list) -> pd.DataFrame:
+    if items and isinstance(items[0], TokenStats):
+        return pd.DataFrame({f: [getattr(st, f) for st in items] for f in _STAT_FIELDS})
+    return pd.DataFrame({"value": items})
+
+
+def _from_frame(df: pd.DataFrame) -> list:
+    if "value" in df:
+        return df["value"].tolist()
+    return [TokenStats(**{f: np.asarray(row[f], dtype=t) for f, t in _STAT_FIELDS.items()})
+            for row in df.to_dict("records")]
+
+
+def _resumable(run, name: str, n: int, label: str, compute) -> list | None:
+    """Run one pass over n items in chunks of RESUME_CHUNK: compute(chunk_indices, advance) returns the chunk's
+    results on rank 0 (None elsewhere). With a run directory each finished chunk is saved under partial/, and a
+    resumed run loads the chunks it already has instead of recomputing them."""
+    starts = range(0, n, RESUME_CHUNK)
+    saved = {s: run.load_partial(f"{name}-{s:09d}") if run is not None else None for s in starts}
+    done = distributed.broadcast_object(sorted(s for s, df in saved.items() if df is not None))
+    out: list | None = [None] * n if distributed.is_main() else None
+    with progress_bar(n, label) as advance:
+        for s in starts:
+            chunk = list(range(s, min(n, s + RESUME_CHUNK)))
+            if s in done:
+                if out is not None:
+                    out[s:s + len(chunk)] = _from_frame(saved[s])
+                advance(len(chunk))
+                continue
+            got = compute(chunk, advance)
+            if out is not None:
+                out[s:s + len(chunk)] = got
+                if run is not None:
+                    run.save_partial(f"{name}-{s:09d}", _to_frame(got))
+    return out
 
 
 def _tail(st, m: int):

@@ -110,6 +110,10 @@ class RunDir:
     def save_partial(self, key: str, df: pd.DataFrame) -> None:
         write_parquet(self.partial_dir / f"{key}.parquet", df)
 
+    def load_partial(self, key: str) -> pd.DataFrame | None:
+        f = self.partial_dir / f"{key}.parquet"
+        return pd.read_parquet(f) if f.is_file() else None
+
     def load_partials(self) -> list[pd.DataFrame]:
         if not self.partial_dir.exists():
             return []

@@ -260,3 +260,36 @@ def test_cli_overlapping_ids_warn_and_continue(memorized, tmp_path):
     assert "warning: 2 id(s) appear in both the member and the non-member file" in r.stderr
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["overlap"]["ids_in_both_files"] == 2 and s["n_members"] == 6 and s["n_nonmembers"] == 6
+
+
+def test_resume_after_interruption_recomputes_only_unfinished_chunks(memorized, tmp_path, monkeypatch):
+    import memaudit.membership as membership
+
+    monkeypatch.setattr(membership, "RESUME_CHUNK", 4)
+    kw = dict(attacks="loss,min_k,gradnorm", window=16, bootstrap=0, limit=6)
+    whole = mia(memorized.model_dir, memorized.train_file, memorized.heldout_file, out=tmp_path / "whole", **kw)
+    real, calls = membership.score_sharded, []
+
+    def dies_on_second_chunk(model, seqs, **k):
+        calls.append(len(seqs))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the user's Ctrl-C in the middle of the target pass
+        return real(model, seqs, **k)
+
+    monkeypatch.setattr(membership, "score_sharded", dies_on_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        mia(memorized.model_dir, memorized.train_file, memorized.heldout_file, out=tmp_path / "cut", **kw)
+    assert sorted(p.name for p in (tmp_path / "cut" / "partial").iterdir()) == ["target-000000000.parquet"]
+    with pytest.raises(MemauditError, match="--resume"):  # never overwritten silently
+        mia(memorized.model_dir, memorized.train_file, memorized.heldout_file, out=tmp_path / "cut", **kw)
+    calls.clear()
+    monkeypatch.setattr(membership, "score_sharded", lambda model, seqs, **k: calls.append(len(seqs)) or
+                        real(model, seqs, **k))
+    resumed = mia(memorized.model_dir, memorized.train_file, memorized.heldout_file, out=tmp_path / "cut",
+                  resume=True, **kw)
+    assert calls == [4, 4]  # 12 samples: chunk 0 loaded from disk, chunks 1 and 2 scored
+    pd.testing.assert_frame_equal(resumed.samples, whole.samples)
+    assert not (tmp_path / "cut" / "partial").exists()
+    with pytest.raises(MemauditError, match="other settings"):
+        mia(memorized.model_dir, memorized.train_file, memorized.heldout_file, out=tmp_path / "cut", resume=True,
+            **{**kw, "window": 12})
