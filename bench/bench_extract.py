@@ -80,9 +80,10 @@ def hf_generate_extract(m, data: Path, batch_size: int) -> list[dict]:
 
 
 def bare_times(m, data: Path, batch_size: int, repeats: int) -> tuple[float, float]:
-    """The memorized case's bound: one bare teacher-forced pass over every window (logits for the suffix only,
-    argmax) against bare `generate`, same batch size, no tokenizing and no metrics on either side. Any method that
-    verifies every window with at least one teacher-forced pass is at most this much faster than `generate`."""
+    """The model work of the memorized case: one bare teacher-forced pass over every window (logits for the suffix
+    only, argmax) against bare `generate`, same batch size, no tokenizing and no metrics on either side. A method
+    that verifies every window with a teacher-forced pass cannot do the model work faster than the first; on a
+    compute-bound CPU at large batches the two are close, whatever the method."""
     from transformers import GenerationConfig
 
     docs = read_documents(data)
@@ -154,10 +155,11 @@ def main() -> None:
                          f"{n * SUFFIX / t_ma:>16.0f}{n * SUFFIX / t_hf:>14.0f}{t_hf / t_ma:>8.2f}x{str(same):>11}")
     lines.append("tok/s: suffix tokens produced and scored per second (samples x suffix / wall time); both sides "
                  "include tokenizing, windowing and the metrics.")
-    for bs in sizes:
-        t_tf, t_gen = bare_times(m, train_file, bs, args.repeats)
-        lines.append(f"bound, memorized case, batch {bs}: a bare teacher-forced pass over every window {t_tf:.3f} s, "
-                     f"bare HF generate {t_gen:.3f} s: at most {t_gen / t_tf:.2f}x for any verifying method")
+    for bs in sizes:  # cheap, so twice the repeats
+        t_tf, t_gen = bare_times(m, train_file, bs, 2 * args.repeats)
+        lines.append(f"model work alone, memorized case, batch {bs}: one bare teacher-forced pass over every window "
+                     f"{t_tf:.3f} s, bare HF generate {t_gen:.3f} s, ratio {t_gen / t_tf:.2f}x (no tokenizing, no "
+                     f"metrics)")
     lines.append(f"speedup when none are memorized (batch {sizes[0]}): {ratios[('none (held out)', sizes[0])]:.2f}x")
     lines.append(f"speedup={ratios[('memorized (trained)', sizes[0])]:.2f}")
     text = "\n".join(lines)
