@@ -142,14 +142,17 @@ def main() -> None:
     lines = ["# Goldfish loss: extreme setting at small scale", "",
              f"Tiny GPT-2 ({args.config}), {args.epochs} epochs on 100 stdlib docstrings; extraction with "
              f"{PREFIX}-token prompts and {SUFFIX}-token targets over the {int(std_row.documents)} documents long "
-             "enough; validation on 100 held-out docstrings (unmasked loss). Written by `reproduce.py`.", "",
+             "enough; validation on 100 held-out docstrings (unmasked loss). Written by "
+             f"`python reports/goldfish/reproduce.py --epochs {args.epochs} --config {args.config}`.", "",
              markdown_table(df), "",
              "`dropped_fraction`: targets excluded from the loss / all targets, as the trainer logs it. "
              "`dropped_of_eligible`: the same among the targets the mask can drop at all; the hash masks never "
              "drop a document's first h - 1 = 12 targets (fewer than h = 13 tokens of context, as in the "
              "official code), so over all targets their rate is below 1/k while among eligible ones it is ~1/k. "
              "Recomputed from the saved tokenizer and the training rows, and checked to reproduce the logged "
-             "fraction exactly; for `random` (redrawn each step, any target eligible) it is the logged fraction.",
+             "fraction exactly; for `random` (redrawn each step, any target eligible) it is the logged fraction. "
+             "`seconds`: this invocation's wall time per run (training and extraction; runs already trained in "
+             "the work dir are only measured), with --jobs runs sharing the machine: compare within one table only.",
              "",
              "Runs not in the table were not finished in this session's time budget.\n" if args.only else "",
              "## Targets", "",
