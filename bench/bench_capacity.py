@@ -1,7 +1,8 @@
 """Ensemble trainer vs the plain way: 8 GPT-2 models (same shape, own seed and random dataset), same steps.
 
 Plain: each model a transformers GPT2LMHeadModel with torch.optim.Adam, trained one after another.
-Ensemble: memaudit.training.ensemble.train_ensemble, all 8 in one stacked model (convergence checks off, same
+Ensemble: memaudit.training.ensemble.train_ensemble, all 8 in one stacked model (one bmm per layer for all models,
+the tied head and loss fused and chunked so the full logits never exist; convergence checks off, same
 number of steps, same batch size and learning rate). Both on the same machine in one run, with the same
 thread count. Prints a table, models per hour, and `speedup=<x>` last.
 
@@ -86,7 +87,7 @@ def main() -> None:
     speedup = float("nan")
     for threads in [int(t) for t in args.threads.split(",")]:
         t_plain, t_ens = time_both(shape, datasets, seeds, args, threads)
-        for name, t in (("plain loop (HF GPT2, one at a time)", t_plain), ("memaudit ensemble (stacked bmm)", t_ens)):
+        for name, t in (("plain loop (HF GPT2, one at a time)", t_plain), ("memaudit ensemble (bmm, fused head)", t_ens)):
             print(f"{name:<36}{threads:>8}{t:>10.1f}{args.models / t * 3600:>14.0f}")
         speedup = t_plain / t_ens
         print(f"speedup at {threads} thread(s): {speedup:.2f}")
