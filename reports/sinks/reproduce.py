@@ -16,7 +16,10 @@ held-out chunks (validation). Headline: with the sinks dropped the loss on the r
 half way from standard training's toward the never-saw model's, while validation loss stays within 5% of
 standard's.
 
-Run:  python reports/sinks/reproduce.py --jobs 3   (writes results.csv and results.md here)
+Run:  python reports/sinks/reproduce.py --epochs 5 --sink-fraction 0.6 --jobs 3   (the headline in results.md;
+      writes results.csv and results.md here; the defaults are the one-pass, paper-default starting point)
+Other settings: --results-dir DIR writes elsewhere; copied to explore/<label>/ they join results.md's table of
+settings tried (README.md says how the headline setting was chosen).
 A model already trained in the work dir with the same settings and input files is reused (only measured).
 """
 from __future__ import annotations
@@ -71,7 +74,9 @@ def mean_loss(model_dir: Path, data: Path, seq_len: int) -> float:
 
 def write_if_changed(path: Path, texts: list[str]) -> Path:
     """write_documents, but leave an identical file alone (runs sharing a work dir read it concurrently)."""
-    tmp = write_documents(path.with_suffix(".tmp.jsonl"), texts)
+    import os
+
+    tmp = write_documents(path.with_suffix(f".tmp{os.getpid()}.jsonl"), texts)
     if path.is_file() and path.read_bytes() == tmp.read_bytes():
         tmp.unlink()
     else:
@@ -115,6 +120,27 @@ def run_one(name: str, kw: dict, common: dict, work: Path, files: dict) -> list[
                      "train_seconds": 0.0})
     print(json.dumps(rows), flush=True)
     return rows
+
+
+def explorations_section(root: Path) -> str:
+    """A table of every other setting tried: the results.csv/results.md each run of this script wrote under
+    `root`/<label>/ (copied there from its --results-dir), so no figure here is typed by hand."""
+    rows = []
+    for csv in sorted(root.glob("*/results.csv")):
+        df = pd.read_csv(csv).set_index("model")
+        md = (csv.parent / "results.md").read_text()
+        cmd = md.split("Written by `", 1)[1].split("`", 1)[0] if "Written by `" in md else "?"
+        std, snk = df.loc["standard"], df.loc["sinks (sinks dropped)"]
+        rows.append(f"| {csv.parent.name} | `{cmd}` | {std.loss_repeated_nats:.3f} | {snk.loss_repeated_nats:.3f} | "
+                    f"{df.loc['never-saw'].loss_repeated_nats:.3f} | {snk.gap_closed:.2f} | "
+                    f"{100.0 * (snk.loss_val_nats / std.loss_val_nats - 1.0):+.1f}% |")
+    if not rows:
+        return ""
+    return ("\n## Settings tried\n\nEvery setting this script was run with while designing the experiment "
+            "(each row from that run's own results.csv in `explore/`; gap_closed = the fraction of the way the "
+            "sinks-dropped model's loss on the repeated chunks moved from standard's toward never-saw's):\n\n"
+            "| label | command | standard | sinks dropped | never-saw | gap_closed | val vs standard |\n"
+            "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
 def main() -> None:
@@ -199,12 +225,16 @@ def main() -> None:
             f"(each seen once per epoch) + {args.n_repeated} chunks x {args.repeats} repeats, shuffled together; "
             f"validation = {args.n_val} held-out chunks; corpus `{args.corpus}` in ~{args.chunk_chars}-character "
             f"chunks; sink fraction {args.sink_fraction}, density {args.sink_density}; never-saw = the same "
-            f"training on the unique chunks only. Written by `{cmd}`.\n\n{head}{body}\n## Targets\n\n"
+            f"training on the unique chunks only. Written by `{cmd}`. train_seconds: wall time, on a machine "
+            f"shared with other jobs (0 for the row that re-measures the sinks model).\n\n{head}{body}\n"
+            f"## Targets\n\n"
             f"- loss on repeated documents moves >= half way from standard toward never-saw with sinks dropped: "
             f"{moved:.2f} of the way ({std.loss_repeated_nats:.3f} -> {snk.loss_repeated_nats:.3f}, never-saw "
             f"{never.loss_repeated_nats:.3f}) -> {'met' if moved >= 0.5 else 'NOT met'}\n"
             f"- validation loss within 5% of standard's: {snk.loss_val_nats:.4f} vs {std.loss_val_nats:.4f} "
             f"({val_pct:+.1f}%) -> {'met' if abs(val_pct) <= 5 else 'NOT met'}\n")
+    if Path(args.results_dir).resolve() == HERE:
+        text += explorations_section(HERE / "explore")
     print(text)
     if not args.no_write:
         out = Path(args.results_dir)
