@@ -4,14 +4,18 @@ Plain: each model a transformers GPT2LMHeadModel with torch.optim.Adam, trained 
 Ensemble: memaudit.training.ensemble.train_ensemble, all 8 in one stacked model (one bmm per layer for all models,
 the tied head and loss fused and chunked so the full logits never exist; convergence checks off, same
 number of steps, same batch size and learning rate). Both on the same machine in one run, with the same
-thread count. Prints a table, models per hour, and `speedup=<x>` last.
+thread count. Sharded ensemble: the same trainer in one process per core at 1 thread each, half the models each,
+which is how `torchrun --nproc-per-node 2 -m memaudit capacity` runs a grid (one shard of the grid per rank); the
+plain loop gets the same cores as threads. Prints a table, models per hour, and `speedup=<x>` last (the sharded
+ensemble against the plain loop at the machine's core count, when --shards > 1).
 
-    python bench/bench_capacity.py [--models 8] [--steps 200] [--threads 1,2]
+    python bench/bench_capacity.py [--models 8] [--steps 200] [--threads 1,2] [--shards 2]
 """
 from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import os
 import time
 
@@ -63,6 +67,25 @@ def time_both(shape, datasets, seeds, args, threads: int) -> tuple[float, float]
     return min(plain), min(ens)
 
 
+def _shard_worker(job) -> float:
+    shape, datasets, seeds, cfg, bos = job
+    train_ensemble(shape, datasets, seeds, cfg, bos_id=bos)
+    return 0.0
+
+
+def time_sharded(pool, shards: int, shape, datasets, seeds, args) -> float:
+    """Wall time of the ensemble trainer with the models split over `shards` single-thread processes."""
+    cfg = EnsembleConfig(max_steps=args.steps, batch_size=args.batch_size, lr=1e-2, warmup_steps=100,
+                         eval_every=10 ** 9, drop_converged=False)
+    jobs = [(shape, datasets[r::shards], seeds[r::shards], cfg, args.vocab) for r in range(shards)]
+    best = float("inf")
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        pool.map(_shard_worker, jobs)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", type=int, default=8)
@@ -74,7 +97,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", default="1,2", help="thread counts to time; speedup= reports the last")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--shards", type=int, default=min(2, os.cpu_count() or 1),
+                    help="processes for the sharded ensemble row (1: leave it out)")
     args = ap.parse_args()
+    # workers forked before this process runs any torch kernel (a forked OpenMP pool is not safe), 1 thread each
+    pool = (multiprocessing.get_context("fork").Pool(args.shards, initializer=torch.set_num_threads, initargs=(1,))
+            if args.shards > 1 else None)
     shape = model_shape(args.layers, args.width, args.vocab, args.seq_len)
     n = int(round(1.5 * 3.6 * shape.parameters / (args.seq_len * math.log2(args.vocab))))
     datasets = [random_dataset(n, args.seq_len, args.vocab, seed) for seed in range(args.models)]
@@ -91,6 +119,13 @@ def main() -> None:
             print(f"{name:<36}{threads:>8}{t:>10.1f}{args.models / t * 3600:>14.0f}")
         speedup = t_plain / t_ens
         print(f"speedup at {threads} thread(s): {speedup:.2f}")
+    if pool is not None:
+        t_sh = time_sharded(pool, args.shards, shape, datasets, seeds, args)
+        pool.close()
+        name = f"memaudit ensemble, {args.shards} shards x 1 thread"
+        print(f"{name:<36}{args.shards:>8}{t_sh:>10.1f}{args.models / t_sh * 3600:>14.0f}")
+        speedup = t_plain / t_sh  # the plain loop's time at the last thread count above (use the core count)
+        print(f"speedup of the sharded ensemble over the plain loop at {threads} thread(s): {speedup:.2f}")
     print(f"speedup={speedup:.2f}")
 
 
