@@ -23,13 +23,16 @@ class TrainedModel:
 def memorized(tmp_path_factory) -> TrainedModel:
     """A tiny GPT-2 trained until it reproduces its 60 training docstrings; 60 held-out ones beside them."""
     from memaudit.corpus import demo_corpus
-    from memaudit.data import write_documents
+    from memaudit.data import train_tokenizer, write_documents
     from memaudit.training import TrainConfig, train
 
     root = tmp_path_factory.mktemp("memorized")
     members, heldout = demo_corpus(n_train=60, n_heldout=60, seed=1)
     train_file = write_documents(root / "train.jsonl", members, [f"m{i}" for i in range(len(members))])
     heldout_file = write_documents(root / "heldout.jsonl", heldout, [f"h{i}" for i in range(len(heldout))])
+    # The tokenizer sees members and held-out alike (as a real tokenizer is trained on a broad corpus): one trained
+    # on the members only would give them shorter token sequences, a membership signal no model weight carries.
+    train_tokenizer(members + heldout).save_pretrained(root / "tokenizer")
     train(TrainConfig(data=str(train_file), out=str(root / "model"), epochs=80, lr=3e-3, batch_size=16,
-                      seq_len=96, val_fraction=0.0, seed=0))
+                      seq_len=96, val_fraction=0.0, seed=0, tokenizer=str(root / "tokenizer")))
     return TrainedModel(root / "model", train_file, heldout_file)

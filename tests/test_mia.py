@@ -37,8 +37,8 @@ def _fresh_copy(model_dir, out, seed):
 @pytest.fixture(scope="session")
 def unseen(tmp_path_factory, memorized):
     """A model (and tokenizer) trained on other documents of the same source: it saw neither the members nor
-    the held-out set. Its tokenizer is trained on those other documents too: the memorized model's tokenizer
-    was trained on its members, so on the same token boundaries even an untrained model would separate them."""
+    the held-out set. Its tokenizer is trained on those other documents too, so nothing of either set reaches
+    it (a tokenizer trained on the members alone would separate them even with untrained weights)."""
     from memaudit.corpus import demo_corpus
     from memaudit.training import TrainConfig, train
 
