@@ -72,8 +72,10 @@ def token_stats_from_logits(logits: torch.Tensor, targets: torch.Tensor,
         tg = targets[:, s:s + step]
         lsm = torch.log_softmax(lg, dim=-1)
         p = lsm.exp()
-        mean = (p * lsm).sum(-1)
-        second = (p * lsm.square()).sum(-1)
+        # the two moments as batched dot products over the vocabulary (no [b, T, V] temporaries for the sums)
+        mean = torch.einsum("btv,btv->bt", p, lsm)
+        p.mul_(lsm)  # p * log p, reused in place for the second moment
+        second = torch.einsum("btv,btv->bt", p, lsm)
         am = lg.argmax(-1)
         parts["logprob"].append(lsm.gather(-1, tg.unsqueeze(-1)).squeeze(-1))
         parts["argmax"].append(am)
