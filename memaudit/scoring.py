@@ -72,10 +72,8 @@ def token_stats_from_logits(logits: torch.Tensor, targets: torch.Tensor,
         tg = targets[:, s:s + step]
         lsm = torch.log_softmax(lg, dim=-1)
         p = lsm.exp()
-        # the two moments as batched dot products over the vocabulary (no [b, T, V] temporaries for the sums)
-        mean = torch.einsum("btv,btv->bt", p, lsm)
-        p.mul_(lsm)  # p * log p, reused in place for the second moment
-        second = torch.einsum("btv,btv->bt", p, lsm)
+        mean = (p * lsm).sum(-1)
+        second = (p * lsm.square()).sum(-1)
         am = lg.argmax(-1)
         parts["logprob"].append(lsm.gather(-1, tg.unsqueeze(-1)).squeeze(-1))
         parts["argmax"].append(am)
