@@ -220,8 +220,7 @@ def _verify_batch(model, batch, W: np.ndarray, P: int, S: int, bos_id: int | Non
     rows = np.arange(n)  # batch rows still matching; row rows[j] is row j of `cache`
     cache = batch.cache
     done = 0  # suffix positions checked so far
-    end = k0
-    ends = [S]
+    end = k0  # the first stage; the continuation (if any row survives it) reads the rest of the suffix
     while True:
         hit = argmax[rows, done:end] == targets[rows, done:end]
         ok = hit.all(1)
@@ -247,7 +246,7 @@ def _verify_batch(model, batch, W: np.ndarray, P: int, S: int, bos_id: int | Non
         if done >= S or not len(rows):
             return rows, first_miss
         assert kv is not None, "a first stage short of the suffix needs a sliceable cache"
-        end = ends.pop(0)
+        end = S
         x = torch.as_tensor(feed[rows, sbase + done: sbase + end], device=next(model.parameters()).device)
         with torch.inference_mode():  # continue from the cache: read only the next stage's tokens
             logits, cache = gen._forward(model, x, cache, last_only=False)

@@ -33,7 +33,9 @@ from .progress import progress_bar
 from .scoring import TokenStats, score_sharded
 
 FPR_TARGETS = (0.01, 0.001)
-RESUME_CHUNK = 256  # samples per saved unit of a pass: an interrupted run redoes at most this many
+# Samples per saved unit of a pass: an interrupted run redoes at most this many. Each unit is one scoring call,
+# so it must hold several of the largest batches (512 on GPU) or chunking would shrink the batches themselves.
+RESUME_CHUNK = 4096
 MIN_RECALL_PREFIX = 8  # fewer shot tokens than this is not a prefix worth the name
 
 
@@ -302,8 +304,9 @@ def mia(model_dir: str | Path, members: str | Path, nonmembers: str | Path, *,
     scored = [np.asarray(t[1:] if bos_id is None else t, dtype=np.int64) for t in samples.tokens]
 
     # Pass 1: the target model, one scoring pass for every logit-based attack.
-    score_pass = lambda model, seqs, kw: lambda chunk, advance: score_sharded(  # noqa: E731
-        model, [seqs[i] for i in chunk], on_progress=advance, **kw)
+    def score_pass(model, seqs, kw):
+        return lambda chunk, advance: score_sharded(model, [seqs[i] for i in chunk], on_progress=advance, **kw)
+
     stats = _resumable(run, "target", n, "mia: target pass", score_pass(target.model, samples.tokens, score_kw))
     ref_stats = None
     if ref is not None:

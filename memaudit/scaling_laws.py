@@ -71,7 +71,7 @@ def fit_mia_law(ratios, f1s, p0: tuple[float, float, float] | None = None) -> di
             "rmse": float(np.sqrt(np.mean(resid ** 2))), "n_points": int(len(x))}
 
 
-def _fitted_constants(law) -> dict:
+def _constants(law) -> dict:
     if isinstance(law, dict):
         return law
     if isinstance(law, str) and law in LAWS:
@@ -95,5 +95,5 @@ def predict_mia_f1(params: float, train_sequences: float, law: str | dict | os.P
     """
     if params <= 0 or train_sequences <= 0:
         raise MemauditError("params and train_sequences must be positive")
-    c = _fitted_constants(law)
+    c = _constants(law)
     return float(mia_law(train_sequences / params, c["c1"], c["c2"], c["c3"]))
