@@ -55,11 +55,13 @@ def trained_model(cache: Path) -> tuple[Path, Path, Path]:
 
 
 def hf_generate_extract(m, data: Path, batch_size: int) -> list[dict]:
-    """The peer way: tokenize, cut the same windows, batched greedy generate, then the same metrics."""
+    """The peer way: tokenize (the tokenizer's standard call), cut the same windows, batched greedy generate, then
+    the same metrics."""
     from transformers import GenerationConfig
 
     docs = read_documents(data)
-    w = make_windows(tokenize(m.tokenizer, docs["text"].tolist()), docs["id"].tolist(), PREFIX, SUFFIX)
+    token_lists = m.tokenizer(docs["text"].tolist(), add_special_tokens=False)["input_ids"]  # the standard call
+    w = make_windows(token_lists, docs["id"].tolist(), PREFIX, SUFFIX)
     cfg = GenerationConfig(max_new_tokens=SUFFIX, do_sample=False, eos_token_id=None, bos_token_id=None,
                            pad_token_id=m.tokenizer.pad_token_id)
     rows = []

@@ -114,8 +114,20 @@ def write_documents(path: str | os.PathLike, texts: Sequence[str], ids: Sequence
 
 
 def tokenize(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text, without special tokens (windows are cut from raw text tokens)."""
-    enc = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    """Token ids of each text, without special tokens (windows are cut from raw text tokens).
+
+    A fast tokenizer's Rust backend is called directly (`encode_batch_fast`: no offsets, no attention masks, no
+    conversion of every encoding to Python dicts), which roughly halves tokenizing time on long documents. The
+    first text is also encoded the standard way, and any difference (a wrapper that changes the text before the
+    backend sees it) falls back to the standard call for all texts.
+    """
+    texts = list(texts)
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is not None and hasattr(backend, "encode_batch_fast") and texts:
+        ids = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        if ids[0] == list(tokenizer(texts[0], add_special_tokens=False)["input_ids"]):
+            return ids
+    enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [list(map(int, ids)) for ids in enc]
 
 

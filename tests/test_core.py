@@ -71,3 +71,12 @@ def test_train_error_is_one_line(tmp_path):
                         "--out", str(tmp_path / "m")], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: data file not found: {tmp_path / 'none.jsonl'}"
+
+
+def test_tokenize_equals_the_tokenizers_standard_call(memorized):
+    """The Rust fast path gives the ids `tokenizer(texts)` gives, on awkward text too."""
+    tok = load_model(memorized.model_dir, device="cpu").tokenizer
+    texts = read_documents(memorized.train_file)["text"].tolist()[:20] + [
+        "", "  leading spaces", "tabs\tand\nnewlines\r\n", "unicode: naïve café 日本語 🙂", "<|endoftext|> inside"]
+    standard = [list(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+    assert tokenize(tok, texts) == standard
