@@ -9,7 +9,7 @@ which is how `torchrun --nproc-per-node 2 -m memaudit capacity` runs a grid (one
 plain loop gets the same cores as threads. Prints a table, models per hour, and `speedup=<x>` last (the sharded
 ensemble against the plain loop at the machine's core count, when --shards > 1).
 
-    python bench/bench_capacity.py [--models 8] [--steps 200] [--threads 1,2] [--shards 2]
+    python bench/bench_capacity.py [--models 8] [--steps 200] [--threads 1,2] [--shards 2] [--out FILE]
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import math
 import multiprocessing
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -99,6 +100,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--shards", type=int, default=min(2, os.cpu_count() or 1),
                     help="processes for the sharded ensemble row (1: leave it out)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_capacity.txt")
     args = ap.parse_args()
     # workers forked before this process runs any torch kernel (a forked OpenMP pool is not safe), 1 thread each
     pool = (multiprocessing.get_context("fork").Pool(args.shards, initializer=torch.set_num_threads, initargs=(1,))
@@ -107,26 +109,34 @@ def main() -> None:
     n = int(round(1.5 * 3.6 * shape.parameters / (args.seq_len * math.log2(args.vocab))))
     datasets = [random_dataset(n, args.seq_len, args.vocab, seed) for seed in range(args.models)]
     seeds = list(range(args.models))
-    print(f"shape: {args.layers} layer(s) x width {args.width}, V={args.vocab}, S={args.seq_len}, "
+    lines: list[str] = []
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    say(f"shape: {args.layers} layer(s) x width {args.width}, V={args.vocab}, S={args.seq_len}, "
           f"{shape.parameters:,} params/model; {args.models} models x {args.steps} steps, batch {args.batch_size}, "
           f"{n} sequences each; best of {args.repeats} interleaved runs; torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs (shared)")
-    print(f"{'method':<36}{'threads':>8}{'seconds':>10}{'models/hour':>14}")
+    say(f"{'method':<36}{'threads':>8}{'seconds':>10}{'models/hour':>14}")
     speedup = float("nan")
     for threads in [int(t) for t in args.threads.split(",")]:
         t_plain, t_ens = time_both(shape, datasets, seeds, args, threads)
         for name, t in (("plain loop (HF GPT2, one at a time)", t_plain), ("memaudit ensemble (bmm, fused head)", t_ens)):
-            print(f"{name:<36}{threads:>8}{t:>10.1f}{args.models / t * 3600:>14.0f}")
+            say(f"{name:<36}{threads:>8}{t:>10.1f}{args.models / t * 3600:>14.0f}")
         speedup = t_plain / t_ens
-        print(f"speedup at {threads} thread(s): {speedup:.2f}")
+        say(f"speedup at {threads} thread(s): {speedup:.2f}")
     if pool is not None:
         t_sh = time_sharded(pool, args.shards, shape, datasets, seeds, args)
         pool.close()
         name = f"memaudit ensemble, {args.shards} shards x 1 thread"
-        print(f"{name:<36}{args.shards:>8}{t_sh:>10.1f}{args.models / t_sh * 3600:>14.0f}")
+        say(f"{name:<36}{args.shards:>8}{t_sh:>10.1f}{args.models / t_sh * 3600:>14.0f}")
         speedup = t_plain / t_sh  # the plain loop's time at the last thread count above (use the core count)
-        print(f"speedup of the sharded ensemble over the plain loop at {threads} thread(s): {speedup:.2f}")
-    print(f"speedup={speedup:.2f}")
+        say(f"speedup of the sharded ensemble over the plain loop at {threads} thread(s): {speedup:.2f}")
+    say(f"speedup={speedup:.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
