@@ -162,8 +162,17 @@ def main() -> None:
               "12,000 steps, sizes 0.5x/1.25x/2.5x): 2.77 bits/parameter, a lower bound (2 of 4 shapes not converged).",
               ""]
     if fit["estimate"] < 3.2:
+        gp0 = runs[main_run]["grid"]
+        emb_p = [(gp0["vocab"] + 1) * c["width"] / c["params"] for c in runs[main_run]["capacities"]]
         lines += [f"**The target range 3.2-4.4 was not reached on this machine** ({fit['estimate']:.2f}). The plateaus "
-                  "are reported as measured; see 'Why below the paper' below.", ""]
+                  f"are reported as measured. Per model ({fit['per_model_min']:.2f}-{fit['per_model_max']:.2f}) they lie "
+                  "inside the published per-model range (~2.9-4.2), at its low end. What holds the fit down, as far as "
+                  f"the pilots show: about {max(int(v) for v in pd.read_csv(HERE / main_run / 'results.csv')['steps']):,} "
+                  "steps of batch 32 per model at most (memorization still grows a few percent under longer schedules), "
+                  "one dataset size above capacity per shape, and the paper's four smallest shapes only, where the "
+                  f"token embedding holds {min(emb_p):.0%}-{max(emb_p):.0%} of the parameters (our width-8 pilot at "
+                  "V=2048 shows embedding-heavy models storing less per parameter). See also 'Why the small grid is "
+                  "below the paper'.", ""]
     for n in RUNS:
         r = runs[n]
         lines += [f"## Random tokens: run `{n}`", "", "```", command_line(n, RUNS[n], True), "```", "",

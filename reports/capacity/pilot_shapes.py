@@ -4,7 +4,7 @@ One ensemble per command; its models share one random dataset (size `mult` x the
 differ only in learning rate (train_ensemble's lr_scales). Prints memorized bits per parameter every 500 steps
 (`*`: annealing) and a FINAL line per model. The commands behind pilot_shapes.log:
 
-    # A: constant LR, never annealed (TOL=-1), widths 8 and 16 (stopped after ~30K steps)
+    # A: constant LR, never annealed (TOL=-1), widths 8 and 16 (stopped after 32K and 35K steps)
     TOL=-1 python reports/capacity/pilot_shapes.py 8 32 2e-2,5e-2,1e-1 40000 2
     TOL=-1 python reports/capacity/pilot_shapes.py 16 32 2e-2,5e-2,1e-1 40000 2
     # B: warmup-stable-decay: constant LR to step 20,000, then a linear decay to 0 over 20,000 steps
