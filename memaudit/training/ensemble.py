@@ -419,10 +419,9 @@ def _plateaued(rec: ModelRecord, cfg: EnsembleConfig, data_bits: float | None) -
 
 def _clip_per_model(model: EnsembleGPT, max_norm: float) -> None:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    sq = torch.stack([g.flatten(1).float().square().sum(1) for g in grads]).sum(0)  # [M]
-    scale = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(scale.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
+    flat = torch.cat([g.flatten(1) for g in grads], 1).float()  # [M, parameters per model]: one reduction
+    scale = (max_norm / (flat.square().sum(1).sqrt() + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, [scale.view(-1, *([1] * (g.dim() - 1))).to(g.dtype) for g in grads])
 
 
 def _slice_state(model: EnsembleGPT, slot: int) -> dict[str, torch.Tensor]:
