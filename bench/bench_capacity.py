@@ -52,11 +52,16 @@ def plain_loop(shape, datasets, seeds, steps, batch_size, lr, bos):
     return float(loss.detach())
 
 
+def ensemble_config(args) -> EnsembleConfig:
+    """The plain loop's settings (same steps, batch, lr, warmup); no convergence checks, every model to the end."""
+    return EnsembleConfig(max_steps=args.steps, batch_size=args.batch_size, lr=1e-2, warmup_steps=100,
+                          eval_every=10 ** 9, drop_converged=False)
+
+
 def time_both(shape, datasets, seeds, args, threads: int) -> tuple[float, float]:
     """Best of `--repeats` interleaved runs of each (the machine is shared: the minimum is the least disturbed)."""
     torch.set_num_threads(threads)
-    cfg = EnsembleConfig(max_steps=args.steps, batch_size=args.batch_size, lr=1e-2, warmup_steps=100,
-                         eval_every=10 ** 9, drop_converged=False)
+    cfg = ensemble_config(args)
     plain, ens = [], []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
@@ -68,16 +73,14 @@ def time_both(shape, datasets, seeds, args, threads: int) -> tuple[float, float]
     return min(plain), min(ens)
 
 
-def _shard_worker(job) -> float:
+def _shard_worker(job) -> None:
     shape, datasets, seeds, cfg, bos = job
     train_ensemble(shape, datasets, seeds, cfg, bos_id=bos)
-    return 0.0
 
 
 def time_sharded(pool, shards: int, shape, datasets, seeds, args) -> float:
     """Wall time of the ensemble trainer with the models split over `shards` single-thread processes."""
-    cfg = EnsembleConfig(max_steps=args.steps, batch_size=args.batch_size, lr=1e-2, warmup_steps=100,
-                         eval_every=10 ** 9, drop_converged=False)
+    cfg = ensemble_config(args)
     jobs = [(shape, datasets[r::shards], seeds[r::shards], cfg, args.vocab) for r in range(shards)]
     best = float("inf")
     for _ in range(args.repeats):

@@ -118,14 +118,15 @@ def tokenize(tokenizer, texts: Sequence[str]) -> list[list[int]]:
 
     A fast tokenizer's Rust backend is called directly (`encode_batch_fast`: no offsets, no attention masks, no
     conversion of every encoding to Python dicts), which roughly halves tokenizing time on long documents. The
-    first text is also encoded the standard way, and any difference (a wrapper that changes the text before the
+    first non-blank text is also encoded the standard way, and any difference (a wrapper that changes the text before the
     backend sees it) falls back to the standard call for all texts.
     """
     texts = list(texts)
     backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
     if backend is not None and hasattr(backend, "encode_batch_fast") and texts:
         ids = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-        if ids[0] == list(tokenizer(texts[0], add_special_tokens=False)["input_ids"]):
+        probe = next((i for i, t in enumerate(texts) if t.strip()), 0)  # an empty text would prove nothing
+        if ids[probe] == list(tokenizer(texts[probe], add_special_tokens=False)["input_ids"]):
             return ids
     enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [list(map(int, ids)) for ids in enc]

@@ -11,6 +11,10 @@ differ only in learning rate (train_ensemble's lr_scales). Prints memorized bits
     TOL=10 WINDOW=19900 ANNEAL=1.0 python reports/capacity/pilot_shapes.py 16 32 1e-2,2e-2,3e-2 40000 2
     # C: the paper's smallest shape (1 layer, width 32, V=2048, S=64: 80,384 parameters), the grid's rule
     V=2048 S=64 WINDOW=4000 ANNEAL=0.5 python reports/capacity/pilot_shapes.py 32 32 1e-2 40000 1.5
+    # D: not this script: the grid's own command and rule at width 8 with another V or S
+    memaudit capacity --layers 1 --batch-size 32 --lr 5e-2 --warmup-steps 100 --plateau-tol 0.005 --threads 1 \
+        --widths 8 --sizes 1.25x,2x --max-steps 24000 --plateau-window 2000 --anneal-fraction 1.0 \
+        --vocab 2048 --seq-len 32 --out v2048_s32_w8     # and --vocab 512 --seq-len 64 --out v512_s64_w8
 
 arguments: width batch lrs max_steps mult; environment: V (512), S (32), WINDOW (plateau window, 2000),
 TOL (plateau tolerance, 0.005), ANNEAL (anneal fraction, 1.0). All at OMP_NUM_THREADS=1.
