@@ -6,10 +6,12 @@ the tied head and loss fused and chunked so the full logits never exist; converg
 number of steps, same batch size and learning rate). Both on the same machine in one run, with the same
 thread count. Sharded ensemble: the same trainer in one process per core at 1 thread each, half the models each,
 which is how `torchrun --nproc-per-node 2 -m memaudit capacity` runs a grid (one shard of the grid per rank); the
-plain loop gets the same cores as threads. Prints a table, models per hour, and `speedup=<x>` last (the sharded
-ensemble against the plain loop at the machine's core count, when --shards > 1).
+plain loop gets the same cores as threads. Prints a table (each method's best
+time), models per hour, and `speedup=<x>` last: the sharded ensemble against the plain loop at the machine's
+core count (when --shards > 1), as the median over repeats of the ratio of two back-to-back timings, so that the
+host's drift over minutes cancels.
 
-    python bench/bench_capacity.py [--models 8] [--steps 200] [--threads 1,2] [--shards 2] [--out FILE]
+    python bench/bench_capacity.py [--models 8] [--steps 200] [--threads 1,2] [--shards 2] [--repeats 3] [--out FILE]
 """
 from __future__ import annotations
 
@@ -58,19 +60,10 @@ def ensemble_config(args) -> EnsembleConfig:
                           eval_every=10 ** 9, drop_converged=False)
 
 
-def time_both(shape, datasets, seeds, args, threads: int) -> tuple[float, float]:
-    """Best of `--repeats` interleaved runs of each (the machine is shared: the minimum is the least disturbed)."""
-    torch.set_num_threads(threads)
-    cfg = ensemble_config(args)
-    plain, ens = [], []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        plain_loop(shape, datasets, seeds, args.steps, args.batch_size, 1e-2, args.vocab)
-        plain.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        train_ensemble(shape, datasets, seeds, cfg, bos_id=args.vocab)
-        ens.append(time.perf_counter() - t0)
-    return min(plain), min(ens)
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def _shard_worker(job) -> None:
@@ -78,16 +71,9 @@ def _shard_worker(job) -> None:
     train_ensemble(shape, datasets, seeds, cfg, bos_id=bos)
 
 
-def time_sharded(pool, shards: int, shape, datasets, seeds, args) -> float:
-    """Wall time of the ensemble trainer with the models split over `shards` single-thread processes."""
-    cfg = ensemble_config(args)
-    jobs = [(shape, datasets[r::shards], seeds[r::shards], cfg, args.vocab) for r in range(shards)]
-    best = float("inf")
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        pool.map(_shard_worker, jobs)
-        best = min(best, time.perf_counter() - t0)
-    return best
+def run_sharded(pool, shards: int, shape, datasets, seeds, cfg: EnsembleConfig, bos: int) -> None:
+    """The ensemble trainer with the models split over `shards` single-thread processes (as under torchrun)."""
+    pool.map(_shard_worker, [(shape, datasets[r::shards], seeds[r::shards], cfg, bos) for r in range(shards)])
 
 
 def main() -> None:
@@ -100,7 +86,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", default="1,2", help="thread counts to time; speedup= reports the last")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--shards", type=int, default=min(2, os.cpu_count() or 1),
                     help="processes for the sharded ensemble row (1: leave it out)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_capacity.txt")
@@ -120,23 +106,49 @@ def main() -> None:
 
     say(f"shape: {args.layers} layer(s) x width {args.width}, V={args.vocab}, S={args.seq_len}, "
           f"{shape.parameters:,} params/model; {args.models} models x {args.steps} steps, batch {args.batch_size}, "
-          f"{n} sequences each; best of {args.repeats} interleaved runs; torch {torch.__version__}, "
+          f"{n} sequences each; {args.repeats} repeats, methods interleaved; torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs (shared)")
     say(f"{'method':<36}{'threads':>8}{'seconds':>10}{'models/hour':>14}")
-    speedup = float("nan")
-    for threads in [int(t) for t in args.threads.split(",")]:
-        t_plain, t_ens = time_both(shape, datasets, seeds, args, threads)
-        for name, t in (("plain loop (HF GPT2, one at a time)", t_plain), ("memaudit ensemble (bmm, fused head)", t_ens)):
-            say(f"{name:<36}{threads:>8}{t:>10.1f}{args.models / t * 3600:>14.0f}")
-        speedup = t_plain / t_ens
-        say(f"speedup at {threads} thread(s): {speedup:.2f}")
+    # Every repeat times each method back to back (the host's speed drifts by tens of percent over minutes), and the
+    # speedup is the median over repeats of the ratio within a repeat; the table shows each method's best time.
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    cfg = ensemble_config(args)
+    times: dict[tuple[str, int], list[float]] = {}
+    # untimed warm-up of every method (imports, first allocations, the workers' first kernels)
+    warm = ensemble_config(argparse.Namespace(**{**vars(args), "steps": 5}))
+    plain_loop(shape, datasets[:1], seeds[:1], 5, args.batch_size, 1e-2, args.vocab)
+    train_ensemble(shape, datasets, seeds, warm, bos_id=args.vocab)
     if pool is not None:
-        t_sh = time_sharded(pool, args.shards, shape, datasets, seeds, args)
+        run_sharded(pool, args.shards, shape, datasets, seeds, warm, args.vocab)
+    for _ in range(args.repeats):
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            times.setdefault(("plain", threads), []).append(timed(lambda: plain_loop(
+                shape, datasets, seeds, args.steps, args.batch_size, 1e-2, args.vocab)))
+            times.setdefault(("ensemble", threads), []).append(timed(lambda: train_ensemble(
+                shape, datasets, seeds, cfg, bos_id=args.vocab)))
+        if pool is not None:
+            times.setdefault(("sharded", args.shards), []).append(timed(lambda: run_sharded(
+                pool, args.shards, shape, datasets, seeds, cfg, args.vocab)))
+    if pool is not None:
         pool.close()
-        name = f"memaudit ensemble, {args.shards} shards x 1 thread"
-        say(f"{name:<36}{args.shards:>8}{t_sh:>10.1f}{args.models / t_sh * 3600:>14.0f}")
-        speedup = t_plain / t_sh  # the plain loop's time at the last thread count above (use the core count)
-        say(f"speedup of the sharded ensemble over the plain loop at {threads} thread(s): {speedup:.2f}")
+    names = {"plain": "plain loop (HF GPT2, one at a time)", "ensemble": "memaudit ensemble (bmm, fused head)",
+             "sharded": f"memaudit ensemble, {args.shards} shards x 1 thread"}
+    for (method, threads), ts in times.items():
+        say(f"{names[method]:<36}{threads:>8}{min(ts):>10.1f}{args.models / min(ts) * 3600:>14.0f}")
+
+    def ratio(num: tuple[str, int], den: tuple[str, int]) -> float:
+        return float(np.median([a / b for a, b in zip(times[num], times[den])]))
+
+    for threads in thread_counts:
+        speedup = ratio(("plain", threads), ("ensemble", threads))
+        say(f"speedup at {threads} thread(s) (median of {args.repeats} back-to-back ratios): {speedup:.2f}")
+    if pool is not None:  # against the plain loop at the last thread count (use the core count)
+        key = ("plain", thread_counts[-1])
+        per = [a / b for a, b in zip(times[key], times[("sharded", args.shards)])]
+        speedup = float(np.median(per))
+        say(f"speedup of the sharded ensemble over the plain loop at {thread_counts[-1]} thread(s): {speedup:.2f} "
+            f"(median; per repeat {', '.join(f'{r:.2f}' for r in per)})")
     say(f"speedup={speedup:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
