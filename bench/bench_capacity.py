@@ -16,6 +16,7 @@ host's drift over minutes cancels.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import multiprocessing
 import os
@@ -115,7 +116,7 @@ def main() -> None:
     cfg = ensemble_config(args)
     times: dict[tuple[str, int], list[float]] = {}
     # untimed warm-up of every method (imports, first allocations, the workers' first kernels)
-    warm = ensemble_config(argparse.Namespace(**{**vars(args), "steps": 5}))
+    warm = dataclasses.replace(cfg, max_steps=5)
     plain_loop(shape, datasets[:1], seeds[:1], 5, args.batch_size, 1e-2, args.vocab)
     train_ensemble(shape, datasets, seeds, warm, bos_id=args.vocab)
     if pool is not None:
