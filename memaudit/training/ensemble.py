@@ -94,28 +94,6 @@ class HeadCrossEntropy(torch.autograd.Function):
         return gx * scale.to(gx.dtype), gw * scale.to(gw.dtype), None, None
 
 
-_GELU_K, _GELU_C = 2 * math.sqrt(2 / math.pi), 0.044715
-
-
-class GeluNew(torch.autograd.Function):
-    """GPT-2's gelu_new, 0.5 x (1 + tanh(a)) with a = sqrt(2/pi) (x + 0.044715 x^3), computed as x sigmoid(2a) (the
-    same function): on this CPU build torch's vectorised tanh is ~6x slower than its sigmoid; a training step is
-    ~2.6% faster than with F.gelu(approximate="tanh"). Agrees with F.gelu to float rounding."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        s = torch.addcmul(x, x * x, x, value=_GELU_C).mul_(_GELU_K).sigmoid_()
-        ctx.save_for_backward(x, s)
-        return x * s
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        x, s = ctx.saved_tensors  # d/dx x s(2a) = s + x s (1 - s) 2a'(x), 2a'(x) = K (1 + 3 c x^2)
-        da = torch.addcmul(torch.ones((), dtype=x.dtype), x, x, value=3 * _GELU_C)
-        ds = torch.addcmul(s, s, s, value=-1.0).mul_(da)
-        return torch.addcmul(s, x, ds, value=_GELU_K).mul_(grad)
-
-
 class EnsembleGPT(torch.nn.Module):
     """M GPT-2 models of one shape; forward(idx [M, B, T]) -> logits [M, B, T, vocab]."""
 
@@ -181,7 +159,7 @@ class EnsembleGPT(torch.nn.Module):
             y = y.transpose(1, 2).reshape(M, B * T, d)
             x = x + self._linear(y, self._p(f"h{i}.proj_w"), self._p(f"h{i}.proj_b"))
             a = self._ln(x, self._p(f"h{i}.ln2_w"), self._p(f"h{i}.ln2_b"))
-            a = GeluNew.apply(self._linear(a, self._p(f"h{i}.fc_w"), self._p(f"h{i}.fc_b")))
+            a = F.gelu(self._linear(a, self._p(f"h{i}.fc_w"), self._p(f"h{i}.fc_b")), approximate="tanh")
             x = x + self._linear(a, self._p(f"h{i}.fc2_w"), self._p(f"h{i}.fc2_b"))
         return self._ln(x, self._p("lnf_w"), self._p("lnf_b"))
 
