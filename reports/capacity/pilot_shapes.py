@@ -14,6 +14,10 @@ differ only in learning rate (train_ensemble's lr_scales). Prints memorized bits
     # E: the same shape and rule as C at lr 5e-3 and 2e-2 (one process each, side by side)
     V=2048 S=64 WINDOW=4000 ANNEAL=0.5 python reports/capacity/pilot_shapes.py 32 32 5e-3 40000 1.5
     V=2048 S=64 WINDOW=4000 ANNEAL=0.5 python reports/capacity/pilot_shapes.py 32 32 2e-2 40000 1.5
+    # F: batch 16, pilot C's rule in epochs (window 8,000 steps), lr 1e-2 and 2e-2 (one process each; stopped early)
+    V=2048 S=64 WINDOW=8000 ANNEAL=0.5 python reports/capacity/pilot_shapes.py 32 16 1e-2 70000 1.5
+    # G: batch 64, window 4,000 steps, lr 2e-2 and 4e-2 (one process each; stopped at 11,000 steps)
+    V=2048 S=64 WINDOW=4000 ANNEAL=0.5 python reports/capacity/pilot_shapes.py 32 64 2e-2 70000 1.5
     # D: not this script: the grid's own command and rule at width 8 with another V or S
     memaudit capacity --layers 1 --batch-size 32 --lr 5e-2 --warmup-steps 100 --plateau-tol 0.005 --threads 1 \
         --widths 8 --sizes 1.25x,2x --max-steps 24000 --plateau-window 2000 --anneal-fraction 1.0 \
