@@ -1,7 +1,9 @@
 """Build reports/capacity/: run (or, with finished run directories present, reuse) the capacity experiments and
 write report.md, capacity.json (key `bits_per_param`), CSVs and figures.
 
-    python reports/capacity/make_report.py            # on this machine (2 CPU cores): about an hour from scratch
+    python reports/capacity/make_report.py    # 2 CPU cores: under a minute with the committed runs present;
+                                              # about 4.5 hours from scratch (the three paper-regime grids
+                                              # train for 87, 82 and 56 min, the small grids ~30 min)
 
 Each experiment is one `memaudit capacity` command (printed below and in report.md); a finished run directory
 is reused through --resume (refit and redraw only).
@@ -307,7 +309,8 @@ def main() -> None:
               f"| steps | to saturation | until the convergence rule (plateau window {gp['plateau_window']:,}), at most "
               f"{gp['max_steps']:,} | window {g['plateau_window']:,}, at most {g['max_steps']:,} "
               f"({runs['random_fp32_short']['grid']['max_steps']:,} in the budget-check run) |",
-              f"| dataset sizes | 0.25x-4x style sweep | {', '.join(gp['sizes'])} of 3.6 bits/param, 1 seed each | "
+              f"| dataset sizes | 0.25x-4x style sweep | {', '.join(gp['sizes'])} of 3.6 bits/param, 1 seed each "
+              f"({', '.join(runs[below_run]['grid']['sizes'])} in run `{below_run}`) | "
               f"{', '.join(g['sizes'])} |",
               "| first token | - | conditioned on BOS (id V, one extra embedding row, counted in the parameters) | "
               "the same |",
