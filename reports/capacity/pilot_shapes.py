@@ -18,6 +18,10 @@ differ only in learning rate (train_ensemble's lr_scales). Prints memorized bits
     V=2048 S=64 WINDOW=8000 ANNEAL=0.5 python reports/capacity/pilot_shapes.py 32 16 1e-2 70000 1.5
     # G: batch 64, window 4,000 steps, lr 2e-2 and 4e-2 (one process each; stopped at 11,000 steps)
     V=2048 S=64 WINDOW=4000 ANNEAL=0.5 python reports/capacity/pilot_shapes.py 32 64 2e-2 70000 1.5
+    # H: batch 64, lr 2e-2, warmup-stable-decay to the epochs the headline grid gave widths 44 and 36 (2,700 and
+    #    3,440 epochs of the 617 rows), to see whether the grid's per-width values follow epochs rather than width
+    V=2048 S=64 TOL=10 WINDOW=12650 ANNEAL=1.0 python reports/capacity/pilot_shapes.py 32 64 2e-2 26000 1.5
+    V=2048 S=64 TOL=10 WINDOW=16400 ANNEAL=1.0 python reports/capacity/pilot_shapes.py 32 64 2e-2 34000 1.5
     # D: not this script: the grid's own command and rule at width 8 with another V or S
     memaudit capacity --layers 1 --batch-size 32 --lr 5e-2 --warmup-steps 100 --plateau-tol 0.005 --threads 1 \
         --widths 8 --sizes 1.25x,2x --max-steps 24000 --plateau-window 2000 --anneal-fraction 1.0 \
