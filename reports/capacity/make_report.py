@@ -51,7 +51,7 @@ RUNS = {
     "paper_regime_fp32_b64": PAPER_REGIME_B64,
     # the previous headline: batch 32, lr 1e-2 (pilot C), anneal over 100%; also the below-capacity check
     "paper_regime_fp32_long": PAPER_REGIME_LONG,
-    # the paper-regime budget check: the same grid with the anneal over 50% (the previous headline, 3.10)
+    # the paper-regime budget check: the batch-32 grid with the anneal over 50% (an earlier headline, 3.10)
     "paper_regime_fp32": PAPER_REGIME,
     # the small-shape grid (V=512, S=32, widths 8-32: 5K-30K parameters), cheap on a CPU: 4 model sizes; plateau over 2,000 steps, then an anneal as long as the training before it
     "random_fp32": COMMON + ["--widths", "32,24,8,16", "--sizes", "0.5x,1.25x,2x", "--max-steps", "24000",
@@ -357,8 +357,8 @@ def main() -> None:
               "trails batch 32 by about 0.1 bits/parameter all through the constant-LR phase and batch 64 at lr 2e-2 "
               "leads it by about 0.08 (the gradient noise sets the floor a constant LR sits on), at nearly the same cost "
               "per sequence on this CPU. Hence the batch-64 headline run, whose plateau window of 4,000 steps also "
-              "covers twice the epochs. (H) see the headline: the 80K shape at batch 64 stores 3.21 after 2,700 "
-              "epochs and 3.24 after 3,440 (the grid's rule gave it 4,979 epochs and 3.28).", "",
+              "covers twice the epochs. (H) the 80K shape at batch 64 for the epochs the wider shapes got: see "
+              "the headline.", "",
               "## Why the small grid is below the paper", "",
               f"The models there are {80e3 / max(P):.1f}-{80e3 / min(P):.0f}x smaller than the paper's smallest (80K) and "
               f"the token embedding holds {min(emb):.0%}-{max(emb):.0%} of their parameters, with V={g['vocab']} "
