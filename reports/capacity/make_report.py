@@ -355,8 +355,8 @@ def main() -> None:
               "only 2.95 after 40,000 (still annealing), so lr 1e-2 is not what holds the 80K shape near 3.1: a "
               "higher LR gets there sooner, not higher. (F, G) batch size at equal epochs (sequences seen): batch 16 "
               "trails batch 32 by about 0.1 bits/parameter all through the constant-LR phase and batch 64 at lr 2e-2 "
-              "leads it by about 0.08 (the gradient noise sets the floor a constant LR sits on), at nearly the same cost "
-              "per sequence on this CPU. Hence the batch-64 headline run, whose plateau window of 4,000 steps also "
+              "leads it by about 0.08 (the gradient noise sets the floor a constant LR sits on), at no more cost per "
+              "sequence on this CPU (the logs' seconds column). Hence the batch-64 headline run, whose plateau window of 4,000 steps also "
               "covers twice the epochs. (H) the 80K shape at batch 64 for the epochs the wider shapes got: see "
               "the headline.", "",
               "## Why the small grid is below the paper", "",
