@@ -47,6 +47,7 @@ class RandomGridConfig:
     plateau_window: int = 1000
     plateau_tol: float = 0.005
     anneal_fraction: float = 0.3
+    plateau_epochs: float | None = None  # window in epochs of each model's data (overrides plateau_window)
     head_dim: int = 16
     dtype: str = "float32"
     threads: int | None = None
@@ -57,6 +58,8 @@ class RandomGridConfig:
             raise MemauditError("--layers and --widths need positive integers")
         if self.vocab < 2 or self.seq_len < 2:
             raise MemauditError("--vocab must be >= 2 and --seq-len >= 2")
+        if self.plateau_epochs is not None and self.plateau_epochs <= 0:
+            raise MemauditError("--plateau-epochs must be > 0")
         if self.seeds < 1 or self.max_steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise MemauditError("--seeds, --max-steps, --batch-size must be >= 1 and --lr > 0")
         if self.dtype not in ("float32", "bfloat16"):
@@ -131,6 +134,7 @@ def train_shape(cfg: RandomGridConfig, layers: int, width: int, on_eval=None) ->
     ecfg = EnsembleConfig(max_steps=cfg.max_steps, batch_size=cfg.batch_size, lr=cfg.lr,
                           warmup_steps=cfg.warmup_steps, eval_every=cfg.eval_every,
                           plateau_window=cfg.plateau_window, plateau_tol=cfg.plateau_tol,
+                          plateau_epochs=cfg.plateau_epochs,
                           anneal_fraction=cfg.anneal_fraction, compute_dtype=cfg.dtype, threads=cfg.threads)
     t0 = time.time()
     records = train_ensemble(shape, [j[3] for j in jobs], [1000 * layers + width + 7 * j[2] for j in jobs], ecfg,

@@ -255,6 +255,9 @@ def capacity(
     plateau_window: int = typer.Option(1000, help="Convergence: memorized bits grew < --plateau-tol over this many steps."),
     plateau_tol: float = typer.Option(0.005, help="Relative growth below which memorization has plateaued."),
     anneal_fraction: float = typer.Option(0.3, help="After the plateau, decay the LR to 0 over this fraction of the steps so far."),
+    plateau_epochs: Optional[float] = typer.Option(None, help="Count the plateau window in epochs of each model's "
+                                                   "own data instead of steps (overrides --plateau-window), so "
+                                                   "larger datasets are judged after equal training per sequence."),
     dtype: str = typer.Option("float32", help="float32 or bfloat16 (weights used in bf16; measured in bf16)."),
     paper_grid: bool = typer.Option(False, help="The paper's grid: V=2048, S=64, layers 1,2,4,8 x widths 32-256 (GPU)."),
     text: Optional[Path] = typer.Option(None, help="Real-text mode: fixed models on growing numbers of 64-token "
@@ -285,7 +288,8 @@ def capacity(
                            sizes=[v.strip() for v in sizes.split(",") if v.strip()], seeds=seeds, max_steps=max_steps,
                            batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, eval_every=eval_every,
                            plateau_window=plateau_window,
-                           plateau_tol=plateau_tol, anneal_fraction=anneal_fraction, dtype=dtype, threads=threads)
+                           plateau_tol=plateau_tol, anneal_fraction=anneal_fraction, plateau_epochs=plateau_epochs,
+                           dtype=dtype, threads=threads)
     if paper_grid:
         for k, v in PAPER_GRID.items():
             setattr(cfg, k, v)

@@ -68,6 +68,12 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__, "platform": platform.platform()}
 
 
+def _same_settings(old: dict | None, new: dict) -> bool:
+    """Recorded settings match; a setting added since the run was recorded matches when it is unset (None)."""
+    old = old or {}
+    return old == {k: v for k, v in new.items() if k in old or v is not None}
+
+
 class RunDir:
     """One measuring command's output folder.
 
@@ -87,8 +93,8 @@ class RunDir:
         if cfg_file.exists():
             if resume:
                 old = json.loads(cfg_file.read_text())
-                if old.get("command") != command or old.get("settings") != json.loads(
-                        json.dumps(settings, default=_json_default)) or old.get("inputs") != json.loads(
+                if old.get("command") != command or not _same_settings(old.get("settings"), json.loads(
+                        json.dumps(settings, default=_json_default))) or old.get("inputs") != json.loads(
                         json.dumps(inputs or {}, default=_json_default)):
                     raise MemauditError(f"cannot resume {self.path}: it was started with other settings or inputs")
                 self.config["started"] = old.get("started", self.config["started"])

@@ -133,7 +133,7 @@ def test_capacity_bad_input_one_line(tmp_path):
     r = _cli("capacity", "--widths", "a,b", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "--widths" in r.stderr and "Traceback" not in r.stderr
     for kwargs, words in (({"dtype": "float16"}, "--dtype"), ({"sizes": ["zz"]}, "dataset size"),
-                          ({"vocab": 1}, "--vocab")):
+                          ({"vocab": 1}, "--vocab"), ({"plateau_epochs": 0}, "--plateau-epochs")):
         with pytest.raises(MemauditError, match=words):
             RandomGridConfig(**kwargs).validate()
 
@@ -174,3 +174,39 @@ def test_best_f1_against_brute_force():
         tp, fp = (m >= t).sum(), (n >= t).sum()
         brute = max(brute, 2 * tp / (2 * tp + fp + (len(m) - tp)))
     assert best_f1(m, n) == pytest.approx(brute)
+
+
+def test_plateau_window_in_epochs_judges_every_dataset_after_equal_training_per_sequence():
+    """Two models whose memorization follows the same curve in epochs: a window in steps finds the smaller
+    dataset's plateau epochs earlier than the larger one's; a window in epochs finds both at the same epoch."""
+    from memaudit.training.ensemble import ModelRecord, _plateaued, plateau_window_steps
+
+    H, batch, every = 1e6, 64, 100
+
+    def plateau_epoch(n_rows: int, cfg: EnsembleConfig) -> float:
+        rec = ModelRecord(index=0, seed=0, n_rows=n_rows)
+        for step in range(every, 400_000, every):
+            epochs = step * batch / n_rows
+            rec.history.append((step, 0.0, H - 0.5 * H * (1 - 1 / (1 + epochs / 100))))  # bits left on the data
+            if _plateaued(rec, cfg, H):
+                return epochs
+        raise AssertionError("no plateau found")
+
+    steps_cfg = EnsembleConfig(batch_size=batch, warmup_steps=0, plateau_window=4000, plateau_tol=0.005)
+    epochs_cfg = EnsembleConfig(batch_size=batch, warmup_steps=0, plateau_epochs=415, plateau_tol=0.005)
+    assert plateau_window_steps(epochs_cfg, 617) == 4000 and plateau_window_steps(epochs_cfg, 896) == 5810
+    assert plateau_epoch(896, steps_cfg) < 0.9 * plateau_epoch(617, steps_cfg)
+    assert plateau_epoch(896, epochs_cfg) == pytest.approx(plateau_epoch(617, epochs_cfg), rel=0.02)
+
+
+def test_run_recorded_before_a_new_setting_still_resumes(tmp_path):
+    """A setting added since a run was recorded matches it while unset; set to a value, it is another run."""
+    from memaudit.errors import MemauditError
+    from memaudit.rundir import RunDir
+
+    RunDir(tmp_path / "r", "capacity", {"lr": 0.02})
+    RunDir(tmp_path / "r", "capacity", {"lr": 0.02, "plateau_epochs": None}, resume=True)
+    with pytest.raises(MemauditError, match="other settings"):
+        RunDir(tmp_path / "r", "capacity", {"lr": 0.02, "plateau_epochs": 415.0}, resume=True)
+    with pytest.raises(MemauditError, match="other settings"):
+        RunDir(tmp_path / "r", "capacity", {"lr": 0.01, "plateau_epochs": None}, resume=True)

@@ -226,6 +226,7 @@ class EnsembleConfig:
     eval_every: int = 250
     plateau_window: int = 2000  # convergence: memorised bits grew < plateau_tol over this many steps...
     plateau_tol: float = 0.005  # ...relative to the current value; then the model's LR decays linearly to 0
+    plateau_epochs: float | None = None  # if set, the window is this many epochs of each model's own data instead
     anneal_fraction: float = 0.25  # over this fraction of the steps taken so far, and training stops
     full_fraction: float = 0.995  # ...or the model already memorises this fraction of the data's bits
     compute_dtype: str = "float32"
@@ -406,11 +407,23 @@ class StackedAdam:
         torch._foreach_addcdiv_(ps, torch._foreach_mul(ms, steps), denom, value=-1.0)
 
 
+def plateau_window_steps(cfg: EnsembleConfig, n_rows: int) -> int:
+    """The convergence window of a model trained on n_rows sequences, in steps.
+
+    In epochs (`plateau_epochs`), a larger dataset gets a proportionally longer window, so models of one grid
+    are judged after equal training per sequence rather than equal steps.
+    """
+    if cfg.plateau_epochs is None:
+        return cfg.plateau_window
+    return max(1, int(cfg.plateau_epochs * n_rows / cfg.batch_size))
+
+
 def _plateaued(rec: ModelRecord, cfg: EnsembleConfig, data_bits: float | None) -> bool:
     step, _, bits = rec.history[-1]
-    if data_bits is None or step < cfg.plateau_window + cfg.warmup_steps:
+    window = plateau_window_steps(cfg, rec.n_rows)
+    if data_bits is None or step < window + cfg.warmup_steps:
         return False
-    past = [h for h in rec.history if h[0] <= step - cfg.plateau_window]
+    past = [h for h in rec.history if h[0] <= step - window]
     if not past:
         return False
     mem_now, mem_then = data_bits - bits, data_bits - past[-1][2]
