@@ -177,8 +177,8 @@ def test_best_f1_against_brute_force():
 
 
 def test_plateau_window_in_epochs_judges_every_dataset_after_equal_training_per_sequence():
-    """Two models whose memorization follows the same curve in epochs: a window in steps finds the smaller
-    dataset's plateau epochs earlier than the larger one's; a window in epochs finds both at the same epoch."""
+    """Two models whose memorization follows the same curve in epochs: a window in steps finds the larger
+    dataset's plateau after fewer epochs than the smaller one's; a window in epochs finds both at the same epoch."""
     from memaudit.training.ensemble import ModelRecord, _plateaued, plateau_window_steps
 
     H, batch, every = 1e6, 64, 100

@@ -45,10 +45,10 @@ PAPER_REGIME_B64 = ["--layers", "1", "--widths", "44,40,32,36", "--vocab", "2048
                     "--max-steps", "50000", "--threads", "1"]
 # the same grid with the plateau window counted in epochs of each model's own data: 415 epochs is the 4,000 steps
 # the 80K shape had above, so the wider shapes (more sequences) are judged after the same training per sequence
-PAPER_REGIME_B64_EPOCHS = ["--layers", "1", "--widths", "44,40,32,36", "--vocab", "2048", "--seq-len", "64", "--sizes",
-                           "1.5x", "--batch-size", "64", "--lr", "2e-2", "--warmup-steps", "100", "--eval-every", "500",
-                           "--plateau-epochs", "415", "--plateau-tol", "0.005", "--anneal-fraction", "1.0",
-                           "--max-steps", "120000", "--threads", "1"]
+PAPER_REGIME_B64_EPOCHS = list(PAPER_REGIME_B64)
+_w = PAPER_REGIME_B64_EPOCHS.index("--plateau-window")
+PAPER_REGIME_B64_EPOCHS[_w:_w + 2] = ["--plateau-epochs", "415"]
+PAPER_REGIME_B64_EPOCHS[PAPER_REGIME_B64_EPOCHS.index("--max-steps") + 1] = "120000"
 RUNS = {
     # the headline: the paper's own V and S and its smallest shapes (1 layer, widths 32-44: 80K-116K parameters),
     # batch 64 from pilot G, plateau window in epochs. Widths are listed so that torchrun's round-robin gives each
