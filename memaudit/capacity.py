@@ -115,8 +115,12 @@ def _score_bits(hf_model, rows: np.ndarray, bos_id: int, dtype: str) -> float:
     return float(sum(s.bits for s in stats))
 
 
-def train_shape(cfg: RandomGridConfig, layers: int, width: int, on_eval=None) -> pd.DataFrame:
-    """All dataset sizes x seeds of one shape in one ensemble; one results row per model."""
+def train_shape(cfg: RandomGridConfig, layers: int, width: int, on_eval=None,
+                checkpoint: str | os.PathLike | None = None) -> pd.DataFrame:
+    """All dataset sizes x seeds of one shape in one ensemble; one results row per model.
+
+    `checkpoint`: train_ensemble's checkpoint file, so an interrupted shape continues from its last evaluation.
+    """
     import torch
 
     from .training.ensemble import EnsembleConfig, EnsembleGPT, train_ensemble
@@ -136,10 +140,9 @@ def train_shape(cfg: RandomGridConfig, layers: int, width: int, on_eval=None) ->
                           plateau_window=cfg.plateau_window, plateau_tol=cfg.plateau_tol,
                           plateau_epochs=cfg.plateau_epochs,
                           anneal_fraction=cfg.anneal_fraction, compute_dtype=cfg.dtype, threads=cfg.threads)
-    t0 = time.time()
     records = train_ensemble(shape, [j[3] for j in jobs], [1000 * layers + width + 7 * j[2] for j in jobs], ecfg,
-                             bos_id=cfg.vocab, data_bits=H, on_eval=on_eval)
-    seconds = time.time() - t0
+                             bos_id=cfg.vocab, data_bits=H, on_eval=on_eval, checkpoint=checkpoint)
+    seconds = max(r.seconds for r in records)  # training time, summed over resumed sessions
     rows = []
     one = EnsembleGPT(shape, [0])
     for rec, (size, n, seed, data), h in zip(records, jobs, H):
@@ -240,8 +243,10 @@ def run_random_capacity(cfg: RandomGridConfig, out: str | os.PathLike | None = N
                 advance(step - last[0])
                 last[0] = step
 
-            df = train_shape(cfg, L, W, on_eval=tick)
+            ckpt = run.partial_dir / f"shape-L{L}-W{W}.ckpt"  # --resume goes on from the last evaluation
+            df = train_shape(cfg, L, W, on_eval=tick, checkpoint=ckpt)
             run.save_partial(f"shape-L{L}-W{W}", df)
+            ckpt.unlink(missing_ok=True)
             advance(cfg.max_steps - last[0])
     if world > 1:
         import torch.distributed as dist

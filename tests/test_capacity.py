@@ -210,3 +210,43 @@ def test_run_recorded_before_a_new_setting_still_resumes(tmp_path):
         RunDir(tmp_path / "r", "capacity", {"lr": 0.02, "plateau_epochs": 415.0}, resume=True)
     with pytest.raises(MemauditError, match="other settings"):
         RunDir(tmp_path / "r", "capacity", {"lr": 0.01, "plateau_epochs": None}, resume=True)
+
+
+def test_interrupted_training_resumes_to_the_same_models(tmp_path):
+    """A training killed mid-run and resumed from its checkpoint ends with exactly the weights, histories and
+    convergence of the uninterrupted run, including a model that had already converged and left the ensemble;
+    a checkpoint of other settings is refused."""
+    from memaudit.errors import MemauditError
+
+    torch.set_num_threads(1)
+    shape = model_shape(1, 8, 16, 8)
+    data = [random_dataset(8, 8, 16, 1), random_dataset(40, 8, 16, 2)]
+    H = [d.size * 4.0 for d in data]
+    cfg = EnsembleConfig(max_steps=60, batch_size=8, lr=1e-2, warmup_steps=5, eval_every=5, plateau_epochs=2,
+                         plateau_tol=10.0, anneal_fraction=0.5)  # plateaus at once: model 0 leaves at step 15
+
+    def train(checkpoint=None, on_eval=None, config=cfg):
+        return train_ensemble(shape, data, [1, 2], config, bos_id=16, data_bits=H, checkpoint=checkpoint,
+                              on_eval=on_eval)
+
+    whole = train(checkpoint=tmp_path / "unused.ckpt")
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_20(step, _records):
+        if step == 20:
+            raise Killed
+
+    ckpt = tmp_path / "shape.ckpt"
+    with pytest.raises(Killed):
+        train(ckpt, kill_at_20)
+    assert ckpt.is_file()
+    with pytest.raises(MemauditError, match="other data, seeds or settings"):
+        train(ckpt, config=EnsembleConfig(**{**cfg.__dict__, "lr": 2e-2}))
+    resumed = train(ckpt)
+    assert whole[0].steps == 15 and whole[1].steps > 20  # the kill fell between the two models' ends
+    for a, b in zip(whole, resumed):
+        assert (a.steps, a.converged, a.anneal_start, a.history) == (b.steps, b.converged, b.anneal_start, b.history)
+        for k in a.final_state:
+            assert torch.equal(a.final_state[k], b.final_state[k]), k

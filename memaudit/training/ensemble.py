@@ -12,9 +12,12 @@ Adam is elementwise and gradient clipping is per model, so stacking changes no m
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -244,6 +247,7 @@ class ModelRecord:
     anneal_start: int | None = None  # the step its plateau was detected (annealing began)
     steps: int = 0
     history: list[tuple[int, float, float]] = field(default_factory=list)  # (step, loss nats, bits on data)
+    seconds: float = 0.0  # wall time of the ensemble's training until this model's last evaluation, across resumes
     final_state: dict[str, torch.Tensor] | None = None
 
 
@@ -268,13 +272,18 @@ def code_lengths_bits(model: EnsembleGPT, inputs: torch.Tensor, targets: torch.T
 def train_ensemble(shape: GPTShape, datasets: Sequence[np.ndarray], seeds: Sequence[int], cfg: EnsembleConfig,
                    *, bos_id: int, data_bits: Sequence[float] | None = None,
                    on_eval: Callable[[int, list[ModelRecord]], None] | None = None,
-                   lr_scales: Sequence[float] | None = None) -> list[ModelRecord]:
+                   lr_scales: Sequence[float] | None = None,
+                   checkpoint: str | os.PathLike | None = None) -> list[ModelRecord]:
     """Train one model per (dataset, seed) until each one's memorisation plateaus or `max_steps`.
 
     `datasets[m]` is int [N_m, S] token rows; the model sees BOS + row[:-1] and predicts every token of the row.
     `data_bits[m]` (H of dataset m) enables the "memorised nearly everything" stop; `lr_scales[m]` multiplies
     model m's learning rate (one ensemble can sweep learning rates). Returns a record per model
     with its training history and final weights (`final_state`, per-model slices of the stacked parameters).
+
+    `checkpoint`: a file the whole training state is written to at every evaluation. If it exists, training
+    continues from it instead of starting over, and ends exactly as the uninterrupted run would (same thread
+    count); a checkpoint of other data, seeds or settings is refused. The caller deletes it when done.
     """
     if len(datasets) != len(seeds) or not datasets:
         raise MemauditError("train_ensemble needs one seed per dataset and at least one dataset")
@@ -310,7 +319,16 @@ def train_ensemble(shape: GPTShape, datasets: Sequence[np.ndarray], seeds: Seque
 
     opt = StackedAdam(model, betas=cfg.betas, eps=cfg.eps)
     anneal: dict[int, tuple[int, int]] = {}  # record -> (first annealing step, annealing steps)
-    for step in range(1, cfg.max_steps + 1):
+    start, t0 = 0, time.time()
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        key = _fingerprint(shape, datasets, seeds, cfg, bos_id, data_bits, lr_scales)
+        if checkpoint.is_file():
+            start, active, anneal = _load_checkpoint(checkpoint, key, model, opt, records, gens, orders)
+            t0 -= max(r.seconds for r in records)
+            if not active:
+                return records
+    for step in range(start + 1, cfg.max_steps + 1):
         lrs = []
         for m in active:  # warmup, constant, then (after its plateau) a linear decay to 0 for this model only
             lr = cfg.lr * (lr_scales[m] if lr_scales is not None else 1.0) * min(1.0, step / max(1, cfg.warmup_steps))
@@ -333,7 +351,7 @@ def train_ensemble(shape: GPTShape, datasets: Sequence[np.ndarray], seeds: Seque
             done = []
             for slot, m in enumerate(active):
                 rec = records[m]
-                rec.steps = step
+                rec.steps, rec.seconds = step, time.time() - t0
                 rec.history.append((step, float(per_model[slot].detach()), float(bits[slot])))
                 hb = data_bits[m] if data_bits is not None else None
                 if m in anneal:
@@ -360,9 +378,68 @@ def train_ensemble(shape: GPTShape, datasets: Sequence[np.ndarray], seeds: Seque
                 model.keep(keep)
                 opt.rebind(model)
                 active = [active[s] for s in keep]
+            if checkpoint is not None and step < cfg.max_steps:
+                _save_checkpoint(checkpoint, key, step, model, opt, records, active, anneal, gens, orders)
     for slot, m in enumerate(active):
         records[m].final_state = _slice_state(model, slot)
     return records
+
+
+def _fingerprint(shape: GPTShape, datasets: Sequence[np.ndarray], seeds: Sequence[int], cfg: EnsembleConfig,
+                 bos_id: int, data_bits: Sequence[float] | None, lr_scales: Sequence[float] | None) -> str:
+    """What a checkpoint must have been made from: shape, data, seeds and every setting but the thread count."""
+    h = hashlib.sha256(repr((shape, list(map(int, seeds)), {k: v for k, v in asdict(cfg).items() if k != "threads"},
+                             bos_id, None if data_bits is None else list(map(float, data_bits)),
+                             None if lr_scales is None else list(map(float, lr_scales)))).encode())
+    for d in datasets:
+        h.update(repr(d.shape).encode())
+        h.update(np.ascontiguousarray(d, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _save_checkpoint(path: Path, key: str, step: int, model: EnsembleGPT, opt: StackedAdam,
+                     records: list[ModelRecord], active: list[int], anneal: dict[int, tuple[int, int]],
+                     gens: list[np.random.Generator], orders: list[list[int]]) -> None:
+    state = {"key": key, "step": step, "active": list(active), "anneal": {int(k): list(v) for k, v in anneal.items()},
+             "params": {k: v.detach().clone() for k, v in model.params.items()},
+             "exp_avg": opt.exp_avg, "exp_avg_sq": opt.exp_avg_sq, "adam_t": opt.t,
+             "records": [asdict(r) for r in records], "gens": [g.bit_generator.state for g in gens],
+             "orders": orders}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a kill while writing leaves the previous checkpoint whole
+
+
+def _load_checkpoint(path: Path, key: str, model: EnsembleGPT, opt: StackedAdam, records: list[ModelRecord],
+                     gens: list[np.random.Generator], orders: list[list[int]]
+                     ) -> tuple[int, list[int], dict[int, tuple[int, int]]]:
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line error
+        raise MemauditError(f"cannot read the training checkpoint {path}: {e}") from None
+    if state.get("key") != key:
+        raise MemauditError(f"the training checkpoint {path} was made from other data, seeds or settings; "
+                            "delete it to start this training over")
+    active = list(state["active"])
+    if active:
+        model.keep(active)  # slot i of a new ensemble is record i
+        with torch.no_grad():
+            for k, v in state["params"].items():
+                model.params[k].copy_(v)
+        opt.keep(active)
+        opt.rebind(model)
+        for k in opt.exp_avg:
+            opt.exp_avg[k].copy_(state["exp_avg"][k])
+            opt.exp_avg_sq[k].copy_(state["exp_avg_sq"][k])
+        opt.t = int(state["adam_t"])
+    for rec, saved in zip(records, state["records"]):
+        for name, value in saved.items():
+            setattr(rec, name, [tuple(h) for h in value] if name == "history" else value)
+    for g, s in zip(gens, state["gens"]):
+        g.bit_generator.state = s
+    orders[:] = [list(o) for o in state["orders"]]
+    return int(state["step"]), active, {int(k): (int(v[0]), int(v[1])) for k, v in state["anneal"].items()}
 
 
 class StackedAdam:
