@@ -267,7 +267,11 @@ def capacity(
     resume: Resume = False,
     overwrite: Overwrite = False,
 ):
-    """Model capacity in bits per parameter on random tokens (Morris et al.); with --text, double descent and MIA."""
+    """Model capacity in bits per parameter on random tokens (Morris et al.); with --text, double descent and MIA.
+
+    A grid checkpoints each shape at every evaluation: --resume continues an interrupted grid from there, \
+ending exactly as an uninterrupted run would (same --threads).
+    """
     from .capacity import PAPER_GRID, RandomGridConfig, run_random_capacity
 
     def ints(name: str, value: str) -> list[int]:
