@@ -22,6 +22,9 @@ differ only in learning rate (train_ensemble's lr_scales). Prints memorized bits
     #    3,440 epochs of the 617 rows), to see whether the grid's per-width values follow epochs rather than width
     V=2048 S=64 TOL=10 WINDOW=12650 ANNEAL=1.0 python reports/capacity/pilot_shapes.py 32 64 2e-2 26000 1.5
     V=2048 S=64 TOL=10 WINDOW=16400 ANNEAL=1.0 python reports/capacity/pilot_shapes.py 32 64 2e-2 34000 1.5
+    # I: batch 128 at constant LR, lr 2e-2 and 3e-2 (one process each), to the epochs G reached
+    V=2048 S=64 TOL=-1 python reports/capacity/pilot_shapes.py 32 128 2e-2 5500 1.5
+    V=2048 S=64 TOL=-1 python reports/capacity/pilot_shapes.py 32 128 3e-2 5500 1.5
     # D: not this script: the grid's own command and rule at width 8 with another V or S
     memaudit capacity --layers 1 --batch-size 32 --lr 5e-2 --warmup-steps 100 --plateau-tol 0.005 --threads 1 \
         --widths 8 --sizes 1.25x,2x --max-steps 24000 --plateau-window 2000 --anneal-fraction 1.0 \
