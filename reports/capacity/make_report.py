@@ -204,6 +204,8 @@ def main() -> None:
         by_epochs = res.sort_values("epochs")["bits_per_param"]
         return text, bool(by_epochs.is_monotonic_increasing)
 
+    main_steps = pd.read_csv(HERE / main_run / "results.csv")["steps"]
+    steps_span = f"{main_steps.min():,}-{main_steps.max():,}"
     lines += ["## Headline", "",
               f"- Fitted bits/parameter (fp32, {fit['n_models']} model sizes, run `{main_run}`): "
               f"**{fit['estimate']:.2f}** (95% bootstrap CI {fit['ci95'][0]:.2f}-{fit['ci95'][1]:.2f}); "
@@ -225,7 +227,9 @@ def main() -> None:
               f"of 100% of the steps before the plateau (run `paper_regime_fp32`) gave "
               f"{runs['paper_regime_fp32']['bits_per_param']['estimate']:.2f}, {anneal_gain:.1%} less (per shape: "
               f"{per_shape(below_run, 'paper_regime_fp32')}). Plateaus under a finite rule remain a lower estimate of "
-              "what far longer training would store.",
+              "what far longer training would store: the paper's models trained about 1M steps at a very large batch "
+              f"(see 'Choices that differ from the paper'), the headline's {steps_span} steps at batch "
+              f"{runs[main_run]['grid']['batch_size']}.",
               f"- The small-shape grid (run `{small}`: V=512, S=32, widths 8-32, {fit_params(runs[small])} params): "
               f"**{runs[small]['bits_per_param']['estimate']:.2f}** (95% CI {runs[small]['bits_per_param']['ci95'][0]:.2f}-"
               f"{runs[small]['bits_per_param']['ci95'][1]:.2f}). Models 3-15x smaller than the paper's smallest, "
@@ -374,7 +378,8 @@ def main() -> None:
               f"constant until the model's plateau, then linear decay to 0 over {gp['anneal_fraction']:.0%} of the steps "
               f"taken (per model) | {g['lr']:g}, the same schedule, decay over {g['anneal_fraction']:.0%} "
               f"({runs['random_fp32_short']['grid']['anneal_fraction']:.0%} in the budget-check run) |",
-              f"| steps | to saturation | until the convergence rule (plateau window {headline_window}), at most "
+              f"| steps | to saturation, \"usually around 1M steps using a very large batch size\" (the first author's summary "
+              f"thread, threadreaderapp.com/thread/1929903028372459909) | until the convergence rule (plateau window {headline_window}), at most "
               f"{gp['max_steps']:,} | window {g['plateau_window']:,}, at most {g['max_steps']:,} "
               f"({runs['random_fp32_short']['grid']['max_steps']:,} in the budget-check run) |",
               f"| dataset sizes | 0.25x-4x style sweep | {', '.join(gp['sizes'])} of 3.6 bits/param, 1 seed each "
