@@ -250,3 +250,36 @@ def test_interrupted_training_resumes_to_the_same_models(tmp_path):
         assert (a.steps, a.converged, a.anneal_start, a.history) == (b.steps, b.converged, b.anneal_start, b.history)
         for k in a.final_state:
             assert torch.equal(a.final_state[k], b.final_state[k]), k
+
+
+def test_text_mode_end_to_end(tmp_path):
+    """capacity --text on real docstrings: the smallest dataset is memorized (more mem_U per sample, a stronger
+    loss attack, train loss far below test loss) and the largest less so; the capacity reached under the budget is
+    the largest total mem_U; the test-loss peak is reported on both axes; a refit with --resume changes nothing."""
+    from memaudit.corpus import stdlib_docstrings
+    from memaudit.data import write_documents
+
+    corpus = write_documents(tmp_path / "docs.jsonl", stdlib_docstrings(min_chars=200, max_chars=20000))
+    args = ["capacity", "--text", str(corpus), "--widths", "16", "--threads", "1", "--out", str(tmp_path / "t")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEMAUDIT_NO_PROGRESS": "1"}
+    code = ("import sys; from memaudit.capacity_text import TextCapacityConfig as C, run_text_capacity as r; "
+            "r(C(text=sys.argv[1], widths=[16], sizes=[8, 32, 512], n_test=64, steps=400, lr=1e-2, threads=1), "
+            "sys.argv[2])")
+    subprocess.run([sys.executable, "-c", code, str(corpus), str(tmp_path / "t")], check=True, env=env)
+    res = pd.read_csv(tmp_path / "t" / "text_results.csv").sort_values("n_sequences")
+    small, large = res.iloc[0], res.iloc[-1]
+    assert small.mem_u_bits_per_sample > 3 * large.mem_u_bits_per_sample
+    assert small.mia_f1 > large.mia_f1 and small.mia_f1 > 0.9
+    assert small.train_loss_nats < 0.5 * small.test_loss_nats
+    reached = res.mem_u_bits_total.max()
+    np.testing.assert_allclose(res.data_over_measured_capacity, res.dataset_bits_ref / reached)
+    summary = json.loads((tmp_path / "t" / "summary.json").read_text())
+    peak = res.loc[res.test_loss_nats.idxmax()]
+    assert summary["test_loss_peak_at_data_over_capacity"][0]["n_sequences"] == peak.n_sequences
+    assert summary["measured_capacity"][0]["bits"] == pytest.approx(reached)
+    before = (tmp_path / "t" / "text_results.csv").read_text()
+    out = _cli(*args[:-2], "--out", str(tmp_path / "t"), "--resume")  # the CLI's own settings differ: refused
+    assert out.returncode != 0 and "other settings" in out.stderr and "Traceback" not in out.stderr
+    subprocess.run([sys.executable, "-c", code.replace("sys.argv[2])", "sys.argv[2], resume=True)"), str(corpus),
+                    str(tmp_path / "t")], check=True, env=env)
+    assert (tmp_path / "t" / "text_results.csv").read_text() == before
