@@ -13,6 +13,7 @@ Adam is elementwise and gradient clipping is per model, so stacking changes no m
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 import time
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MemauditError
+from ..rundir import _atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -405,10 +407,9 @@ def _save_checkpoint(path: Path, key: str, step: int, model: EnsembleGPT, opt: S
              "exp_avg": opt.exp_avg, "exp_avg_sq": opt.exp_avg_sq, "adam_t": opt.t,
              "records": [asdict(r) for r in records], "gens": [g.bit_generator.state for g in gens],
              "orders": orders}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a kill while writing leaves the previous checkpoint whole
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    _atomic_write_bytes(path, buf.getvalue())  # a kill while writing leaves the previous checkpoint whole
 
 
 def _load_checkpoint(path: Path, key: str, model: EnsembleGPT, opt: StackedAdam, records: list[ModelRecord],

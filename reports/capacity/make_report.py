@@ -2,8 +2,9 @@
 write report.md, capacity.json (key `bits_per_param`), CSVs and figures.
 
     python reports/capacity/make_report.py    # 2 CPU cores: under a minute with the committed runs present;
-                                              # about 6.5 hours from scratch (the four paper-regime grids
-                                              # train for 126, 87, 82 and 56 min, the small grids ~30 min)
+                                              # about 6.5 hours from scratch for the four earlier paper-regime
+                                              # grids (126, 87, 82 and 56 min) and the small grids (~30 min),
+                                              # plus the headline grid (its widths 40 and 44: 113 and 141 min)
 
 Each experiment is one `memaudit capacity` command (printed below and in report.md); a finished run directory
 is reused through --resume (refit and redraw only).
@@ -119,9 +120,11 @@ def identical_curves(a: str, b: str, until_plateau: bool = False) -> list[int]:
     def curve(r: pd.DataFrame, w: int, last: float) -> list[str]:
         return [p for p in r.loc[w, "history"].split(";") if int(p.split(":")[0]) <= last]
 
-    widths = [w for w in res[0].index if w in res[1].index]
-    return [w for w in widths if curve(res[0], w, res[0].loc[w, "anneal_start"] if until_plateau else float("inf"))
-            == curve(res[1], w, res[0].loc[w, "anneal_start"] if until_plateau else float("inf"))]
+    def same(w: int) -> bool:
+        last = res[0].loc[w, "anneal_start"] if until_plateau else float("inf")
+        return curve(res[0], w, last) == curve(res[1], w, last)
+
+    return [w for w in res[0].index if w in res[1].index and same(w)]
 
 
 def text_fit_note(res: pd.DataFrame) -> str:
