@@ -310,6 +310,7 @@ def capacity_figures(results: pd.DataFrame, caps: pd.DataFrame, fit: dict) -> di
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
 
     figs = {}
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -363,6 +364,7 @@ def capacity_figures(results: pd.DataFrame, caps: pd.DataFrame, fit: dict) -> di
             ax.axhline(PUBLISHED_ALPHA, color="k", ls="--", lw=0.7)
             ax.set_title(f"{L}x{W} ({int(g['params'].iloc[0]):,} params)", fontsize=9)
             ax.set_xlabel("step")
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 20k, not 20000: long runs' labels ran together
             ax.legend(fontsize=6)
         axes[0][0].set_ylabel("memorized bits / parameter")
         fig.suptitle("Training curves (dotted: plateau found, LR annealed from there; dashed curve: not converged; "

@@ -357,7 +357,6 @@ def mia(
     typer.echo(f"-> {res.path}")
 
 
-# >>> helper E: report, risk, exposure
 @app.command()
 def exposure(
     model_dir: Path = typer.Argument(..., help="Model directory trained with canaries."),
@@ -462,8 +461,6 @@ def risk(
     if s["exit_code"]:
         raise typer.Exit(s["exit_code"])
 
-# <<< helper E
-
 
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and a non-zero exit."""
@@ -471,7 +468,13 @@ def main() -> None:
 
     hf_logging.disable_progress_bar()
     try:
-        app()  # standalone: click reports usage errors itself
+        app()  # standalone: click reports usage errors itself, and every run ends in SystemExit
+    except SystemExit as exc:
+        if not exc.code and "torch" in sys.modules:  # on success only: after an error on one rank the others
+            from .distributed import shutdown        # may never reach its barrier
+
+            shutdown()
+        raise
     except MemauditError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)

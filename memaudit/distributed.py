@@ -96,3 +96,15 @@ def broadcast_object(obj: Any) -> Any:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group together: every rank waits for the others, then destroys it.
+
+    Without this a rank can exit while a peer still holds its gloo connections; PyTorch asks for an explicit
+    destroy_process_group, and one suite run saw a rank abort (SIGABRT) at exit. A no-op when no group is up.
+    """
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()

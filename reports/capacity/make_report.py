@@ -2,9 +2,10 @@
 write report.md, capacity.json (key `bits_per_param`), CSVs and figures.
 
     python reports/capacity/make_report.py    # 2 CPU cores: under a minute with the committed runs present;
-                                              # about 6.5 hours from scratch for the four earlier paper-regime
-                                              # grids (126, 87, 82 and 56 min) and the small grids (~30 min),
-                                              # plus the headline grid (its widths 40 and 44: 113 and 141 min)
+                                              # about 10 hours from scratch: the headline grid 3.7 h (its
+                                              # widths 32-44 train 79, 93, 113 and 141 min, two at a time), the
+                                              # four earlier paper-regime grids 126, 87, 82 and 56 min, the
+                                              # small grids ~30 min
 
 Each experiment is one `memaudit capacity` command (printed below and in report.md); a finished run directory
 is reused through --resume (refit and redraw only).
@@ -279,6 +280,7 @@ def main() -> None:
               "12,000 steps, sizes 0.5x/1.25x/2.5x): 2.77 bits/parameter, a lower bound (2 of 4 shapes not converged).",
               ""]
     steps_epochs, steps_ordered = epochs_trained(steps_run)
+    epochs_epochs, _ = epochs_trained(epochs_run)
     main_epochs, _ = epochs_trained(main_run)
     same = identical_curves(epochs_run, steps_run)
     same_to_plateau = identical_curves(main_run, epochs_run, until_plateau=True)
@@ -287,12 +289,14 @@ def main() -> None:
               f"trained before its rule stopped it ({steps_epochs}): a window in steps judges a larger dataset after "
               "fewer epochs. Pilot H separated budget from shape: the 80K shape trained at batch 64 for the epochs the "
               "wider shapes got there stores 3.21 (2,700 epochs) and 3.24 (3,440; width 36 in the grid: 3.23), so at "
-              "equal epochs the wider shapes still stored 2-3% less. With the window in epochs (the headline run) "
-              f"every model is judged after the same training per sequence: {main_epochs}."
-              + (f" Where the two rules give the same window (width {', '.join(map(str, same))}), the two runs' "
-                 "training curves are identical: the trainer is deterministic at a fixed thread count." if same else "")
-              + (f" The headline and run `{epochs_run}` share their rule up to the plateau, and their curves are "
-                 f"identical up to it for width {', '.join(map(str, same_to_plateau))}." if same_to_plateau else ""),
+              f"equal epochs the wider shapes still stored 2-3% less. With the window in epochs (run `{epochs_run}`) "
+              f"every model is judged after the same training per sequence ({epochs_epochs}); the headline shares "
+              f"that rule up to the plateau, then anneals over three times the steps before it ({main_epochs})."
+              + (f" Where the two rules give the same window (width {', '.join(map(str, same))}), runs `{steps_run}` "
+                 f"and `{epochs_run}` have identical training curves: the trainer is deterministic at a fixed thread "
+                 "count." if same else "")
+              + (f" The headline's curves are identical to run `{epochs_run}`'s up to each plateau for width "
+                 f"{', '.join(map(str, same_to_plateau))}." if same_to_plateau else ""),
               ""]
     if fit["estimate"] < 3.2:
         emb_p = embedding_shares(runs[main_run])
@@ -412,7 +416,8 @@ def main() -> None:
               "| first token | - | conditioned on BOS (id V, one extra embedding row, counted in the parameters) | "
               "the same |",
               "| precision | fp32 and bf16 | fp32 | fp32; bf16 for widths 8 and 16 (run `random_bf16`) |", "",
-              f"Convergence rule: a model's memorized bits (measured every {g['eval_every']} steps on its whole dataset) "
+              f"Convergence rule: a model's memorized bits (measured on its whole dataset every {gp['eval_every']} steps "
+              f"in the headline run, every {g['eval_every']} in the small grid) "
               f"grew by less than {g['plateau_tol']:.1%} over the last `--plateau-window` steps (or `--plateau-epochs` "
               "epochs of its own data, as in the headline run) at constant LR; then its LR "
               "decays to 0 and it stops. A model that memorizes >= 99.5% stops at once. A shape's capacity is the "
