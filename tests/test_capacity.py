@@ -206,9 +206,9 @@ def test_run_recorded_before_a_new_setting_still_resumes(tmp_path):
 
     RunDir(tmp_path / "r", "capacity", {"lr": 0.02})
     RunDir(tmp_path / "r", "capacity", {"lr": 0.02, "plateau_epochs": None}, resume=True)
-    with pytest.raises(MemauditError, match="other settings"):
+    with pytest.raises(MemauditError, match=r"other settings \(plateau_epochs: None -> 415.0\)"):
         RunDir(tmp_path / "r", "capacity", {"lr": 0.02, "plateau_epochs": 415.0}, resume=True)
-    with pytest.raises(MemauditError, match="other settings"):
+    with pytest.raises(MemauditError, match=r"other settings \(lr: 0.02 -> 0.01\)"):  # names what changed
         RunDir(tmp_path / "r", "capacity", {"lr": 0.01, "plateau_epochs": None}, resume=True)
 
 
