@@ -68,12 +68,12 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__, "platform": platform.platform()}
 
 
-def _changed_settings(old: dict | None, new: dict) -> list[str]:
-    """`name: old -> new` for each setting that differs from the recorded run; a setting added since the run was
-    recorded matches when it is unset (None)."""
+def _changed(old: dict | None, new: dict) -> list[str]:
+    """Keys whose value differs from the recorded run's; a key added since the run was recorded matches while it
+    is unset (None)."""
     old = old or {}
     new = {k: v for k, v in new.items() if k in old or v is not None}
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 
 class RunDir:
@@ -97,15 +97,12 @@ class RunDir:
                 old = json.loads(cfg_file.read_text())
                 if old.get("command") != command:
                     raise MemauditError(f"cannot resume {self.path}: it holds a {old.get('command')} run, not {command}")
-                changed = _changed_settings(old.get("settings"), json.loads(json.dumps(settings, default=_json_default)))
-                if changed:
-                    raise MemauditError(f"cannot resume {self.path}: it was started with other settings "
-                                        f"({'; '.join(changed)})")
-                now = json.loads(json.dumps(inputs or {}, default=_json_default))
-                was = old.get("inputs") or {}
-                differ = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
-                if differ:
-                    raise MemauditError(f"cannot resume {self.path}: its inputs differ ({', '.join(differ)}: other "
+                was, now = old.get("settings") or {}, json.loads(json.dumps(settings, default=_json_default))
+                if changed := _changed(was, now):
+                    raise MemauditError(f"cannot resume {self.path}: it was started with other settings ("
+                                        + "; ".join(f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in changed) + ")")
+                if changed := _changed(old.get("inputs"), json.loads(json.dumps(inputs or {}, default=_json_default))):
+                    raise MemauditError(f"cannot resume {self.path}: its inputs differ ({', '.join(changed)}: other "
                                         "files, or files changed since)")
                 self.config["started"] = old.get("started", self.config["started"])
             elif overwrite:
