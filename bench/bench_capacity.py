@@ -6,7 +6,9 @@ the tied head and loss fused and chunked so the full logits never exist; converg
 number of steps, same batch size and learning rate). Both on the same machine in one run, with the same
 thread count. Sharded ensemble: the same trainer in one process per core at 1 thread each, half the models each,
 which is how `torchrun --nproc-per-node 2 -m memaudit capacity` runs a grid (one shard of the grid per rank); the
-plain loop gets the same cores as threads. Prints a table (each method's best
+plain loop gets the same cores as threads. Each method runs in its own worker process(es), forked before any
+torch kernel runs, so each sees the process state its users get (the ensemble trainer tunes the allocator of the
+process it trains in; the plain loop runs with the defaults a peer has). Prints a table (each method's best
 time), models per hour, and `speedup=<x>` last: the sharded ensemble against the plain loop at the machine's
 core count (when --shards > 1), as the median over repeats of the ratio of two back-to-back timings, so that the
 host's drift over minutes cancels.
@@ -67,14 +69,24 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _shard_worker(job) -> None:
-    shape, datasets, seeds, cfg, bos = job
-    train_ensemble(shape, datasets, seeds, cfg, bos_id=bos)
+_DATA: dict = {}  # set before the worker processes fork; they read it instead of receiving copies
 
 
-def run_sharded(pool, shards: int, shape, datasets, seeds, cfg: EnsembleConfig, bos: int) -> None:
+def _plain_job(threads: int, steps: int) -> None:
+    torch.set_num_threads(threads)
+    d = _DATA
+    plain_loop(d["shape"], d["datasets"], d["seeds"], steps, d["batch_size"], 1e-2, d["bos"])
+
+
+def _ensemble_job(threads: int, shard: int, shards: int, cfg: EnsembleConfig) -> None:
+    torch.set_num_threads(threads)
+    d = _DATA
+    train_ensemble(d["shape"], d["datasets"][shard::shards], d["seeds"][shard::shards], cfg, bos_id=d["bos"])
+
+
+def run_sharded(pool, shards: int, cfg: EnsembleConfig) -> None:
     """The ensemble trainer with the models split over `shards` single-thread processes (as under torchrun)."""
-    pool.map(_shard_worker, [(shape, datasets[r::shards], seeds[r::shards], cfg, bos) for r in range(shards)])
+    pool.starmap(_ensemble_job, [(1, r, shards, cfg) for r in range(shards)])
 
 
 def main() -> None:
@@ -92,13 +104,15 @@ def main() -> None:
                     help="processes for the sharded ensemble row (1: leave it out)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_capacity.txt")
     args = ap.parse_args()
-    # workers forked before this process runs any torch kernel (a forked OpenMP pool is not safe), 1 thread each
-    pool = (multiprocessing.get_context("fork").Pool(args.shards, initializer=torch.set_num_threads, initargs=(1,))
-            if args.shards > 1 else None)
     shape = model_shape(args.layers, args.width, args.vocab, args.seq_len)
     n = int(round(1.5 * 3.6 * shape.parameters / (args.seq_len * math.log2(args.vocab))))
-    datasets = [random_dataset(n, args.seq_len, args.vocab, seed) for seed in range(args.models)]
-    seeds = list(range(args.models))
+    _DATA.update(shape=shape, datasets=[random_dataset(n, args.seq_len, args.vocab, seed) for seed in range(args.models)],
+                 seeds=list(range(args.models)), batch_size=args.batch_size, bos=args.vocab)
+    # one process per method (and one per shard), forked before any torch kernel runs (a forked OpenMP pool is not
+    # safe); a method's process is reused across its repeats, as one training process would be
+    fork = multiprocessing.get_context("fork")
+    plain_pool, ensemble_pool = fork.Pool(1), fork.Pool(1)
+    pool = fork.Pool(args.shards) if args.shards > 1 else None
     lines: list[str] = []
 
     def say(line: str) -> None:
@@ -117,22 +131,22 @@ def main() -> None:
     times: dict[tuple[str, int], list[float]] = {}
     # untimed warm-up of every method (imports, first allocations, the workers' first kernels)
     warm = dataclasses.replace(cfg, max_steps=5)
-    plain_loop(shape, datasets[:1], seeds[:1], 5, args.batch_size, 1e-2, args.vocab)
-    train_ensemble(shape, datasets, seeds, warm, bos_id=args.vocab)
+    for threads in thread_counts:
+        plain_pool.apply(_plain_job, (threads, 5))
+        ensemble_pool.apply(_ensemble_job, (threads, 0, 1, warm))
     if pool is not None:
-        run_sharded(pool, args.shards, shape, datasets, seeds, warm, args.vocab)
+        run_sharded(pool, args.shards, warm)
     for _ in range(args.repeats):
         for threads in thread_counts:
-            torch.set_num_threads(threads)
-            times.setdefault(("plain", threads), []).append(timed(lambda: plain_loop(
-                shape, datasets, seeds, args.steps, args.batch_size, 1e-2, args.vocab)))
-            times.setdefault(("ensemble", threads), []).append(timed(lambda: train_ensemble(
-                shape, datasets, seeds, cfg, bos_id=args.vocab)))
+            times.setdefault(("plain", threads), []).append(timed(lambda: plain_pool.apply(
+                _plain_job, (threads, args.steps))))
+            times.setdefault(("ensemble", threads), []).append(timed(lambda: ensemble_pool.apply(
+                _ensemble_job, (threads, 0, 1, cfg))))
         if pool is not None:
-            times.setdefault(("sharded", args.shards), []).append(timed(lambda: run_sharded(
-                pool, args.shards, shape, datasets, seeds, cfg, args.vocab)))
-    if pool is not None:
-        pool.close()
+            times.setdefault(("sharded", args.shards), []).append(timed(lambda: run_sharded(pool, args.shards, cfg)))
+    for p in (plain_pool, ensemble_pool, pool):
+        if p is not None:
+            p.close()
     names = {"plain": "plain loop (HF GPT2, one at a time)", "ensemble": "memaudit ensemble (bmm, fused head)",
              "sharded": f"memaudit ensemble, {args.shards} shards x 1 thread"}
     for (method, threads), ts in times.items():

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..errors import MemauditError
 from ..rundir import _atomic_write_bytes
+from .allocator import keep_freed_memory
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,38 @@ class HeadCrossEntropy(torch.autograd.Function):
         return gx * scale.to(gx.dtype), gw * scale.to(gw.dtype), None, None
 
 
+_GELU_K, _GELU_C = 2 * math.sqrt(2 / math.pi), 0.044715
+
+
+class GeluTanh(torch.autograd.Function):
+    """GPT-2's gelu_new, 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3), computed as x sigmoid(2u).
+
+    The same function (tanh(u) = 2 sigmoid(2u) - 1). torch's float32 tanh is about 5x slower than its sigmoid on
+    CPU, so this forward and backward together take about half the time of F.gelu(approximate="tanh"). Values and
+    gradients agree with it to about 1e-6 (float32 rounding).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        s = torch.addcmul(x, x * x, x, value=_GELU_C).mul_(_GELU_K).sigmoid_()  # sigmoid(2u)
+        ctx.save_for_backward(x, s)
+        return x * s
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        x, s = ctx.saved_tensors
+        # d(x s)/dx = s (1 + x v' (1 - s)) with v = 2u. Beyond |x| = 20, s (1 - s) is 0 in float32, and clamping
+        # there keeps x v' finite (no inf * 0). 1 - s is exact for s >= 1/2, so nothing cancels.
+        xc = x.clamp(-20.0, 20.0)
+        t = torch.addcmul(torch.tensor(_GELU_K, dtype=x.dtype), xc, xc, value=3 * _GELU_C * _GELU_K).mul_(xc)
+        return t.mul_(1.0 - s).add_(1.0).mul_(s).mul_(grad)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """gelu_new: float32 through GeluTanh; other dtypes through F.gelu, which computes in float32 internally."""
+    return GeluTanh.apply(x) if x.dtype == torch.float32 else F.gelu(x, approximate="tanh")
+
+
 class EnsembleGPT(torch.nn.Module):
     """M GPT-2 models of one shape; forward(idx [M, B, T]) -> logits [M, B, T, vocab]."""
 
@@ -164,7 +197,7 @@ class EnsembleGPT(torch.nn.Module):
             y = y.transpose(1, 2).reshape(M, B * T, d)
             x = x + self._linear(y, self._p(f"h{i}.proj_w"), self._p(f"h{i}.proj_b"))
             a = self._ln(x, self._p(f"h{i}.ln2_w"), self._p(f"h{i}.ln2_b"))
-            a = F.gelu(self._linear(a, self._p(f"h{i}.fc_w"), self._p(f"h{i}.fc_b")), approximate="tanh")
+            a = gelu_tanh(self._linear(a, self._p(f"h{i}.fc_w"), self._p(f"h{i}.fc_b")))
             x = x + self._linear(a, self._p(f"h{i}.fc2_w"), self._p(f"h{i}.fc2_b"))
         return self._ln(x, self._p("lnf_w"), self._p("lnf_b"))
 
@@ -291,6 +324,7 @@ def train_ensemble(shape: GPTShape, datasets: Sequence[np.ndarray], seeds: Seque
         raise MemauditError("train_ensemble needs one seed per dataset and at least one dataset")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    keep_freed_memory()  # no page faults on every step's activations
     S = datasets[0].shape[1]
     if any(d.shape[1] != S for d in datasets) or S > shape.positions:
         raise MemauditError(f"every dataset needs rows of {S} tokens, at most the model's {shape.positions} positions")
