@@ -51,6 +51,7 @@ class RandomGridConfig:
     dtype: str = "float32"
     threads: int | None = None
     data_seed: int = 0
+    torch_compile: str | None = None  # on, off, or unset: auto (see EnsembleConfig.torch_compile)
 
     def validate(self) -> None:
         if not self.layers or not self.widths or min(self.layers) < 1 or min(self.widths) < 1:
@@ -138,7 +139,8 @@ def train_shape(cfg: RandomGridConfig, layers: int, width: int, on_eval=None,
                           warmup_steps=cfg.warmup_steps, eval_every=cfg.eval_every,
                           plateau_window=cfg.plateau_window, plateau_tol=cfg.plateau_tol,
                           plateau_epochs=cfg.plateau_epochs,
-                          anneal_fraction=cfg.anneal_fraction, compute_dtype=cfg.dtype, threads=cfg.threads)
+                          anneal_fraction=cfg.anneal_fraction, compute_dtype=cfg.dtype, threads=cfg.threads,
+                          torch_compile=cfg.torch_compile)
     records = train_ensemble(shape, [j[3] for j in jobs], [1000 * layers + width + 7 * j[2] for j in jobs], ecfg,
                              bos_id=cfg.vocab, data_bits=H, on_eval=on_eval, checkpoint=checkpoint)
     seconds = max(r.seconds for r in records)  # training time, summed over resumed sessions

@@ -42,6 +42,7 @@ class TextCapacityConfig:
     seed: int = 0
     threads: int | None = None
     text_field: str = "text"
+    torch_compile: str | None = None  # on, off, or unset: auto (see EnsembleConfig.torch_compile)
 
 
 def text_windows(texts: list[str], tokenizer, window: int = WINDOW) -> np.ndarray:
@@ -115,7 +116,7 @@ def run_text_capacity(cfg: TextCapacityConfig, out=None, *, resume: bool = False
         datasets = [pool[:n] for n in sizes] + [pool]  # the last one is the reference (whole corpus pool)
         ecfg = EnsembleConfig(max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                               warmup_steps=cfg.warmup_steps, eval_every=cfg.steps, drop_converged=False,
-                              threads=cfg.threads)
+                              threads=cfg.threads, torch_compile=cfg.torch_compile)
         recs = train_ensemble(shape, datasets, [cfg.seed * 100 + i for i in range(len(datasets))], ecfg,
                               bos_id=bos)
         one = EnsembleGPT(shape, [0])

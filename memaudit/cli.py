@@ -263,6 +263,9 @@ def capacity(
     text: Optional[Path] = typer.Option(None, help="Real-text mode: fixed models on growing numbers of 64-token "
                                          "windows of this file (double descent and the MIA law)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
+    torch_compile: Optional[str] = typer.Option(
+        None, "--compile", help="on or off: torch.compile the models' body (about 6 s per shape and ensemble size, "
+        "then 4-16% faster steps on CPU). Default: on for --max-steps of 20,000 or more when a C++ compiler is found."),
     out: OutDir = None,
     resume: Resume = False,
     overwrite: Overwrite = False,
@@ -273,6 +276,9 @@ def capacity(
 ending exactly as an uninterrupted run would (same --threads).
     """
     from .capacity import PAPER_GRID, RandomGridConfig, run_random_capacity
+    from .training.ensemble import check_compile_setting
+
+    check_compile_setting(torch_compile)
 
     def ints(name: str, value: str) -> list[int]:
         try:
@@ -284,7 +290,8 @@ ending exactly as an uninterrupted run would (same --threads).
         from .capacity_text import TextCapacityConfig, run_text_capacity
 
         s = run_text_capacity(TextCapacityConfig(text=str(text), widths=ints("widths", widths),
-                                                 layers=ints("layers", layers)[0], threads=threads),
+                                                 layers=ints("layers", layers)[0], threads=threads,
+                                                 torch_compile=torch_compile),
                               out, resume=resume, overwrite=overwrite)
         typer.echo(s["message"] + f" -> {s['out']}")
         return
@@ -293,7 +300,7 @@ ending exactly as an uninterrupted run would (same --threads).
                            batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, eval_every=eval_every,
                            plateau_window=plateau_window,
                            plateau_tol=plateau_tol, anneal_fraction=anneal_fraction, plateau_epochs=plateau_epochs,
-                           dtype=dtype, threads=threads)
+                           dtype=dtype, threads=threads, torch_compile=torch_compile)
     if paper_grid:
         for k, v in PAPER_GRID.items():
             setattr(cfg, k, v)

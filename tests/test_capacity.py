@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from memaudit.capacity import fit_bits_per_param, model_shape, random_dataset
-from memaudit.training.ensemble import EnsembleConfig, EnsembleGPT, GPTShape, train_ensemble
+from memaudit.training.ensemble import EnsembleConfig, EnsembleGPT, GPTShape, compile_unavailable, train_ensemble
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -245,10 +245,14 @@ def test_run_recorded_before_a_new_setting_still_resumes(tmp_path):
         RunDir(tmp_path / "r", "capacity", {"lr": 0.01, "plateau_epochs": None}, resume=True)
 
 
-def test_interrupted_training_resumes_to_the_same_models(tmp_path):
+needs_compiler = pytest.mark.skipif(bool(compile_unavailable()), reason="torch.compile needs a C++ compiler")
+
+
+@pytest.mark.parametrize("torch_compile", ["off", pytest.param("on", marks=needs_compiler)])
+def test_interrupted_training_resumes_to_the_same_models(tmp_path, torch_compile):
     """A training killed mid-run and resumed from its checkpoint ends with exactly the weights, histories and
-    convergence of the uninterrupted run, including a model that had already converged and left the ensemble;
-    a checkpoint of other settings is refused."""
+    convergence of the uninterrupted run, including a model that had already converged and left the ensemble
+    (also compiled, where each ensemble size has its own graph); a checkpoint of other settings is refused."""
     from memaudit.errors import MemauditError
 
     torch.set_num_threads(1)
@@ -256,7 +260,8 @@ def test_interrupted_training_resumes_to_the_same_models(tmp_path):
     data = [random_dataset(8, 8, 16, 1), random_dataset(40, 8, 16, 2)]
     H = [d.size * 4.0 for d in data]
     cfg = EnsembleConfig(max_steps=60, batch_size=8, lr=1e-2, warmup_steps=5, eval_every=5, plateau_epochs=2,
-                         plateau_tol=10.0, anneal_fraction=0.5)  # plateaus at once: model 0 leaves at step 15
+                         plateau_tol=10.0, anneal_fraction=0.5,  # plateaus at once: model 0 leaves at step 15
+                         torch_compile=torch_compile)
 
     def train(checkpoint=None, on_eval=None, config=cfg):
         return train_ensemble(shape, data, [1, 2], config, bos_id=16, data_bits=H, checkpoint=checkpoint,
@@ -283,6 +288,48 @@ def test_interrupted_training_resumes_to_the_same_models(tmp_path):
         assert (a.steps, a.converged, a.anneal_start, a.history) == (b.steps, b.converged, b.anneal_start, b.history)
         for k in a.final_state:
             assert torch.equal(a.final_state[k], b.final_state[k]), k
+
+
+@needs_compiler
+def test_compiled_body_gives_the_eager_loss_and_gradients():
+    shape = model_shape(1, 8, 16, 8)
+    ens = EnsembleGPT(shape, seeds=[1, 2])
+    idx, tg = torch.randint(0, 17, (2, 8, 8)), torch.randint(0, 16, (2, 8, 8))
+    grads = {}
+    for compiled in (False, True):
+        ens.compiled = compiled
+        ens.zero_grad()
+        loss = ens.loss(idx, tg)
+        loss.sum().backward()
+        grads[compiled] = (loss.detach(), {k: p.grad.clone() for k, p in ens.params.items()})
+    torch.testing.assert_close(grads[True][0], grads[False][0], rtol=1e-5, atol=1e-6)
+    for k, g in grads[False][1].items():
+        torch.testing.assert_close(grads[True][1][k], g, rtol=1e-4, atol=1e-6)
+
+
+def test_failed_compile_falls_back_to_the_eager_run(monkeypatch, capsys):
+    """A compiler or Inductor failure costs a warning, not the run: training ends exactly as an uncompiled run."""
+    from memaudit.training import ensemble
+
+    def broken():
+        def fail(*args):
+            raise RuntimeError("C++ compile error: cannot find -lgomp")
+        return fail
+
+    shape = model_shape(1, 8, 16, 8)
+    data = [random_dataset(20, 8, 16, 1)]
+    cfg = EnsembleConfig(max_steps=20, batch_size=8, lr=1e-2, warmup_steps=5, eval_every=10, drop_converged=False)
+    eager = train_ensemble(shape, data, [3], cfg, bos_id=16)[0]
+    monkeypatch.setattr(ensemble, "_compiled_hidden", broken)
+    monkeypatch.setattr(ensemble, "compile_unavailable", lambda: None)
+    fallen = train_ensemble(shape, data, [3], EnsembleConfig(**{**cfg.__dict__, "torch_compile": "on"}), bos_id=16)[0]
+    assert "torch.compile failed (RuntimeError: C++ compile error" in capsys.readouterr().err
+    assert fallen.history == eager.history
+    for k, v in eager.final_state.items():
+        assert torch.equal(fallen.final_state[k], v), k
+    monkeypatch.setattr(ensemble, "compile_unavailable", lambda: "no C++ compiler found")
+    with pytest.raises(ensemble.MemauditError, match="--compile on cannot work here: no C"):
+        train_ensemble(shape, data, [3], EnsembleConfig(**{**cfg.__dict__, "torch_compile": "on"}), bos_id=16)
 
 
 def test_text_mode_end_to_end(tmp_path):
