@@ -2,7 +2,7 @@
 
 The public Python API. Every CLI command is a thin shell over one of these functions.
 """
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 from .data import make_windows, read_documents, tokenize, train_tokenizer, write_documents  # noqa: E402
 from .errors import MemauditError  # noqa: E402

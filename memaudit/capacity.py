@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import checks
 from .errors import MemauditError
+from .training.ensemble import check_compile_setting
 
 PUBLISHED_ALPHA = 3.6  # bits per parameter (Morris et al.); 3.83 fp32, 3.51 bf16
 PUBLISHED_ALPHA_FP32 = 3.83
@@ -54,16 +56,27 @@ class RandomGridConfig:
     torch_compile: str | None = None  # on, off, or unset: auto (see EnsembleConfig.torch_compile)
 
     def validate(self) -> None:
-        if not self.layers or not self.widths or min(self.layers) < 1 or min(self.widths) < 1:
+        if not self.layers or not self.widths:
             raise MemauditError("--layers and --widths need positive integers")
-        if self.vocab < 2 or self.seq_len < 2:
-            raise MemauditError("--vocab must be >= 2 and --seq-len >= 2")
-        if self.plateau_epochs is not None and self.plateau_epochs <= 0:
-            raise MemauditError("--plateau-epochs must be > 0")
-        if self.seeds < 1 or self.max_steps < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise MemauditError("--seeds, --max-steps, --batch-size must be >= 1 and --lr > 0")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise MemauditError(f"--dtype must be float32 or bfloat16 for capacity, not {self.dtype!r}")
+        for v in self.layers:
+            checks.integer("--layers", v)
+        for v in self.widths:
+            checks.integer("--widths", v)
+        checks.integer("--vocab", self.vocab, low=2)
+        checks.integer("--seq-len", self.seq_len, low=2)
+        checks.integer("--seeds", self.seeds)
+        checks.integer("--max-steps", self.max_steps)
+        checks.integer("--batch-size", self.batch_size)
+        checks.number("--lr", self.lr, low=0, low_open=True)
+        checks.integer("--warmup-steps", self.warmup_steps, low=0)
+        checks.integer("--eval-every", self.eval_every)
+        checks.integer("--plateau-window", self.plateau_window)
+        checks.number("--plateau-tol", self.plateau_tol, low=0)
+        checks.number("--anneal-fraction", self.anneal_fraction, low=0)
+        checks.number("--plateau-epochs", self.plateau_epochs, low=0, low_open=True)
+        checks.integer("--threads", self.threads)
+        checks.choice("--dtype", self.dtype, ("float32", "bfloat16"))
+        check_compile_setting(self.torch_compile)
         if not self.sizes:
             raise MemauditError("--sizes needs at least one dataset size")
         for s in self.sizes:
@@ -83,7 +96,7 @@ def parse_size(text: str, params: int, seq_len: int, vocab: int) -> int:
             n = int(round(mult * PUBLISHED_ALPHA * params / (seq_len * math.log2(vocab))))
         else:
             n = int(text)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: an infinite multiple
         raise MemauditError(f"bad dataset size {text!r}: use a number of sequences or a multiple like 1.5x") from None
     if n < 1:
         raise MemauditError(f"dataset size {text!r} gives fewer than 1 sequence")
@@ -244,7 +257,7 @@ def run_random_capacity(cfg: RandomGridConfig, out: str | os.PathLike | None = N
                 advance(step - last[0])
                 last[0] = step
 
-            ckpt = run.partial_dir / f"shape-L{L}-W{W}.ckpt"  # --resume goes on from the last evaluation
+            ckpt = run.partial_path(f"shape-L{L}-W{W}.ckpt")  # --resume goes on from the last evaluation
             df = train_shape(cfg, L, W, on_eval=tick, checkpoint=ckpt)
             run.save_partial(f"shape-L{L}-W{W}", df)
             ckpt.unlink(missing_ok=True)
@@ -263,8 +276,8 @@ def finish_random_capacity(run, cfg: RandomGridConfig, results: pd.DataFrame) ->
     caps = capacities(results)
     fit = fit_bits_per_param(caps)
     run.write_samples(results.drop(columns=["history"]), "results.parquet")
-    results.to_csv(run.path / "results.csv", index=False)
-    caps.to_csv(run.path / "capacities.csv", index=False)
+    run.write_csv("results.csv", results)
+    run.write_csv("capacities.csv", caps)
     below = results[results["data_bits"] <= 0.9 * results["params"] * PUBLISHED_ALPHA]
     # below this shape's own measured capacity (90% of it), the stricter reading when capacity < 3.6 bits/param
     cap_of = {(int(c["layers"]), int(c["width"])): c["capacity_bits"] for _, c in caps.iterrows()}

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
+from . import checks
 from .errors import MemauditError
 
 WINDOW = 64
@@ -43,6 +44,19 @@ class TextCapacityConfig:
     threads: int | None = None
     text_field: str = "text"
     torch_compile: str | None = None  # on, off, or unset: auto (see EnsembleConfig.torch_compile)
+
+    def validate(self) -> None:
+        from .training.ensemble import check_compile_setting
+
+        if not self.widths:
+            raise MemauditError("--widths needs positive integers")
+        for w in self.widths:
+            checks.integer("--widths", w)
+        checks.integer("--layers", self.layers)
+        checks.integer("--threads", self.threads)
+        checks.seed(self.seed)
+        check_compile_setting(self.torch_compile)
+        checks.readable_file(self.text, "--text file")
 
 
 def text_windows(texts: list[str], tokenizer, window: int = WINDOW) -> np.ndarray:
@@ -80,15 +94,15 @@ def run_text_capacity(cfg: TextCapacityConfig, out=None, *, resume: bool = False
     import torch
 
     from .data import file_hash, read_documents, train_tokenizer
-    from .rundir import RunDir
-    from .scaling_laws import PUBLISHED_CONSTANTS, fit_mia_law, mia_law
+    from .rundir import RunDir, check_output
     from .scoring import score
     from .training.ensemble import EnsembleConfig, EnsembleGPT, GPTShape, train_ensemble
 
-    if not cfg.widths or min(cfg.widths) < 1 or cfg.layers < 1:
-        raise MemauditError("--widths and --layers need positive integers")
+    cfg.validate()
+    out = out or RunDir.default_out("capacity-text")
+    check_output(out, "capacity-text", inputs=[cfg.text], resume=resume, overwrite=overwrite)
     texts = read_documents(cfg.text, text_field=cfg.text_field)["text"].tolist()
-    run = RunDir(out or RunDir.default_out("capacity-text"), "capacity-text", asdict(cfg),
+    run = RunDir(out, "capacity-text", asdict(cfg),
                  inputs={"text": cfg.text, "text_sha256": file_hash(cfg.text)}, resume=resume, overwrite=overwrite)
     if resume and (run.path / "text_results.csv").exists():  # a finished run: refit and redraw only
         return _finish_text(run, pd.read_csv(run.path / "text_results.csv"), {})
@@ -168,7 +182,7 @@ def _finish_text(run, results: pd.DataFrame, info: dict) -> dict:
     # holds. The 3.6 bits/param axis assumes training to saturation; a fixed budget stops well short of it.
     reached = results.groupby("width")["mem_u_bits_total"].transform("max")
     results = results.assign(data_over_measured_capacity=results["dataset_bits_ref"] / reached)
-    results.to_csv(run.path / "text_results.csv", index=False)
+    run.write_csv("text_results.csv", results)
     try:
         fit = fit_mia_law(results["n_over_p"], results["mia_f1"])
     except MemauditError as exc:

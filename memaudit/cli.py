@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from . import checks
 from .errors import MemauditError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -62,8 +63,7 @@ def _batch_size(value: str) -> int | str:
         n = int(value)
     except ValueError:
         raise MemauditError(f"--batch-size must be auto or a positive integer, not {value!r}") from None
-    if n < 1:
-        raise MemauditError("--batch-size must be >= 1")
+    checks.batch_size(n)
     return n
 
 
@@ -105,6 +105,8 @@ def train(
     canary_repeats: int = typer.Option(1, help="Times each canary is inserted (each as its own document)."),
     checkpoint_every: int = typer.Option(0, help="Save OUT/checkpoint every N steps (0: never)."),
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoint (same settings and data)."),
+    overwrite: bool = typer.Option(False, help="Replace a model directory that `memaudit train` wrote before "
+                                               "(never one it did not write)."),
     stop_after: Optional[int] = typer.Option(None, help="Stop after N steps in total, leaving a checkpoint for "
                                                         "--resume."),
 ):
@@ -122,6 +124,7 @@ def train(
                                 goldfish_k=goldfish_k, goldfish_h=goldfish_h, sink_fraction=sink_fraction,
                                 sink_density=sink_density, release=release, canaries=canaries,
                                 canary_repeats=canary_repeats, checkpoint_every=checkpoint_every, resume=resume,
+                                overwrite=overwrite,
                                 stop_after=stop_after, tokenizer=str(tokenizer) if tokenizer else None))
     if int(os.environ.get("RANK", "0")) != 0:
         return
@@ -281,10 +284,7 @@ ending exactly as an uninterrupted run would (same --threads).
     check_compile_setting(torch_compile)
 
     def ints(name: str, value: str) -> list[int]:
-        try:
-            return [int(v) for v in value.split(",") if v.strip()]
-        except ValueError:
-            raise MemauditError(f"--{name} must be comma-separated integers, not {value!r}") from None
+        return checks.int_list(f"--{name}", value)
 
     if text is not None:
         from .capacity_text import TextCapacityConfig, run_text_capacity
@@ -469,19 +469,39 @@ def risk(
         raise typer.Exit(s["exit_code"])
 
 
+# The base of the usage errors typer raises (typer vendors click in newer releases, so it is found, not imported).
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def main() -> None:
-    """Entry point: run the app, turning user errors into one line and a non-zero exit."""
+    """Entry point: run the app; every mistake a user can make ends as one line on stderr and exit code 2."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     try:
-        app()  # standalone: click reports usage errors itself, and every run ends in SystemExit
-    except SystemExit as exc:
-        if not exc.code and "torch" in sys.modules:  # on success only: after an error on one rank the others
-            from .distributed import shutdown        # may never reach its barrier
-
-            shutdown()
-        raise
+        code = app(standalone_mode=False)  # usage errors come back to us instead of a multi-line box
+    except _CLICK_ERROR as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `memaudit` alone: the help text, not an error
+            typer.echo(exc.format_message())
+            sys.exit(0)
+        command = f"memaudit {exc.ctx.info_name} --help" if getattr(exc, "ctx", None) and \
+            exc.ctx.parent is not None else "memaudit --help"
+        _fail(f"{exc.format_message()} (see '{command}')")
+    except typer.Abort:
+        _fail("aborted", code=130)
     except MemauditError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        _fail(str(exc))
+    except OSError as exc:  # a file the system refused to read or write (permissions, full disk, ...)
+        where = f": {exc.filename}" if exc.filename else ""
+        _fail(f"{exc.strerror or exc}{where}")
+    code = code if isinstance(code, int) else 0
+    if code == 0 and "torch" in sys.modules:  # on success only: after an error on one rank the others
+        from .distributed import shutdown        # may never reach its barrier
+
+        shutdown()
+    sys.exit(code)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {' '.join(message.split())}", err=True)  # one line, whatever the message held
+    sys.exit(code)

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from . import checks
 from .errors import MemauditError
 
 
@@ -117,14 +118,27 @@ def measure_memorization(model_dir: str | os.PathLike, data: str | os.PathLike, 
     from .data import file_hash, read_documents, tokenize
     from .models import load_model, weights_hash
     from .progress import progress_bar
-    from .rundir import RunDir
+    from .rundir import RunDir, check_output
 
-    if reference != "zstd" and not Path(reference).exists():
-        raise MemauditError(f"--reference must be a model directory or 'zstd': {reference} does not exist")
-    if zstd_dict_from is not None and reference != "zstd":
-        raise MemauditError("--zstd-dict-from only applies with --reference zstd")
-    if top_k < 0:
-        raise MemauditError("--top-k must be >= 0")
+    checks.integer("--zstd-level", zstd_level, low=1, high=22)
+    checks.integer("--top-k", top_k, low=0)
+    checks.limit(limit)
+    checks.batch_size(batch_size)
+    checks.choice("--dtype", dtype, ("float32", "fp32", "bfloat16", "bf16"))
+    checks.readable_file(data)
+    checks.model_dir(model_dir, allow_pickle=allow_pickle)
+    if reference != "zstd":
+        if not Path(reference).exists():
+            raise MemauditError(f"--reference must be a model directory or 'zstd': {reference} does not exist")
+        checks.model_dir(reference, allow_pickle=allow_pickle, what="--reference model directory")
+    if zstd_dict_from is not None:
+        if reference != "zstd":
+            raise MemauditError("--zstd-dict-from only applies with --reference zstd")
+        checks.readable_file(zstd_dict_from, "--zstd-dict-from file")
+    out = out or RunDir.default_out("memorization")
+    check_output(out, "memorization", inputs=[p for p in (model_dir, data, None if reference == "zstd" else reference,
+                                                          zstd_dict_from) if p is not None],
+                 resume=resume, overwrite=overwrite)
     target = ModelCoder(load_model(model_dir, device=device, dtype=dtype, allow_pickle=allow_pickle,
                                    trust_remote_code=trust_remote_code), batch_size)
     docs = read_documents(data, text_field=text_field, id_field=id_field, limit=limit)
@@ -147,7 +161,7 @@ def measure_memorization(model_dir: str | os.PathLike, data: str | os.PathLike, 
         inputs["reference_weights_sha256"] = weights_hash(reference)
     if zstd_dict_from:
         inputs["zstd_dict_sha256"] = file_hash(zstd_dict_from)
-    run = RunDir(out or RunDir.default_out("memorization"), "memorization", settings, inputs=inputs,
+    run = RunDir(out, "memorization", settings, inputs=inputs,
                  resume=resume, overwrite=overwrite)
 
     # Tokenize; a sample longer than the context is cut to what fits, and the cut is counted.

@@ -10,6 +10,8 @@ import inspect
 import re
 import warnings
 
+from .errors import MemauditError
+
 MODULES = (
     "abc argparse array ast asyncio base64 bisect calendar cmd codecs collections colorsys configparser "
     "contextlib copy csv dataclasses datetime decimal difflib dis email enum filecmp fnmatch fractions ftplib "
@@ -57,7 +59,8 @@ def demo_corpus(n_train: int = 100, n_heldout: int = 100, seed: int = 0) -> tupl
 
     docs = stdlib_docstrings()
     if len(docs) < n_train + n_heldout:
-        raise RuntimeError(f"only {len(docs)} docstrings available, need {n_train + n_heldout}")
+        raise MemauditError(f"only {len(docs)} docstrings are available here: --n-train + --n-heldout is "
+                            f"{n_train + n_heldout}")
     rng = random.Random(seed)
     rng.shuffle(docs)
     return docs[:n_train], docs[n_train:n_train + n_heldout]

@@ -11,6 +11,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
+from . import checks
 from .errors import MemauditError
 
 SUPPORTED = (".jsonl", ".txt", ".parquet", ".csv")
@@ -68,24 +69,30 @@ def _read_table(path: Path, text_field: str, id_field: str) -> pd.DataFrame:
     try:
         if path.suffix == ".parquet":
             df = pd.read_parquet(path)
-        else:
-            df = pd.read_csv(path, encoding="utf-8", keep_default_na=False)
+        else:  # every csv cell is text: read the text and id columns as written, not as inferred numbers
+            df = pd.read_csv(path, encoding="utf-8", keep_default_na=False, dtype={text_field: str, id_field: str})
     except UnicodeDecodeError:
         raise MemauditError(f"{path}: not valid UTF-8") from None
     except Exception as exc:
         raise MemauditError(f"{path}: cannot read as {path.suffix[1:]}: {str(exc).splitlines()[0][:200]}") from None
     if text_field not in df.columns:
         raise MemauditError(f"{path}: no column {text_field!r} (columns: {', '.join(map(str, df.columns))}; use --text-field)")
+    texts = df[text_field].tolist()
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        what = "empty (null)" if texts[bad] is None or (isinstance(texts[bad], float) and texts[bad] != texts[bad]) \
+            else f"a {type(texts[bad]).__name__}, not text"
+        raise MemauditError(f"{path}: row {bad}: column {text_field!r} is {what}")
     ids = df[id_field].astype(str).tolist() if id_field in df.columns else [None] * len(df)
-    return pd.DataFrame({"id": ids, "text": df[text_field].astype(str).tolist()})
+    return pd.DataFrame({"id": ids, "text": texts})
 
 
 def read_documents(path: str | os.PathLike, *, text_field: str = "text", id_field: str = "id",
                    limit: int | None = None) -> pd.DataFrame:
     """A DataFrame with columns `id` (str) and `text`; ids default to the row number."""
     path = Path(path)
-    if not path.is_file():
-        raise MemauditError(f"data file not found: {path}")
+    checks.readable_file(path)
+    checks.limit(limit)
     if path.suffix not in SUPPORTED:
         raise MemauditError(f"{path}: unsupported data format {path.suffix!r} (use {', '.join(SUPPORTED)})")
     if path.suffix == ".jsonl":

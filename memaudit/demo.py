@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from . import checks
 from .corpus import demo_corpus
 from .data import write_documents
 from .extraction import extract
 from .models import load_model
+from .rundir import Owned, write_json
 from .training import TrainConfig, train
 
 # The window the probe uses (Pythia's 32 + 32) and the rows the model trains on: BOS + the first 71 tokens
@@ -41,6 +43,14 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, epochs: int = 50, n_train:
 
     t_start = time.time()
     out = Path(out)
+    checks.integer("--epochs", epochs)
+    checks.integer("--n-train", n_train, low=2)
+    checks.integer("--n-heldout", n_heldout, low=2)  # membership inference needs 2 of each side
+    checks.seed(seed)
+    for objective in objectives:
+        checks.choice("objective", objective, SHOWCASE_OBJECTIVES)
+    owned = Owned(out, "demo", reuse=True)  # a demo folder is written again on every run (models reused)
+    owned.record(dirs=["data", "models", "runs", "report"])
     members, heldout = demo_corpus(n_train=n_train, n_heldout=n_heldout, seed=seed)
     train_file = write_documents(out / "data" / "train.jsonl", members, [f"train-{i}" for i in range(len(members))])
     heldout_file = write_documents(out / "data" / "heldout.jsonl", heldout,
@@ -53,13 +63,13 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, epochs: int = 50, n_train:
         model_dir = out / "models" / objective
         stamp = {"epochs": epochs, "n_train": n_train, "seed": seed, "seq_len": SEQ_LEN, "config": config,
                  "objective": objective}
-        stamp_file = model_dir / "demo_stamp.json"
+        stamp_file = out / "models" / f"{objective}.demo.json"  # beside the model dir: train owns the inside
         if overwrite or not stamp_file.exists() or json.loads(stamp_file.read_text()) != stamp:
             t0 = time.time()
             res = train(TrainConfig(data=str(train_file), out=str(model_dir), objective=objective, config=config,
                                     epochs=epochs, lr=3e-3, batch_size=16, seq_len=SEQ_LEN, val_fraction=0.0,
-                                    seed=seed, device="cpu"))
-            stamp_file.write_text(json.dumps(stamp))
+                                    seed=seed, device="cpu", overwrite=model_dir.exists()))
+            write_json(stamp_file, stamp)
             echo(f"[{objective}] trained {res.parameters:,} parameters for {epochs} epochs in "
                  f"{time.time() - t0:.0f} s (train loss {res.train_loss:.3f})")
         else:

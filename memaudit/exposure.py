@@ -28,9 +28,11 @@ from typing import Sequence
 import numpy as np
 
 from .data import iter_jsonl
+from . import checks
 from .errors import MemauditError
 
 SECRET_FIELD = "{secret}"
+ESTIMATORS = ("sampling", "skewnorm")
 
 
 @dataclass
@@ -66,7 +68,9 @@ def _canary_from_record(obj: dict, lineno: int, path: Path) -> Canary:
     if not (secret.isdigit() and secret.isascii()):
         raise MemauditError(f"{path}: line {lineno}: the secret must be a string of decimal digits, not {secret!r}")
     n_digits = obj.get("n_digits", obj.get("digits") if isinstance(obj.get("digits"), int) else len(secret))
-    if int(n_digits) != len(secret):
+    if isinstance(n_digits, bool) or not isinstance(n_digits, int):
+        raise MemauditError(f"{path}: line {lineno}: n_digits must be a whole number, not {n_digits!r}")
+    if n_digits != len(secret):
         raise MemauditError(f"{path}: line {lineno}: n_digits is {n_digits} but the secret has {len(secret)}")
     template = obj.get("template")
     if isinstance(template, str) and "{}" in template and SECRET_FIELD not in template:
@@ -84,6 +88,8 @@ def _canary_from_record(obj: dict, lineno: int, path: Path) -> Canary:
         raise MemauditError(f"{path}: line {lineno} needs a 'template' (with {{}}), a 'prefix', "
                             "or a 'text' that contains the secret")
     repeats = obj.get("repeats", obj.get("repetitions"))
+    if repeats is not None and (isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 0):
+        raise MemauditError(f"{path}: line {lineno}: repeats must be a whole number >= 0, not {repeats!r}")
     return Canary(id=str(obj.get("id", lineno - 1)), template=template, secret=secret,
                   repeats=int(repeats) if repeats is not None else None)
 
@@ -187,7 +193,7 @@ def canary_exposure(loaded, canary: Canary, *, exact_limit: int = 100_000, sampl
                     force_method: str | None = None, on_progress=None) -> dict:
     """Exposure of one canary: exact over all 10**digits candidates when that is <= `exact_limit`,
     otherwise estimated from `sample_size` sampled candidates (`force_method` overrides: exact|estimated)."""
-    if estimator not in ("sampling", "skewnorm"):
+    if estimator not in ESTIMATORS:
         raise MemauditError(f"unknown --estimator {estimator!r}: use sampling or skewnorm")
     space = 10 ** canary.digits
     method = force_method or ("exact" if space <= exact_limit else "estimated")
@@ -258,21 +264,31 @@ def run_exposure(model_dir: str | os.PathLike, *, canaries: str | os.PathLike | 
     from .data import file_hash
     from .models import load_model, weights_hash
     from .progress import progress_bar
-    from .rundir import RunDir
+    from .rundir import RunDir, check_output
 
+    checks.integer("--controls", controls, low=0)
+    checks.integer("--exact-limit", exact_limit)
+    checks.integer("--sample-size", sample_size)
+    checks.choice("--estimator", estimator, ESTIMATORS)
+    checks.seed(seed)
+    checks.batch_size(batch_size)
     canary_file = Path(canaries) if canaries is not None else default_canary_file(model_dir)
     if canaries is None and not canary_file.is_file():
         raise MemauditError(f"no canaries.jsonl in {model_dir}: pass --canaries FILE")
+    checks.readable_file(canary_file, "canary file")
     cans = read_canaries(canary_file)
-    if controls < 0 or exact_limit < 1 or sample_size < 1:
-        raise MemauditError("--controls must be >= 0, --exact-limit and --sample-size >= 1")
+    if all(c.repeats == 0 for c in cans):
+        raise MemauditError(f"{canary_file}: every canary has repeats 0: none was inserted into training")
+    checks.model_dir(model_dir, allow_pickle=allow_pickle)
+    out = out or RunDir.default_out("exposure")
+    check_output(out, "exposure", inputs=[model_dir, canary_file], overwrite=overwrite)
     loaded = load_model(model_dir, device=device, dtype=dtype, allow_pickle=allow_pickle,
                         trust_remote_code=trust_remote_code)
     settings = {"controls": controls, "exact_limit": exact_limit, "sample_size": sample_size,
                 "estimator": estimator, "seed": seed, "batch_size": batch_size, "device": device, "dtype": dtype}
     inputs = {"model": str(model_dir), "model_weights_sha256": weights_hash(model_dir),
               "canaries": str(canary_file), "canaries_sha256": file_hash(canary_file)}
-    run = RunDir(out or RunDir.default_out("exposure"), "exposure", settings, inputs=inputs, overwrite=overwrite)
+    run = RunDir(out, "exposure", settings, inputs=inputs, overwrite=overwrite)
     every = list(cans) + control_canaries(cans, controls, seed)
     total = sum(10 ** c.digits if 10 ** c.digits <= exact_limit else min(sample_size, 10 ** c.digits - 1) + 1
                 for c in every)
@@ -288,8 +304,6 @@ def run_exposure(model_dir: str | os.PathLike, *, canaries: str | os.PathLike | 
     run.write_samples(df)
     inserted = df[df["inserted"]]
     control = df[~df["inserted"]]
-    if inserted.empty:
-        raise MemauditError(f"{canary_file}: every canary has repeats 0: none was inserted into training")
     summary = {
         "n_canaries": int(len(inserted)),
         "mean_exposure_bits": float(inserted["exposure"].mean()),

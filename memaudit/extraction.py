@@ -32,11 +32,12 @@ import torch
 
 from . import generation as gen
 from .data import Windows, file_hash, make_windows, read_documents, tokenize
+from . import checks
 from .errors import MemauditError
 from .metrics import rouge_l_ids, rouge_l_text, rouge_tokenize
 from .models import LoadedModel, load_model, weights_hash
 from .progress import progress_bar
-from .rundir import RunDir
+from .rundir import RunDir, check_output
 from .scoring import iter_scored_batches
 
 DECODINGS = ("greedy", "sample", "beam")
@@ -60,19 +61,18 @@ class ExtractionSettings:
     seed: int = 0
 
     def check(self) -> None:
-        if self.decoding not in DECODINGS:
-            raise MemauditError(f"unknown --decoding {self.decoding!r}: use {', '.join(DECODINGS)}")
-        if self.decoding == "beam" and self.num_beams < 1:
-            raise MemauditError("--num-beams must be >= 1")
-        if self.decoding == "sample":
-            if self.num_samples < 1:
-                raise MemauditError("--num-samples must be >= 1")
-            if not self.temperature > 0:
-                raise MemauditError("--temperature must be > 0 (use --decoding greedy for temperature 0)")
-            if self.top_k < 0 or not 0 < self.top_p <= 1:
-                raise MemauditError("--top-k must be >= 0 and --top-p in (0, 1]")
-            if not 0 <= self.np_threshold <= 1:
-                raise MemauditError("--np-threshold must be in [0, 1]")
+        checks.choice("--decoding", self.decoding, DECODINGS)
+        checks.integer("--prefix", self.prefix)
+        checks.integer("--suffix", self.suffix)
+        checks.integer("--offset", self.offset, low=0)
+        checks.integer("--num-beams", self.num_beams)
+        checks.integer("--num-samples", self.num_samples)
+        checks.number("--temperature", self.temperature, low=0, low_open=True)  # greedy is temperature 0
+        checks.integer("--top-k", self.top_k, low=0)
+        checks.fraction("--top-p", self.top_p, one=True)
+        checks.fraction("--np-threshold", self.np_threshold, zero=True, one=True)
+        checks.batch_size(self.batch_size)
+        checks.seed(self.seed)
 
 
 # --- per-sample metrics ---------------------------------------------------------------------------------------
@@ -198,7 +198,7 @@ def _cache_is_sliceable(model, token: int) -> bool:
     device = next(model.parameters()).device
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([[token]], device=device), use_cache=True)
-    return gen.kv_from_cache(out.past_key_values) is not None
+    return gen.kv_from_cache(gen.output_cache(out)) is not None
 
 
 def _verify_batch(model, batch, W: np.ndarray, P: int, S: int, bos_id: int | None, sliceable: bool,
@@ -503,8 +503,15 @@ def extract(model: str | os.PathLike | LoadedModel, data: str | os.PathLike, *, 
                             num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p,
                             np_threshold=np_threshold, batch_size=batch_size, bos=bos, shortcut=shortcut, seed=seed)
     st.check()
+    checks.limit(limit)
+    checks.readable_file(data)
     if resume and out is None:
         raise MemauditError("--resume needs --out (the run directory to continue)")
+    if not isinstance(model, LoadedModel):
+        checks.model_dir(model, allow_pickle=allow_pickle)
+    if out is not None:
+        model_path = model.path if isinstance(model, LoadedModel) else model
+        check_output(out, "extract", inputs=[model_path, data], resume=resume, overwrite=overwrite)
     loaded = model if isinstance(model, LoadedModel) else load_model(
         model, device=device, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     docs = read_documents(data, text_field=text_field, id_field=id_field, limit=limit)

@@ -25,7 +25,9 @@ from . import distributed
 from .attacks import DCPDD_CAP, DEFAULT_K, AttackInputs, gradient_norms, parse_attacks, parse_ks, \
     run_attacks, token_log_frequencies
 from .data import file_hash, read_documents, tokenize
+from . import checks
 from .errors import MemauditError
+from .rundir import check_output
 from .metrics import (binary_metrics, bootstrap_roc, roc_auc, roc_curve, stratified_split, threshold_at_fpr,
                       threshold_max_balanced_accuracy, tpr_at_fpr)
 from .models import load_model, weights_hash
@@ -218,12 +220,19 @@ def mia(model_dir: str | Path, members: str | Path, nonmembers: str | Path, *,
     t0 = time.time()
     names, is_all = parse_attacks(attacks)
     ks = parse_ks(k)
-    if window is not None and window < 2:
-        raise MemauditError("--window must be >= 2 tokens")
-    if bootstrap < 0:
-        raise MemauditError("--bootstrap must be >= 0")
-    if not 0 < calibration_fraction < 1:
-        raise MemauditError("--calibration-fraction must be in (0, 1)")
+    checks.integer("--window", window, low=2)
+    checks.integer("--recall-shots", recall_shots, low=0)
+    checks.integer("--bootstrap", bootstrap, low=0)
+    checks.fraction("--calibration-fraction", calibration_fraction)
+    checks.seed(seed)
+    checks.limit(limit)
+    checks.batch_size(batch_size)
+    checks.readable_file(members, "members file")
+    checks.readable_file(nonmembers, "non-members file")
+    checks.readable_file(dcpdd_corpus, "--dcpdd-corpus file")
+    checks.model_dir(model_dir, allow_pickle=allow_pickle)
+    if reference is not None:
+        checks.model_dir(reference, allow_pickle=allow_pickle, what="--reference model directory")
     skipped: dict[str, str] = {}
     if "reference" in names and reference is None:
         if not is_all:
@@ -237,9 +246,10 @@ def mia(model_dir: str | Path, members: str | Path, nonmembers: str | Path, *,
     out_path = Path(out) if out is not None else None
     if write:
         out_path = out_path or distributed.broadcast_object(_default_out())
-        if (out_path / "config.json").exists() and not (overwrite or resume):
-            raise MemauditError(f"{out_path} already holds a run: pass --resume to continue it, --overwrite to "
-                                "replace it, or choose another --out")
+        if distributed.is_main():
+            check_output(out_path, "mia", inputs=[p for p in (model_dir, members, nonmembers, reference,
+                                                              dcpdd_corpus) if p is not None],
+                         resume=resume, overwrite=overwrite)
 
     mem_df = read_documents(members, text_field=text_field, id_field=id_field, limit=limit)
     non_df = read_documents(nonmembers, text_field=text_field, id_field=id_field, limit=limit)
@@ -321,7 +331,7 @@ def mia(model_dir: str | Path, members: str | Path, nonmembers: str | Path, *,
         budget = max_tokens - longest  # room before the longest sample
         if budget < MIN_RECALL_PREFIX:
             reason = (f"no room for the non-member prefix: the longest sample has {longest} tokens and the model's "
-                      f"context {ctx}; use --window (e.g. --window {max(2, ctx // 2)})")
+                      f"context {ctx}; `memaudit mia --window {max(2, ctx // 2)}` scores shorter samples")
             if not is_all:
                 raise MemauditError(f"recall: {reason}")
             names.remove("recall")

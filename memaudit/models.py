@@ -2,17 +2,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import checks
 from .errors import MemauditError
-
-# Architecture names that are causal LMs in every transformers version we support.
-_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
 @dataclass
@@ -58,33 +55,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
-def _check_model_dir(path: Path, allow_pickle: bool) -> dict:
-    if not path.exists():
-        raise MemauditError(f"model directory not found: {path}")
-    if not path.is_dir():
-        raise MemauditError(f"not a model directory (a file was given): {path}")
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise MemauditError(f"not a model directory (no config.json): {path}")
-    try:
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MemauditError(f"unreadable config.json in {path}: {exc}") from None
-    archs = cfg.get("architectures") or []
-    if archs and not any(a.endswith(_CAUSAL_SUFFIXES) for a in archs):
-        raise MemauditError(f"model in {path} is not a causal language model (architectures: {', '.join(archs)})")
-    has_safetensors = any(path.glob("*.safetensors"))
-    has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt"))
-    if not has_safetensors:
-        if not has_pickle:
-            raise MemauditError(f"no weights in {path} (expected model.safetensors)")
-        if not allow_pickle:
-            raise MemauditError(
-                f"{path} has only pickled weights (.bin), which can run arbitrary code when loaded; "
-                "pass --allow-pickle if you trust this file")
-    return cfg
-
-
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -105,7 +75,7 @@ def load_model(path: str | os.PathLike, *, device: str = "auto", dtype: str = "a
 
     hf_logging.disable_progress_bar()  # our own progress bars only
     path = Path(path)
-    _check_model_dir(path, allow_pickle)
+    checks.model_dir(path, allow_pickle=allow_pickle)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     try:

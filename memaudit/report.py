@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from .errors import MemauditError
+from .rundir import Owned, check_output
 
 # Headline fields per kind, in display order (dotted paths into summary.json); missing ones are skipped.
 HEADLINE = {
@@ -529,7 +530,7 @@ def _unique_figure_names(blocks: list[Block]) -> list[Block]:
 
 def build_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                  labels: Sequence[str] | None = None, title: str = "memaudit report", top: int = 5,
-                 overwrite: bool = True) -> dict[str, Any]:
+                 ) -> dict[str, Any]:
     """Write OUT/report.md, OUT/report.html (self-contained) and OUT/figures/*.png; return their paths."""
     if not run_dirs:
         raise MemauditError("give at least one run directory")
@@ -538,24 +539,20 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, 
                             "give one label per run directory, in the same order")
     if top < 0:
         raise MemauditError("--top must be >= 0")
+    out = Path(out)
+    check_output(out, "report", inputs=run_dirs, reuse=True)
     runs = [load_run(d, labels[i] if labels else None) for i, d in enumerate(run_dirs)]
     if not labels:
         _unique_labels(runs)
     blocks = build_blocks(runs, title, top)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise MemauditError(f"--out {out} exists and is not a directory")
-    figdir = out / "figures"
-    if figdir.exists() and overwrite:
-        shutil.rmtree(figdir)
-    figdir.mkdir(parents=True, exist_ok=True)
-    from .rundir import _atomic_write_bytes
-
+    owned = Owned(out, "report", inputs=run_dirs, reuse=True)
+    if (out / "figures").is_dir():  # the previous report's figures (a folder this command owns)
+        shutil.rmtree(out / "figures")
     for b in blocks:
         if b.kind == "figure":
-            _atomic_write_bytes(figdir / b.name, b.png)
-    _atomic_write_bytes(out / "report.md", render_markdown(blocks).encode("utf-8"))
-    _atomic_write_bytes(out / "report.html", render_html(blocks, title).encode("utf-8"))
+            owned.write_bytes(f"figures/{b.name}", b.png)
+    owned.write_bytes("report.md", render_markdown(blocks).encode("utf-8"))
+    owned.write_bytes("report.html", render_html(blocks, title).encode("utf-8"))
     n_fig = sum(b.kind == "figure" for b in blocks)
     return {"markdown": str(out / "report.md"), "html": str(out / "report.html"), "figures": n_fig,
             "runs": [(r.label, r.kind, str(r.path)) for r in runs]}

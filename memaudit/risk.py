@@ -25,14 +25,13 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from . import checks
 from .errors import MemauditError
 
 ALPHA_BITS_PER_PARAM = {"published": 3.6, "float32": 3.83, "bfloat16": 3.51}
 DEFAULT_TEXT_BITS_PER_TOKEN = 4.0
 MIA_LAW_WINDOW = 64  # the law was fitted on 64-token sequences
 FAIL_EXIT_CODE = 3
-# Thresholds the verdict uses when --fail-above does not set them (a figure above its threshold is a finding).
-DEFAULT_THRESHOLDS = {"exact_rate": 0.01, "mia_auc": 0.6, "predicted_mia_f1": 0.6, "max_exposure_bits": 10.0}
 # What each gateable figure means, for --help and the report.
 GATEABLE = {
     "predicted_mia_f1": "predicted loss-attack MIA F1 (0.5 = chance)",
@@ -65,6 +64,7 @@ def parse_thresholds(text: str | None) -> dict[str, float]:
             out[name] = float(value)
         except ValueError:
             raise MemauditError(f"--fail-above {name}: {value.strip()!r} is not a number") from None
+        checks.number(f"--fail-above {name}", out[name])
     return out
 
 
@@ -85,18 +85,30 @@ def fitted_laws(search: str | os.PathLike = "reports/capacity") -> list[Path]:
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
+def _check_prediction_settings(train_sequences: float | None, train_tokens: float | None, window: int,
+                               precision: str, bits_per_token: float | None, random_vocab: int | None) -> None:
+    checks.number("--train-sequences", train_sequences, low=0, low_open=True)
+    checks.number("--train-tokens", train_tokens, low=0, low_open=True)
+    checks.number("--bits-per-token", bits_per_token, low=0, low_open=True)
+    checks.integer("--random-vocab", random_vocab, low=2)
+    checks.integer("--window", window)
+    checks.choice("--precision", precision, ALPHA_BITS_PER_PARAM)
+    if random_vocab is not None and bits_per_token is not None:
+        raise MemauditError("give --random-vocab (random tokens: log2 V bits each) or --bits-per-token, not both")
+
+
 def predict(params: float, *, train_sequences: float | None = None, train_tokens: float | None = None,
             window: int = MIA_LAW_WINDOW, precision: str = "published", bits_per_token: float | None = None,
             random_vocab: int | None = None, laws_dir: str | os.PathLike = "reports/capacity") -> dict[str, Any]:
     """The pre-training prediction (see the module docstring)."""
     from .scaling_laws import LAW_SOURCES, LAWS, predict_mia_f1
 
-    if params is None or params <= 0:
+    if params is None:
         raise MemauditError("--params must be a positive number of parameters")
+    checks.number("--params", params, low=0, low_open=True)
+    _check_prediction_settings(train_sequences, train_tokens, window, precision, bits_per_token, random_vocab)
     if (train_sequences is None) == (train_tokens is None):
         raise MemauditError("give exactly one of --train-sequences or --train-tokens")
-    if window < 1:
-        raise MemauditError("--window must be >= 1 token")
     if train_tokens is not None:
         if train_tokens <= 0:
             raise MemauditError("--train-tokens must be positive")
@@ -145,18 +157,23 @@ def predict(params: float, *, train_sequences: float | None = None, train_tokens
     }
 
 
-def verdict(figures: dict[str, float], thresholds: dict[str, float]) -> tuple[str, dict[str, tuple[float, float]]]:
-    """PASS/FAIL line from the figures that have a threshold; a figure strictly above its threshold fails."""
-    checked = {k: (float(v), thresholds[k]) for k, v in figures.items()
-               if k in thresholds and isinstance(v, (int, float)) and not math.isnan(v)}
+def verdict(figures: dict[str, float], limits: dict[str, float]) -> tuple[str, dict[str, tuple[float, float]]]:
+    """PASS/FAIL line against the user's limits (--fail-above); a figure strictly above its limit fails. With no
+    limit set there is no verdict: the figures are reported as they are."""
+    if not limits:
+        return "VERDICT: none (no limits set; gate a release with --fail-above, e.g. exact_rate=0.01,mia_auc=0.6)", {}
+    checked = {k: (float(v), limits[k]) for k, v in figures.items()
+               if k in limits and isinstance(v, (int, float)) and not math.isnan(v)}
     exceeded = {k: vt for k, vt in checked.items() if vt[0] > vt[1]}
-    if not checked:
-        return "VERDICT: NO CHECK (no measured figure has a threshold)", {}
+    unmeasured = sorted(set(limits) - set(checked))
+    missing = f"; not measured: {', '.join(unmeasured)}" if unmeasured else ""
     if exceeded:
         what = "; ".join(f"{k} {v:.4g} > {t:g}" for k, (v, t) in exceeded.items())
-        return f"VERDICT: FAIL ({what})", exceeded
+        return f"VERDICT: FAIL ({what}{missing})", exceeded
+    if not checked:
+        return f"VERDICT: NO CHECK (no limited figure was measured{missing})", {}
     what = "; ".join(f"{k} {v:.4g} <= {t:g}" for k, (v, t) in checked.items())
-    return f"VERDICT: PASS ({what})", {}
+    return f"VERDICT: PASS ({what}{missing})", {}
 
 
 def _measured_extract(summary: dict) -> dict[str, float]:
@@ -199,18 +216,28 @@ def run_risk(*, out: str | os.PathLike | None = None, params: float | None = Non
              allow_pickle: bool = False, trust_remote_code: bool = False, overwrite: bool = False,
              report: bool = True, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """`memaudit risk`: prediction only (params + sequences/tokens) or prediction + measurements (model + data)."""
-    from .rundir import RunDir
+    from .rundir import RunDir, check_output
 
     gate = parse_thresholds(fail_above)
-    thresholds = DEFAULT_THRESHOLDS | gate
     if model is None and data is None:
         mode = "pre-training"
         if nonmembers is not None or canaries is not None:
             raise MemauditError("--nonmembers and --canaries need --model and --data")
+        if params is None or (train_sequences is None and train_tokens is None):
+            raise MemauditError("give --params and --train-sequences (or --train-tokens), or --model and --data")
+        predict(params, train_sequences=train_sequences, train_tokens=train_tokens, window=window,
+                precision=precision, bits_per_token=bits_per_token, random_vocab=random_vocab, laws_dir=laws_dir)
     elif model is None or data is None:
         raise MemauditError("post-training risk needs both --model and --data")
     else:
         mode = "post-training"
+        _check_prediction_settings(train_sequences, train_tokens, window, precision, bits_per_token, random_vocab)
+        _check_measuring_inputs(model, data, nonmembers, canaries, prefix=prefix, suffix=suffix, limit=limit,
+                                batch_size=batch_size, allow_pickle=allow_pickle)
+    checks.number("--params", params, low=0, low_open=True)
+    out = out or RunDir.default_out("risk")
+    check_output(out, "risk", inputs=[p for p in (model, data, nonmembers, canaries) if p is not None],
+                 overwrite=overwrite)
     inputs: dict[str, Any] = {}
     loaded = None
     if mode == "post-training":
@@ -228,16 +255,14 @@ def run_risk(*, out: str | os.PathLike | None = None, params: float | None = Non
                   "data_sha256": file_hash(data)}
         if nonmembers is not None:
             inputs |= {"nonmembers": str(nonmembers), "nonmembers_sha256": file_hash(nonmembers)}
-    elif params is None or (train_sequences is None and train_tokens is None):
-        raise MemauditError("give --params and --train-sequences (or --train-tokens), or --model and --data")
     prediction = predict(params, train_sequences=train_sequences, train_tokens=train_tokens, window=window,
                          precision=precision, bits_per_token=bits_per_token, random_vocab=random_vocab,
                          laws_dir=laws_dir)
     settings = {"mode": mode, "params": params, "train_sequences": train_sequences, "train_tokens": train_tokens,
                 "window": window, "precision": precision, "bits_per_token": bits_per_token,
-                "random_vocab": random_vocab, "fail_above": gate, "thresholds": thresholds, "prefix": prefix,
+                "random_vocab": random_vocab, "fail_above": gate, "prefix": prefix,
                 "suffix": suffix, "batch_size": batch_size, "device": device, "dtype": dtype, "limit": limit}
-    run = RunDir(out or RunDir.default_out("risk"), "risk", settings, inputs=inputs, overwrite=overwrite)
+    run = RunDir(out, "risk", settings, inputs=inputs, overwrite=overwrite)
     echo(f"MIA law used: {prediction['mia_law']} -> predicted MIA F1 {prediction['predicted_mia_f1']:.3f}")
     for law in prediction["mia_laws"][1:]:
         echo(f"  beside it, {law['name']} ({law['source']}): {law['predicted_mia_f1']:.3f}")
@@ -253,18 +278,17 @@ def run_risk(*, out: str | os.PathLike | None = None, params: float | None = Non
                                   text_field=text_field, id_field=id_field, allow_pickle=allow_pickle,
                                   trust_remote_code=trust_remote_code, echo=echo)
     figures = {"predicted_mia_f1": prediction["predicted_mia_f1"]} | measured
-    line, exceeded = verdict(figures, thresholds)
+    line, exceeded = verdict(figures, gate)
     summary = {"mode": mode, "params": prediction["params"], "train_sequences": prediction["train_sequences"],
                "capacity_bits": prediction["capacity_bits"], "data_bits": prediction["data_bits"],
                "data_to_capacity_ratio": prediction["data_to_capacity_ratio"], "regime": prediction["regime"],
                "predicted_mia_f1": prediction["predicted_mia_f1"], "mia_law": prediction["mia_law"],
                "mia_laws": prediction["mia_laws"], "prediction": {k: v for k, v in prediction.items()
                                                                    if k != "mia_laws"},
-               "measured": measured, "thresholds": {k: thresholds[k] for k in figures if k in thresholds},
+               "measured": measured, "thresholds": dict(gate),
                "gated": sorted(gate), "exceeded": {k: v for k, (v, _) in exceeded.items()},
                "verdict": line, "runs": [str(p) for p in runs]}
-    gated_fail = any(k in gate for k in exceeded)
-    summary["exit_code"] = FAIL_EXIT_CODE if gated_fail else 0
+    summary["exit_code"] = FAIL_EXIT_CODE if exceeded else 0
     run.write_summary(summary)
     run.finish()
     echo(line)
@@ -276,6 +300,24 @@ def run_risk(*, out: str | os.PathLike | None = None, params: float | None = Non
         echo(f"report -> {res['markdown']}, {res['html']}")
     summary["out"] = str(run.path)
     return summary
+
+
+def _check_measuring_inputs(model, data, nonmembers, canaries, *, prefix: int, suffix: int, limit: int | None,
+                            batch_size: int | str, allow_pickle: bool) -> None:
+    """Everything the measuring commands will read, checked before the first of them starts."""
+    from .exposure import default_canary_file, read_canaries
+
+    checks.model_dir(model, allow_pickle=allow_pickle)
+    checks.readable_file(data)
+    checks.readable_file(nonmembers, "non-members file")
+    checks.integer("--prefix", prefix)
+    checks.integer("--suffix", suffix)
+    checks.limit(limit)
+    checks.batch_size(batch_size)
+    canary_file = Path(canaries) if canaries is not None else default_canary_file(model)
+    if canaries is not None or canary_file.is_file():
+        checks.readable_file(canary_file, "canary file")
+        read_canaries(canary_file)
 
 
 def _measure(root: Path, loaded, model, data, nonmembers, canaries, *, prefix, suffix, batch_size, device, dtype,

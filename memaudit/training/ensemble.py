@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MemauditError
-from ..rundir import _atomic_write_bytes
+from ..rundir import atomic_write_bytes
 from .allocator import keep_freed_memory
 
 
@@ -522,7 +522,7 @@ def _save_checkpoint(path: Path, key: str, step: int, model: EnsembleGPT, opt: S
              "orders": orders}
     buf = io.BytesIO()
     torch.save(state, buf)
-    _atomic_write_bytes(path, buf.getvalue())  # a kill while writing leaves the previous checkpoint whole
+    atomic_write_bytes(path, buf.getvalue())  # a kill while writing leaves the previous checkpoint whole
 
 
 def _load_checkpoint(path: Path, key: str, model: EnsembleGPT, opt: StackedAdam, records: list[ModelRecord],

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from ..data import file_hash, read_documents, tokenize, train_tokenizer
+from .. import checks
 from ..errors import MemauditError
+from ..rundir import Owned, check_output
 from ..models import build_config, count_parameters, load_model, load_tokenizer, resolve_device, resolve_dtype
 from ..progress import progress_bar
 from .canaries import make_canaries, write_canaries
@@ -34,9 +37,12 @@ from .objectives import GOLDFISH_MODES, IGNORE, OBJECTIVES, goldfish_drop_mask, 
 from .sinks import SinkHooks, release_from_model, sequence_id, sink_spec, write_sink_spec
 
 CHECKPOINT_DIR = "checkpoint"
+_STAGING = ".staging"
 RELEASE_DIR = "release"
 # Settings that may differ between an interrupted run and its --resume.
-_RESUME_FREE = ("out", "resume", "stop_after", "checkpoint_every", "device", "extra")
+_RESUME_FREE = ("out", "resume", "overwrite", "stop_after", "checkpoint_every", "device", "extra")
+# The smallest vocabulary a locally trained byte-level tokenizer can have: 256 bytes + the special token.
+MIN_VOCAB = 257
 
 
 @dataclass
@@ -78,6 +84,7 @@ class TrainConfig:
     # checkpoints
     checkpoint_every: int = 0  # steps; 0 = no checkpoints
     resume: bool = False
+    overwrite: bool = False  # replace a model directory this command wrote before (nothing else)
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps in total; --resume goes on
     extra: dict = field(default_factory=dict)
 
@@ -97,23 +104,60 @@ class TrainResult:
 
 def validate_config(cfg: TrainConfig) -> None:
     """One clear error for every setting a user can get wrong, before any work starts."""
-    if cfg.objective not in OBJECTIVES:
-        raise MemauditError(f"unknown objective {cfg.objective!r}: use {', '.join(OBJECTIVES)}")
-    if cfg.epochs < 1 or cfg.lr <= 0 or cfg.batch_size < 1 or cfg.seq_len < 2:
-        raise MemauditError("--epochs, --batch-size must be >= 1, --lr > 0 and --seq-len >= 2")
+    checks.choice("objective", cfg.objective, OBJECTIVES)
+    checks.choice("--family", cfg.family, ("gpt2", "llama"))
+    checks.choice("--dtype", cfg.dtype, ("float32", "fp32", "bfloat16", "bf16", "auto"))
+    checks.integer("--epochs", cfg.epochs)
+    checks.number("--lr", cfg.lr, low=0, low_open=True)
+    checks.integer("--batch-size", cfg.batch_size)
+    checks.integer("--seq-len", cfg.seq_len, low=2)
+    checks.integer("--vocab-size", cfg.vocab_size, low=MIN_VOCAB)
+    checks.fraction("--val-fraction", cfg.val_fraction, zero=True)
+    checks.seed(cfg.seed)
+    checks.limit(cfg.limit)
+    checks.integer("--warmup-steps", cfg.warmup_steps, low=0)
+    checks.number("--weight-decay", cfg.weight_decay, low=0)
+    checks.number("--grad-clip", cfg.grad_clip, low=0)
     if cfg.objective == "goldfish":
-        if cfg.goldfish_mode not in GOLDFISH_MODES:
-            raise MemauditError(f"unknown goldfish mode {cfg.goldfish_mode!r}: use {', '.join(GOLDFISH_MODES)}")
-        if cfg.goldfish_k < 2:
-            raise MemauditError("--goldfish-k must be >= 2 (drop rate 1/k)")
-        if cfg.goldfish_h < 1:
-            raise MemauditError("--goldfish-h must be >= 1 (tokens of context hashed)")
-    if cfg.objective == "sinks" and not (0 < cfg.sink_fraction < 1 and 0 < cfg.sink_density < 1):
-        raise MemauditError("--sink-fraction and --sink-density must be in (0, 1)")
-    if cfg.canaries < 0 or cfg.canary_repeats < 1:
-        raise MemauditError("--canaries must be >= 0 and --canary-repeats >= 1")
-    if cfg.checkpoint_every < 0 or (cfg.stop_after is not None and cfg.stop_after < 1):
-        raise MemauditError("--checkpoint-every must be >= 0 and --stop-after >= 1")
+        checks.choice("goldfish mode", cfg.goldfish_mode, GOLDFISH_MODES)
+        checks.integer("--goldfish-k", cfg.goldfish_k, low=2)
+        checks.integer("--goldfish-h", cfg.goldfish_h, low=1)
+    if cfg.objective == "sinks":
+        checks.fraction("--sink-fraction", cfg.sink_fraction)
+        checks.fraction("--sink-density", cfg.sink_density)
+    checks.integer("--canaries", cfg.canaries, low=0)
+    checks.integer("--canary-repeats", cfg.canary_repeats, low=1)
+    checks.integer("--checkpoint-every", cfg.checkpoint_every, low=0)
+    checks.integer("--stop-after", cfg.stop_after, low=1)
+    checks.readable_file(cfg.data)
+    checks.readable_file(cfg.val_data, "validation data file")
+    if Path(cfg.config).exists() or "/" in cfg.config or os.sep in cfg.config:
+        checks.model_dir(cfg.config, allow_pickle=cfg.allow_pickle, what="--config model directory")
+    else:
+        build_config(cfg.config, vocab_size=MIN_VOCAB, max_length=cfg.seq_len, family=cfg.family)
+    if cfg.tokenizer is not None:
+        _check_tokenizer_dir(cfg.tokenizer)
+    if cfg.resume and cfg.overwrite:
+        raise MemauditError("--resume and --overwrite exclude each other")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 alone claims the folder
+        check_output(cfg.out, "train", inputs=_inputs(cfg), resume=cfg.resume, overwrite=cfg.overwrite)
+    if cfg.resume and not (Path(cfg.out) / CHECKPOINT_DIR / "state.pt").is_file():
+        raise MemauditError(f"--resume: no checkpoint in {Path(cfg.out) / CHECKPOINT_DIR} (train with "
+                            "--checkpoint-every N or --stop-after N first)")
+
+
+def _check_tokenizer_dir(path: str) -> None:
+    p = Path(path)
+    if not p.is_dir():
+        raise MemauditError(f"--tokenizer {p} is not a directory" if p.exists() else f"tokenizer directory not found: {p}")
+    if not any((p / f).is_file() for f in checks.TOKENIZER_FILES):
+        raise MemauditError(f"--tokenizer {p} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
+
+
+def _inputs(cfg: TrainConfig) -> list[str]:
+    """Paths the run reads: never the output folder, nor inside it."""
+    paths = [cfg.data, cfg.val_data, cfg.tokenizer, cfg.config if Path(cfg.config).is_dir() else None]
+    return [p for p in paths if p]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -255,8 +299,6 @@ def _save_checkpoint(path: Path, model, opt, tok, step: int, log_rows, counts, c
     torch.save(state, tmp / "state.pt")
     tok.save_pretrained(tmp)
     if path.exists():
-        import shutil
-
         shutil.rmtree(path)
     tmp.rename(path)
 
@@ -286,6 +328,10 @@ def train(cfg: TrainConfig) -> TrainResult:
 def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
     _seed_all(cfg.seed)
     out = Path(cfg.out)
+    if dist.main:  # every folder it writes is listed before it is written (see rundir.Owned)
+        owned = Owned(out, "train", inputs=_inputs(cfg), resume=cfg.resume, overwrite=cfg.overwrite)
+        owned.record(dirs=[CHECKPOINT_DIR, CHECKPOINT_DIR + ".tmp", ".tokenizer", _STAGING])
+    dist.barrier()
     ckpt_dir = out / CHECKPOINT_DIR
     docs = read_documents(cfg.data, text_field=cfg.text_field, id_field=cfg.id_field, limit=cfg.limit)
     texts = docs["text"].tolist()
@@ -444,7 +490,7 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
 
     dropped = counts["dropped"] / counts["targets"] if counts["targets"] else None
     if dist.main:
-        _save_model_dir(out, cfg, model, tok, log_rows, docs, train_idx, val_ids, step, dropped, canaries,
+        _save_model_dir(owned, cfg, model, tok, log_rows, docs, train_idx, val_ids, step, dropped, canaries,
                         hooks.spec if hooks is not None else None)
     dist.barrier()
     last = log_rows[-1] if log_rows else {}
@@ -453,15 +499,20 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
                        parameters=count_parameters(model), dropped_fraction=dropped)
 
 
-def _save_model_dir(out: Path, cfg, model, tok, log_rows, docs, train_idx, val_ids, step, dropped, canaries,
+def _save_model_dir(owned: Owned, cfg, model, tok, log_rows, docs, train_idx, val_ids, step, dropped, canaries,
                     spec) -> None:
+    """Write the model directory through a staging folder inside it, so each file memaudit did not name itself
+    (save_pretrained's) is listed as written by `train` before it lands."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bars only
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    with open(out / "training_log.csv", "w", newline="") as fh:
+    stage = owned.path / _STAGING
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    model.save_pretrained(stage, safe_serialization=True)
+    tok.save_pretrained(stage)
+    with open(stage / "training_log.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(log_rows[0]))
         w.writeheader()
         w.writerows(log_rows)
@@ -472,17 +523,15 @@ def _save_model_dir(out: Path, cfg, model, tok, log_rows, docs, train_idx, val_i
         meta["goldfish_dropped_fraction"] = dropped
         meta["goldfish_expected_fraction"] = 1.0 / cfg.goldfish_k
     if canaries:
-        write_canaries(out, canaries)
+        write_canaries(stage, canaries)
         meta["canaries_file"] = "canaries.jsonl"
     if spec is not None:
-        write_sink_spec(out, spec)
+        write_sink_spec(stage, spec)
         meta["sinks"] = asdict(spec) | {"dropped_scale": spec.dropped_scale}
         if cfg.release:
-            release_from_model(model, tok, spec, out / RELEASE_DIR)
+            release_from_model(model, tok, spec, stage / RELEASE_DIR)
             meta["release_dir"] = RELEASE_DIR
-    (out / "train_config.json").write_text(json.dumps(meta, indent=2))
-    for leftover in (out / ".tokenizer",):
-        if leftover.exists():
-            import shutil
-
-            shutil.rmtree(leftover)
+    (stage / "train_config.json").write_text(json.dumps(meta, indent=2))
+    owned.adopt(stage)
+    if (owned.path / ".tokenizer").exists():
+        shutil.rmtree(owned.path / ".tokenizer")
