@@ -159,7 +159,7 @@ def parse_attacks(spec: str | Sequence[str]) -> tuple[list[str], bool]:
 
 def parse_ks(spec: str | Sequence[float]) -> list[float]:
     try:
-        ks = [float(k) for k in (spec.split(",") if isinstance(spec, str) else spec) if str(k).strip()]
+        ks = [float(k) for k in (spec.split(",") if isinstance(spec, str) else spec)]
     except ValueError:
         raise MemauditError(f"--k must be a comma list of percentages, not {spec!r}") from None
     if not ks or any(not 0 < k <= 100 for k in ks):

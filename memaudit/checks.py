@@ -6,6 +6,7 @@ import json
 import math
 import numbers
 import os
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -59,6 +60,29 @@ def batch_size(value: int | str) -> None:
     if value != "auto":
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise MemauditError(f"--batch-size must be auto or a positive integer, not {value!r}")
+
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+def device(value: str) -> None:
+    if not DEVICE_PATTERN.match(str(value)):
+        raise MemauditError(f"unknown --device {value!r}: use auto, cpu, mps or cuda[:N]")
+
+
+def dtype(value: str, allowed: Iterable[str] = DTYPES) -> None:
+    choice("--dtype", value, allowed)
+
+
+def context_length(config: dict) -> int | None:
+    """The longest sequence a model config accepts, when it says (learned positions, or rotary models' trained
+    context); None when it does not."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = config.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def choice(name: str, value: str, allowed: Iterable[str]) -> None:

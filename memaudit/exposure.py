@@ -267,7 +267,7 @@ def run_exposure(model_dir: str | os.PathLike, *, canaries: str | os.PathLike | 
     from .rundir import RunDir, check_output
 
     checks.integer("--controls", controls, low=0)
-    checks.integer("--exact-limit", exact_limit)
+    checks.integer("--exact-limit", exact_limit, high=10**8)  # each candidate is one scored sequence
     checks.integer("--sample-size", sample_size)
     checks.choice("--estimator", estimator, ESTIMATORS)
     checks.seed(seed)

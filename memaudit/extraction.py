@@ -41,6 +41,7 @@ from .rundir import RunDir, check_output
 from .scoring import iter_scored_batches
 
 DECODINGS = ("greedy", "sample", "beam")
+MAX_WINDOW = 1 << 20  # tokens: beyond every model's context (the model's own context is checked on loading)
 
 
 @dataclass
@@ -62,8 +63,8 @@ class ExtractionSettings:
 
     def check(self) -> None:
         checks.choice("--decoding", self.decoding, DECODINGS)
-        checks.integer("--prefix", self.prefix)
-        checks.integer("--suffix", self.suffix)
+        checks.integer("--prefix", self.prefix, high=MAX_WINDOW)
+        checks.integer("--suffix", self.suffix, high=MAX_WINDOW)
         checks.integer("--offset", self.offset, low=0)
         checks.integer("--num-beams", self.num_beams)
         checks.integer("--num-samples", self.num_samples)
@@ -507,8 +508,13 @@ def extract(model: str | os.PathLike | LoadedModel, data: str | os.PathLike, *, 
     checks.readable_file(data)
     if resume and out is None:
         raise MemauditError("--resume needs --out (the run directory to continue)")
-    if not isinstance(model, LoadedModel):
-        checks.model_dir(model, allow_pickle=allow_pickle)
+    checks.device(device)
+    checks.dtype(dtype)
+    ctx = model.max_length if isinstance(model, LoadedModel) else checks.context_length(
+        checks.model_dir(model, allow_pickle=allow_pickle))
+    if ctx is not None and prefix + suffix > ctx:
+        raise MemauditError(f"windows of {prefix}+{suffix} tokens are longer than the model's context ({ctx} "
+                            "positions): use a smaller --prefix/--suffix")
     if out is not None:
         model_path = model.path if isinstance(model, LoadedModel) else model
         check_output(out, "extract", inputs=[model_path, data], resume=resume, overwrite=overwrite)

@@ -225,6 +225,8 @@ def mia(model_dir: str | Path, members: str | Path, nonmembers: str | Path, *,
     checks.integer("--bootstrap", bootstrap, low=0)
     checks.fraction("--calibration-fraction", calibration_fraction)
     checks.seed(seed)
+    checks.device(device)
+    checks.dtype(dtype)
     checks.limit(limit)
     checks.batch_size(batch_size)
     checks.readable_file(members, "members file")

@@ -23,15 +23,11 @@ class LoadedModel:
     @property
     def max_length(self) -> int:
         """The longest sequence the model accepts (its context window)."""
-        cfg = self.model.config
-        for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
-            value = getattr(cfg, name, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return 1 << 30
+        return checks.context_length(self.model.config.to_dict()) or 1 << 30
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    checks.device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -129,9 +125,13 @@ def build_config(name: str, vocab_size: int, max_length: int, family: str = "gpt
         try:
             layers_s, width_s = name.lower().split("x")
             layers, width = int(layers_s), int(width_s)
-            heads = max(1, width // 32)
         except ValueError:
             raise MemauditError(f"unknown model config {name!r}: use tiny, small, LxW (e.g. 2x64) or a model directory") from None
+        if layers < 1 or width < 1:
+            raise MemauditError(f"--config {name}: layers and width must be >= 1")
+        heads = max(1, width // 32)
+        while width % heads:  # the heads must divide the width
+            heads -= 1
     if family == "gpt2":
         return GPT2Config(vocab_size=vocab_size, n_positions=max_length, n_embd=width, n_layer=layers,
                           n_head=heads, bos_token_id=bos_token_id, eos_token_id=eos_token_id,

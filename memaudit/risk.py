@@ -32,6 +32,7 @@ ALPHA_BITS_PER_PARAM = {"published": 3.6, "float32": 3.83, "bfloat16": 3.51}
 DEFAULT_TEXT_BITS_PER_TOKEN = 4.0
 MIA_LAW_WINDOW = 64  # the law was fitted on 64-token sequences
 FAIL_EXIT_CODE = 3
+MAX_COUNT = 1e18  # parameters, sequences, tokens: far beyond any model, and every product stays finite
 # What each gateable figure means, for --help and the report.
 GATEABLE = {
     "predicted_mia_f1": "predicted loss-attack MIA F1 (0.5 = chance)",
@@ -87,10 +88,10 @@ def fitted_laws(search: str | os.PathLike = "reports/capacity") -> list[Path]:
 
 def _check_prediction_settings(train_sequences: float | None, train_tokens: float | None, window: int,
                                precision: str, bits_per_token: float | None, random_vocab: int | None) -> None:
-    checks.number("--train-sequences", train_sequences, low=0, low_open=True)
-    checks.number("--train-tokens", train_tokens, low=0, low_open=True)
-    checks.number("--bits-per-token", bits_per_token, low=0, low_open=True)
-    checks.integer("--random-vocab", random_vocab, low=2)
+    checks.number("--train-sequences", train_sequences, low=1, high=MAX_COUNT)
+    checks.number("--train-tokens", train_tokens, low=1, high=MAX_COUNT)
+    checks.number("--bits-per-token", bits_per_token, low=0, high=64, low_open=True)
+    checks.integer("--random-vocab", random_vocab, low=2, high=2**32)
     checks.integer("--window", window)
     checks.choice("--precision", precision, ALPHA_BITS_PER_PARAM)
     if random_vocab is not None and bits_per_token is not None:
@@ -105,7 +106,7 @@ def predict(params: float, *, train_sequences: float | None = None, train_tokens
 
     if params is None:
         raise MemauditError("--params must be a positive number of parameters")
-    checks.number("--params", params, low=0, low_open=True)
+    checks.number("--params", params, low=1, high=MAX_COUNT)
     _check_prediction_settings(train_sequences, train_tokens, window, precision, bits_per_token, random_vocab)
     if (train_sequences is None) == (train_tokens is None):
         raise MemauditError("give exactly one of --train-sequences or --train-tokens")
@@ -234,7 +235,7 @@ def run_risk(*, out: str | os.PathLike | None = None, params: float | None = Non
         _check_prediction_settings(train_sequences, train_tokens, window, precision, bits_per_token, random_vocab)
         _check_measuring_inputs(model, data, nonmembers, canaries, prefix=prefix, suffix=suffix, limit=limit,
                                 batch_size=batch_size, allow_pickle=allow_pickle)
-    checks.number("--params", params, low=0, low_open=True)
+    checks.number("--params", params, low=1, high=MAX_COUNT)
     out = out or RunDir.default_out("risk")
     check_output(out, "risk", inputs=[p for p in (model, data, nonmembers, canaries) if p is not None],
                  overwrite=overwrite)

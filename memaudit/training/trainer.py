@@ -131,8 +131,12 @@ def validate_config(cfg: TrainConfig) -> None:
     checks.integer("--stop-after", cfg.stop_after, low=1)
     checks.readable_file(cfg.data)
     checks.readable_file(cfg.val_data, "validation data file")
+    checks.device(cfg.device)
     if Path(cfg.config).exists() or "/" in cfg.config or os.sep in cfg.config:
-        checks.model_dir(cfg.config, allow_pickle=cfg.allow_pickle, what="--config model directory")
+        mcfg = checks.model_dir(cfg.config, allow_pickle=cfg.allow_pickle, what="--config model directory")
+        ctx = checks.context_length(mcfg)
+        if ctx is not None and cfg.seq_len > ctx:
+            raise MemauditError(f"--seq-len {cfg.seq_len} is longer than the model's context ({ctx} positions)")
     else:
         build_config(cfg.config, vocab_size=MIN_VOCAB, max_length=cfg.seq_len, family=cfg.family)
     if cfg.tokenizer is not None:
