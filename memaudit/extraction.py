@@ -513,8 +513,8 @@ def extract(model: str | os.PathLike | LoadedModel, data: str | os.PathLike, *, 
     ctx = model.max_length if isinstance(model, LoadedModel) else checks.context_length(
         checks.model_dir(model, allow_pickle=allow_pickle))
     if ctx is not None and prefix + suffix > ctx:
-        raise MemauditError(f"windows of {prefix}+{suffix} tokens are longer than the model's context ({ctx} "
-                            "positions): use a smaller --prefix/--suffix")
+        raise MemauditError(f"windows of {prefix}+{suffix} tokens need {prefix + suffix} positions but the model's "
+                            f"context is {ctx}: use a smaller --prefix/--suffix")
     if out is not None:
         model_path = model.path if isinstance(model, LoadedModel) else model
         check_output(out, "extract", inputs=[model_path, data], resume=resume, overwrite=overwrite)

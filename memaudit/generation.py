@@ -9,6 +9,8 @@ A decoding loop can start from a KV cache that the scoring pass already computed
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Sequence
 
 import torch
@@ -67,9 +69,28 @@ def repeat_kv(kv: KV, n: int) -> KV:
 
 # --- forward helpers ---------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
+def _cache_arg(model_cls: type) -> str:
+    """The keyword under which `model_cls.forward` takes a KV cache: `cache` (transformers >= 5.24, where
+    `past_key_values` is deprecated) or `past_key_values` (older versions and remote-code models)."""
+    try:
+        params = inspect.signature(model_cls.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a forward returned: `out.cache` (transformers >= 5.24; `out.past_key_values` there is a
+    deprecated alias that warns) or `out.past_key_values`."""
+    if "cache" in getattr(type(out), "__dataclass_fields__", ()):
+        return out.cache
+    return out.past_key_values
+
+
 def _forward(model, input_ids: torch.Tensor, cache, last_only: bool = True):
     """One incremental forward; returns (logits [b, k or 1, V], the updated cache)."""
-    kwargs = {"input_ids": input_ids, "past_key_values": cache, "use_cache": True}
+    kwargs = {"input_ids": input_ids, _cache_arg(type(model)): cache, "use_cache": True}
     if last_only:
         try:
             out = model(**kwargs, logits_to_keep=1)
@@ -77,7 +98,7 @@ def _forward(model, input_ids: torch.Tensor, cache, last_only: bool = True):
             out = model(**kwargs)
     else:
         out = model(**kwargs)
-    return out.logits, out.past_key_values
+    return out.logits, output_cache(out)
 
 
 @torch.inference_mode()

@@ -9,6 +9,7 @@ before any work starts. Files follow the user's umask, and every write is atomic
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -54,10 +55,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Strict JSON: a non-finite number (a threshold no sample reaches, an undefined rate) is written as null,
+    since NaN and Infinity are not JSON and strict readers (a release pipeline's) reject them."""
     path = Path(path)
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default,
-                                         allow_nan=False) + "\n").encode())
+    text = json.dumps(_finite(obj), indent=2, sort_keys=False, default=_json_default, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
     return path
+
+
+def _finite(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _finite(obj.tolist())
+    return obj
 
 
 def _json_default(o: Any):

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import MemauditError
+from .generation import output_cache
 
 # Upper bound on elements of one [batch, positions, vocab] float32 temporary (256 MiB); longer
 # batches are reduced in slices of positions so the stats never hold more than this at once.
@@ -229,7 +230,7 @@ def iter_scored_batches(model: torch.nn.Module, sequences: Sequence[Sequence[int
                 mean_lp=host["mean_lp"][r, :n].astype(np.float32),
                 var_lp=host["var_lp"][r, :n].astype(np.float32)))
         yield ScoredBatch(indices=list(idx), stats=per_sample, inputs=inputs,
-                          lengths=[len(r) - 1 for r in rows], cache=out.past_key_values if keep_cache else None)
+                          lengths=[len(r) - 1 for r in rows], cache=output_cache(out) if keep_cache else None)
         del out
         pos += len(idx)
         if on_progress is not None:
