@@ -29,6 +29,7 @@ from .training.ensemble import check_compile_setting
 PUBLISHED_ALPHA = 3.6  # bits per parameter (Morris et al.); 3.83 fp32, 3.51 bf16
 PUBLISHED_ALPHA_FP32 = 3.83
 PUBLISHED_ALPHA_BF16 = 3.51
+MAX_THREADS = 1024  # OpenMP fails (or crashes) allocating far more threads than any machine has
 SATURATION_FRACTION = 0.9  # the largest dataset must be memorized below this fraction for a plateau
 
 
@@ -59,11 +60,11 @@ class RandomGridConfig:
         if not self.layers or not self.widths:
             raise MemauditError("--layers and --widths need positive integers")
         for v in self.layers:
-            checks.integer("--layers", v)
+            checks.integer("--layers", v, high=256)
         for v in self.widths:
-            checks.integer("--widths", v)
-        checks.integer("--vocab", self.vocab, low=2)
-        checks.integer("--seq-len", self.seq_len, low=2)
+            checks.integer("--widths", v, high=16_384)
+        checks.integer("--vocab", self.vocab, low=2, high=1 << 20)
+        checks.integer("--seq-len", self.seq_len, low=2, high=1 << 16)
         checks.integer("--seeds", self.seeds)
         checks.integer("--max-steps", self.max_steps)
         checks.integer("--batch-size", self.batch_size)
@@ -74,7 +75,7 @@ class RandomGridConfig:
         checks.number("--plateau-tol", self.plateau_tol, low=0)
         checks.number("--anneal-fraction", self.anneal_fraction, low=0)
         checks.number("--plateau-epochs", self.plateau_epochs, low=0, low_open=True)
-        checks.integer("--threads", self.threads)
+        checks.integer("--threads", self.threads, high=MAX_THREADS)
         checks.choice("--dtype", self.dtype, ("float32", "bfloat16"))
         check_compile_setting(self.torch_compile)
         if not self.sizes:

@@ -51,9 +51,9 @@ class TextCapacityConfig:
         if not self.widths:
             raise MemauditError("--widths needs positive integers")
         for w in self.widths:
-            checks.integer("--widths", w)
-        checks.integer("--layers", self.layers)
-        checks.integer("--threads", self.threads)
+            checks.integer("--widths", w, high=16_384)
+        checks.integer("--layers", self.layers, high=256)
+        checks.integer("--threads", self.threads, high=1024)
         checks.seed(self.seed)
         check_compile_setting(self.torch_compile)
         checks.readable_file(self.text, "--text file")

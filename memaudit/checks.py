@@ -141,6 +141,12 @@ def model_dir(path: str | os.PathLike, *, allow_pickle: bool = False, what: str 
     if archs and not any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         raise MemauditError(f"model in {p} is not a causal language model (architectures: "
                             f"{', '.join(map(str, archs))})")
+    for key, value in cfg.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise MemauditError(f"config.json in {p}: {key} is {value} (not a finite number)")
+    for key in ("n_layer", "num_hidden_layers", "num_layers"):
+        if isinstance(cfg.get(key), int) and cfg[key] < 1:
+            raise MemauditError(f"config.json in {p}: {key} is {cfg[key]}: the model has no layers")
     if not any(p.glob("*.safetensors")):
         if not any(any(p.glob(pat)) for pat in WEIGHT_PATTERNS):
             raise MemauditError(f"no weights in {p} (expected model.safetensors)")
@@ -162,6 +168,8 @@ def int_list(name: str, text: str, *, low: int = 1) -> list[int]:
         raise MemauditError(f"{name} must be comma-separated whole numbers, not {text!r}") from None
     if not values:
         raise MemauditError(f"{name} needs at least one value")
+    if dup := next((v for i, v in enumerate(values) if v in values[:i]), None):
+        raise MemauditError(f"{name} lists {dup} twice")
     for v in values:
         integer(name, v, low=low)
     return values

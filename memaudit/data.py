@@ -39,6 +39,8 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise MemauditError(f"{path}: line {lineno} is not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise MemauditError(f"{path}: line {lineno} is nested too deeply to read") from None
             yield lineno, obj
 
 
@@ -50,6 +52,8 @@ def _read_jsonl(path: Path, text_field: str, id_field: str) -> pd.DataFrame:
         if not isinstance(obj[text_field], str):
             raise MemauditError(f"{path}: line {lineno}: field {text_field!r} is not a string")
         texts.append(obj[text_field])
+        if id_field in obj and obj[id_field] is None:
+            raise MemauditError(f"{path}: line {lineno}: field {id_field!r} is null")
         ids.append(str(obj[id_field]) if id_field in obj else None)
     return pd.DataFrame({"id": ids, "text": texts})
 
@@ -83,7 +87,11 @@ def _read_table(path: Path, text_field: str, id_field: str) -> pd.DataFrame:
         what = "empty (null)" if texts[bad] is None or (isinstance(texts[bad], float) and texts[bad] != texts[bad]) \
             else f"a {type(texts[bad]).__name__}, not text"
         raise MemauditError(f"{path}: row {bad}: column {text_field!r} is {what}")
-    ids = df[id_field].astype(str).tolist() if id_field in df.columns else [None] * len(df)
+    ids = [None] * len(df)
+    if id_field in df.columns:
+        if (nulls := df[id_field].isna()).any():
+            raise MemauditError(f"{path}: row {int(nulls.to_numpy().argmax())}: column {id_field!r} is null")
+        ids = df[id_field].astype(str).tolist()
     return pd.DataFrame({"id": ids, "text": texts})
 
 
@@ -103,6 +111,8 @@ def read_documents(path: str | os.PathLike, *, text_field: str = "text", id_fiel
         df = _read_table(path, text_field, id_field)
     if len(df) == 0 or not df["text"].str.strip().any():
         raise MemauditError(f"{path}: no documents in the file")
+    if id_field != "id" and path.suffix != ".txt" and df["id"].isna().all():
+        raise MemauditError(f"{path}: no {id_field!r} field (--id-field); leave it out to number the documents")
     df["id"] = [i if i is not None else str(n) for n, i in enumerate(df["id"])]
     if limit is not None:
         df = df.iloc[:limit]

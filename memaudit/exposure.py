@@ -33,6 +33,8 @@ from .errors import MemauditError
 
 SECRET_FIELD = "{secret}"
 ESTIMATORS = ("sampling", "skewnorm")
+MAX_DIGITS = 18  # candidates are drawn as 64-bit integers
+MAX_CANDIDATES = 10**8  # each candidate is one scored sequence
 
 
 @dataclass
@@ -70,6 +72,9 @@ def _canary_from_record(obj: dict, lineno: int, path: Path) -> Canary:
     n_digits = obj.get("n_digits", obj.get("digits") if isinstance(obj.get("digits"), int) else len(secret))
     if isinstance(n_digits, bool) or not isinstance(n_digits, int):
         raise MemauditError(f"{path}: line {lineno}: n_digits must be a whole number, not {n_digits!r}")
+    if len(secret) > MAX_DIGITS:
+        raise MemauditError(f"{path}: line {lineno}: secrets of up to {MAX_DIGITS} digits are supported, not "
+                            f"{len(secret)}")
     if n_digits != len(secret):
         raise MemauditError(f"{path}: line {lineno}: n_digits is {n_digits} but the secret has {len(secret)}")
     template = obj.get("template")
@@ -266,9 +271,9 @@ def run_exposure(model_dir: str | os.PathLike, *, canaries: str | os.PathLike | 
     from .progress import progress_bar
     from .rundir import RunDir, check_output
 
-    checks.integer("--controls", controls, low=0)
-    checks.integer("--exact-limit", exact_limit, high=10**8)  # each candidate is one scored sequence
-    checks.integer("--sample-size", sample_size)
+    checks.integer("--controls", controls, low=0, high=10_000)
+    checks.integer("--exact-limit", exact_limit, high=MAX_CANDIDATES)
+    checks.integer("--sample-size", sample_size, high=MAX_CANDIDATES)
     checks.choice("--estimator", estimator, ESTIMATORS)
     checks.seed(seed)
     checks.batch_size(batch_size)

@@ -66,8 +66,8 @@ class ExtractionSettings:
         checks.integer("--prefix", self.prefix, high=MAX_WINDOW)
         checks.integer("--suffix", self.suffix, high=MAX_WINDOW)
         checks.integer("--offset", self.offset, low=0)
-        checks.integer("--num-beams", self.num_beams)
-        checks.integer("--num-samples", self.num_samples)
+        checks.integer("--num-beams", self.num_beams, high=1024)
+        checks.integer("--num-samples", self.num_samples, high=100_000)
         checks.number("--temperature", self.temperature, low=0, low_open=True)  # greedy is temperature 0
         checks.integer("--top-k", self.top_k, low=0)
         checks.fraction("--top-p", self.top_p, one=True)

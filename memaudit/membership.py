@@ -232,6 +232,9 @@ def mia(model_dir: str | Path, members: str | Path, nonmembers: str | Path, *,
     checks.readable_file(members, "members file")
     checks.readable_file(nonmembers, "non-members file")
     checks.readable_file(dcpdd_corpus, "--dcpdd-corpus file")
+    if Path(members).resolve() == Path(nonmembers).resolve():
+        raise MemauditError("--members and --nonmembers are the same file: membership inference needs documents "
+                            "the model never saw")
     checks.model_dir(model_dir, allow_pickle=allow_pickle)
     if reference is not None:
         checks.model_dir(reference, allow_pickle=allow_pickle, what="--reference model directory")

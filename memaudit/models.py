@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,26 +76,53 @@ def load_model(path: str | os.PathLike, *, device: str = "auto", dtype: str = "a
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        with _quiet_transformers():
+            config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise MemauditError(f"cannot read the model config in {path}: {str(exc).splitlines()[0][:200]}") from None
     if getattr(config, "is_encoder_decoder", False):
         raise MemauditError(f"model in {path} is an encoder-decoder, not a causal language model")
     has_safetensors = any(path.glob("*.safetensors"))
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dt, use_safetensors=has_safetensors,
-            trust_remote_code=trust_remote_code)
+        with _quiet_transformers():  # its load report is ours to turn into one line (below)
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=dt, use_safetensors=has_safetensors, trust_remote_code=trust_remote_code,
+                output_loading_info=True)
     except ValueError as exc:
         msg = str(exc).splitlines()[0][:200]
+        if "ignore_mismatched_sizes" in msg:
+            raise MemauditError(f"the weights in {path} do not match its config.json (tensor shapes differ)") from None
         if "Unrecognized configuration" in msg or "AutoModelForCausalLM" in msg:
             raise MemauditError(f"model in {path} is not a causal language model ({msg})") from None
         raise MemauditError(f"corrupt or unreadable weights in {path}: {msg}") from None
     except Exception as exc:
         raise MemauditError(f"corrupt or unreadable weights in {path}: {str(exc).splitlines()[0][:200]}") from None
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
+    if bad:  # randomly initialised weights would measure nothing the model learned
+        what = "; ".join(f"{k.split('_')[0]}: {', '.join(map(str, sorted(v, key=str)[:3]))}"
+                         + (f" and {len(v) - 3} more" if len(v) > 3 else "") for k, v in bad.items())
+        raise MemauditError(f"the weights in {path} do not match its config.json ({what})")
     model.to(dev).eval()
     tok = load_tokenizer(path, trust_remote_code)
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tok) > vocab:
+        raise MemauditError(f"the tokenizer in {path} has {len(tok)} tokens but the model's embedding only {vocab}: "
+                            "they do not belong together")
     return LoadedModel(model=model, tokenizer=tok, path=path, device=dev, dtype=dt)
+
+
+@contextmanager
+def _quiet_transformers():
+    """transformers' own warnings while loading (its key-mismatch table, config notes) are turned into memaudit's
+    one-line errors or are not the user's concern."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def weights_hash(path: str | os.PathLike) -> str:

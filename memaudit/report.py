@@ -62,11 +62,14 @@ class Run:
     training_log: pd.DataFrame | None = None
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path, strict: bool = False) -> dict:
+    """A JSON object from a run; damage is one clear error. `strict`: anything but an object is damage too."""
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
         raise MemauditError(f"unreadable {path}: {str(exc).splitlines()[0][:200]}") from None
+    if strict and not isinstance(obj, dict):
+        raise MemauditError(f"{path} is damaged: it holds a {type(obj).__name__}, not a JSON object")
     return obj if isinstance(obj, dict) else {}
 
 
@@ -80,7 +83,7 @@ def _model_label(model_path: str) -> str:
 
 def _read_table(path: Path, reader) -> pd.DataFrame | None:
     """A run's table if it has one; a damaged file is one clear error line, not a traceback."""
-    if not path.is_file():
+    if not path.exists():
         return None
     try:
         return reader(path)
@@ -106,10 +109,15 @@ def load_run(path: str | os.PathLike, label: str | None = None) -> Run:
     kind = str(config.get("command") or "unknown")
     if kind == "unknown" and config.get("architectures"):
         raise MemauditError(f"{path} is a model directory without a training log: pass its run directories instead")
-    summary = _read_json(path / "summary.json") if (path / "summary.json").is_file() else {}
+    if kind == "unknown":
+        raise MemauditError(f"{path}: its config.json names no memaudit command: not a run directory")
+    if not (path / "summary.json").is_file():
+        raise MemauditError(f"{path} is an unfinished {kind} run (no summary.json): finish it with --resume first")
+    summary = _read_json(path / "summary.json", strict=True)
     samples = _read_table(path / "samples.parquet", pd.read_parquet)
-    inputs = config.get("inputs") or {}
-    model = inputs.get("model") or inputs.get("model_dir") or (config.get("settings") or {}).get("model")
+    inputs = config.get("inputs") if isinstance(config.get("inputs"), dict) else {}
+    settings = config.get("settings") if isinstance(config.get("settings"), dict) else {}
+    model = inputs.get("model") or inputs.get("model_dir") or settings.get("model")
     return Run(path, kind, label or (_model_label(str(model)) if model else path.name), config, summary, samples,
                sorted(path.glob("*.png")))
 

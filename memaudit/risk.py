@@ -32,6 +32,7 @@ ALPHA_BITS_PER_PARAM = {"published": 3.6, "float32": 3.83, "bfloat16": 3.51}
 DEFAULT_TEXT_BITS_PER_TOKEN = 4.0
 MIA_LAW_WINDOW = 64  # the law was fitted on 64-token sequences
 FAIL_EXIT_CODE = 3
+MEASUREMENT_RUNS = ("extract", "mia", "memorization", "exposure")  # sub-folders of a post-training risk run
 MAX_COUNT = 1e18  # parameters, sequences, tokens: far beyond any model, and every product stays finite
 # What each gateable figure means, for --help and the report.
 GATEABLE = {
@@ -61,6 +62,8 @@ def parse_thresholds(text: str | None) -> dict[str, float]:
         if not sep or name not in GATEABLE:
             raise MemauditError(f"--fail-above takes name=value pairs with names among {', '.join(GATEABLE)}; "
                                 f"got {part.strip()!r}")
+        if name in out:
+            raise MemauditError(f"--fail-above names {name} twice")
         try:
             out[name] = float(value)
         except ValueError:
@@ -81,7 +84,8 @@ def fitted_laws(search: str | os.PathLike = "reports/capacity") -> list[Path]:
         except (ValueError, UnicodeDecodeError, OSError):
             continue
         fit = data.get("mia_law_fit") if isinstance(data, dict) else None
-        if isinstance(fit, dict) and all(isinstance(fit.get(k), (int, float)) for k in ("c1", "c2", "c3")):
+        if isinstance(fit, dict) and all(isinstance(fit.get(k), (int, float)) and math.isfinite(fit[k])
+                                         for k in ("c1", "c2", "c3")):
             found.append(f)
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
@@ -226,6 +230,9 @@ def run_risk(*, out: str | os.PathLike | None = None, params: float | None = Non
             raise MemauditError("--nonmembers and --canaries need --model and --data")
         if params is None or (train_sequences is None and train_tokens is None):
             raise MemauditError("give --params and --train-sequences (or --train-tokens), or --model and --data")
+        if measured := sorted(set(gate) - {"predicted_mia_f1"}):
+            raise MemauditError(f"--fail-above {', '.join(measured)}: measured only after training (give --model "
+                                "and --data); before it, only predicted_mia_f1 can be limited")
         predict(params, train_sequences=train_sequences, train_tokens=train_tokens, window=window,
                 precision=precision, bits_per_token=bits_per_token, random_vocab=random_vocab, laws_dir=laws_dir)
     elif model is None or data is None:
@@ -233,7 +240,7 @@ def run_risk(*, out: str | os.PathLike | None = None, params: float | None = Non
     else:
         mode = "post-training"
         _check_prediction_settings(train_sequences, train_tokens, window, precision, bits_per_token, random_vocab)
-        _check_measuring_inputs(model, data, nonmembers, canaries, prefix=prefix, suffix=suffix, limit=limit,
+        _check_measuring_inputs(model, data, nonmembers, canaries, gate, prefix=prefix, suffix=suffix, limit=limit,
                                 batch_size=batch_size, allow_pickle=allow_pickle)
     checks.number("--params", params, low=1, high=MAX_COUNT)
     out = out or RunDir.default_out("risk")
@@ -264,6 +271,7 @@ def run_risk(*, out: str | os.PathLike | None = None, params: float | None = Non
                 "random_vocab": random_vocab, "fail_above": gate, "prefix": prefix,
                 "suffix": suffix, "batch_size": batch_size, "device": device, "dtype": dtype, "limit": limit}
     run = RunDir(out, "risk", settings, inputs=inputs, overwrite=overwrite)
+    run.owned.record(dirs=list(MEASUREMENT_RUNS) + ["report"])  # the runs it nests are its own
     echo(f"MIA law used: {prediction['mia_law']} -> predicted MIA F1 {prediction['predicted_mia_f1']:.3f}")
     for law in prediction["mia_laws"][1:]:
         echo(f"  beside it, {law['name']} ({law['source']}): {law['predicted_mia_f1']:.3f}")
@@ -303,8 +311,8 @@ def run_risk(*, out: str | os.PathLike | None = None, params: float | None = Non
     return summary
 
 
-def _check_measuring_inputs(model, data, nonmembers, canaries, *, prefix: int, suffix: int, limit: int | None,
-                            batch_size: int | str, allow_pickle: bool) -> None:
+def _check_measuring_inputs(model, data, nonmembers, canaries, gate: dict[str, float], *, prefix: int, suffix: int,
+                            limit: int | None, batch_size: int | str, allow_pickle: bool) -> None:
     """Everything the measuring commands will read, checked before the first of them starts."""
     from .exposure import default_canary_file, read_canaries
 
@@ -319,6 +327,10 @@ def _check_measuring_inputs(model, data, nonmembers, canaries, *, prefix: int, s
     if canaries is not None or canary_file.is_file():
         checks.readable_file(canary_file, "canary file")
         read_canaries(canary_file)
+    elif limited := sorted(k for k in gate if k.endswith("exposure_bits")):
+        raise MemauditError(f"--fail-above {', '.join(limited)}: no canaries to measure (--canaries FILE)")
+    if nonmembers is None and (limited := sorted(k for k in gate if k.startswith("mia_"))):
+        raise MemauditError(f"--fail-above {', '.join(limited)}: membership inference needs --nonmembers FILE")
 
 
 def _measure(root: Path, loaded, model, data, nonmembers, canaries, *, prefix, suffix, batch_size, device, dtype,

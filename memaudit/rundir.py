@@ -130,27 +130,22 @@ def _legacy_command(path: Path) -> str | None:
 
 
 def _foreign(path: Path, marker: dict) -> list[str]:
-    """Entries under `path` that its marker does not list (a sub-folder with a marker of its own is checked
-    against that one)."""
+    """Entries under `path` that its marker does not list. A listed folder is wholly owned (the command made it,
+    runs it nests included, as `risk` nests its measurements); an unlisted one, even another memaudit run, is not."""
     files, dirs = set(marker.get("files") or ()), set(marker.get("dirs") or ())
     out = []
     for entry in sorted(path.iterdir()):
         name = entry.name
         if name == MARKER or name in files or name in dirs:
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            sub = _read_marker(entry)
-            if sub is not None:
-                out += [f"{name}/{f}" for f in _foreign(entry, sub)]
-                continue
-            if not any(entry.iterdir()):  # an empty folder holds nothing to lose
-                continue
+        if entry.is_dir() and not entry.is_symlink() and not any(entry.iterdir()):
+            continue  # an empty folder holds nothing to lose
         out.append(name + ("/" if entry.is_dir() else ""))
     return out
 
 
 def _remove_owned(path: Path, marker: dict) -> None:
-    """Delete what the marker lists (and, recursively, owned sub-folders), then the marker; keep anything else."""
+    """Delete what the marker lists, then the marker; keep anything else."""
     for name in marker.get("files") or ():
         f = path / name
         if f.is_file() or f.is_symlink():
@@ -159,22 +154,31 @@ def _remove_owned(path: Path, marker: dict) -> None:
         d = path / name
         if d.is_dir() and not d.is_symlink():
             shutil.rmtree(d)
-    for entry in list(path.iterdir()):
-        if entry.is_dir() and not entry.is_symlink() and (sub := _read_marker(entry)) is not None:
-            _remove_owned(entry, sub)
-            _rmdir_if_empty(entry)
     (path / MARKER).unlink(missing_ok=True)
 
 
-def _rmdir_if_empty(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError:
-        pass
+def _enclosing(out: Path) -> str | None:
+    """Why `out` may not be written inside a folder above it: a model directory, or a folder another command owns
+    that did not set this sub-folder aside for a run of its own (risk's measurements, the demo's runs)."""
+    here = out.resolve()
+    for parent in here.parents:
+        if _is_model_dir(parent):
+            return f"lies inside the model directory {parent}"
+        marker = _read_marker(parent)
+        if marker is not None and here.relative_to(parent).parts[0] not in set(marker.get("dirs") or ()):
+            return f"lies inside {parent}, a memaudit {marker['command']} run"
+    return None
 
 
 def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
+
+
+def _nothing_written(path: Path) -> bool:
+    """Empty, or holding only a marker and empty folders (a run that failed before writing anything): a rerun may
+    use it as a new folder."""
+    return all(e.name == MARKER or (e.is_dir() and not e.is_symlink() and not any(e.iterdir()))
+               for e in path.iterdir())
 
 
 def _is_model_dir(path: Path) -> bool:
@@ -190,9 +194,15 @@ def check_output(out: str | os.PathLike, command: str, *, inputs: Iterable[str |
     what it wrote) or `reuse` (write into it again, as `report` and `demo` do). Never: a file, a folder with files
     memaudit did not write, another command's run, a folder that is or holds an input, or one inside a model
     directory."""
+    if not str(out).strip():
+        raise MemauditError("--out is empty: name the folder to write")
     out = Path(out)
+    if out.is_symlink() and not out.exists():
+        raise MemauditError(f"--out {out} is a symbolic link to nothing: choose another --out")
     if out.exists() and not out.is_dir():
         raise MemauditError(f"--out {out} exists and is not a directory")
+    if why := _enclosing(out):
+        raise MemauditError(f"--out {out} {why}: choose another --out")
     here = out.resolve()
     for p in inputs:
         p = Path(p)
@@ -202,7 +212,7 @@ def check_output(out: str | os.PathLike, command: str, *, inputs: Iterable[str |
         if _inside(there, here) or (_is_model_dir(p) and _inside(here, there)):
             what = "is" if there == here else "holds" if _inside(there, here) else "lies inside"
             raise MemauditError(f"--out {out} {what} an input of this run ({p}): choose another --out")
-    if not out.is_dir() or not any(out.iterdir()):
+    if not out.is_dir() or _nothing_written(out):
         return
     marker = _read_marker(out)
     legacy = _legacy_command(out) if marker is None else None
@@ -269,6 +279,9 @@ class Owned:
         """Move everything in `staging` (a folder beside or inside this one) into it, listing each entry first:
         for files written by other libraries (save_pretrained) whose names memaudit does not choose."""
         for entry in sorted(staging.iterdir()):
+            for f in [entry, *entry.rglob("*")] if entry.is_dir() else [entry]:
+                if f.is_file():  # some writers (safetensors) create files 0600 whatever the umask
+                    os.chmod(f, _FILE_MODE)
             if entry.is_dir():
                 self.record(dirs=[entry.name])
                 if (self.path / entry.name).exists():

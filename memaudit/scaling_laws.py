@@ -48,8 +48,10 @@ LAW_SOURCES = {
 
 def mia_law(ratio, c1: float, c2: float, c3: float):
     """F1 as a function of N / P (training sequences per parameter)."""
+    from scipy.special import expit  # 1 / (1 + e^z) without overflow warnings at extreme constants
+
     ratio = np.asarray(ratio, dtype=float)
-    return 0.5 * (1.0 + c1 / (1.0 + np.exp(c2 * (ratio - c3))))
+    return 0.5 * (1.0 + c1 * expit(-c2 * (ratio - c3)))
 
 
 def fit_mia_law(ratios, f1s, p0: tuple[float, float, float] | None = None) -> dict:

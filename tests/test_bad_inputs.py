@@ -179,13 +179,31 @@ def world(tmp_path_factory) -> SimpleNamespace:
     _write_jsonl(bad / "can_empty_secret.jsonl", [{"secret": "", "template": tpl, "repeats": 1}])
     (bad / "can_badjson.jsonl").write_text('{"secret": "123", "template": "x {secret}"\n')
 
+    # --- classes an adversarial probe found beyond the first matrix ------------------------------------------------
+    m_no_layers = model_variant("m_no_layers")
+    c = json.loads((m_no_layers / "config.json").read_text())
+    (m_no_layers / "config.json").write_text(json.dumps(c | {"n_layer": 0}))
+    m_nan_eps = model_variant("m_nan_eps")
+    (m_nan_eps / "config.json").write_text(json.dumps(c | {"layer_norm_epsilon": float("nan")}))
+    m_vocab_mismatch = model_variant("m_vocab_mismatch")  # config says more rows than the weights hold
+    (m_vocab_mismatch / "config.json").write_text(json.dumps(c | {"vocab_size": c["vocab_size"] + 100}))
+    m_tok_bigger = model_variant("m_tok_bigger", tokenizer=False)  # a tokenizer with ids beyond the embedding
+    train_tokenizer(_texts(300, 12, seed=5) + _texts(300, 12, seed=6), vocab_size=1000).save_pretrained(m_tok_bigger)
+    (bad / "deep.jsonl").write_text("[" * 100_000 + "\n")
+    _write_jsonl(bad / "nullid.jsonl", [{"id": None, "text": "a b c d"}, {"id": "x", "text": "e f g h"}])
+    _write_jsonl(bad / "can_20digits.jsonl", [{"secret": "1" * 20, "template": tpl, "repeats": 1}])
+    dangling = bad / "dangling"
+    dangling.symlink_to(bad / "nowhere")
+
     ns = SimpleNamespace(root=root, sentinels=sentinels, pristine=pristine, model=model_dir, run=run, user=user,
                          data=data, members=members, nonmembers=nonmembers, canaries=canaries, tok=tok_dir,
                          missing=root / "does-not-exist", missing_jsonl=root / "does-not-exist.jsonl",
                          adir=adir, a_file=a_file, tok_empty=tok_empty,
                          m_cfg_list=m_cfg_list, m_cfg_notjson=m_cfg_notjson, m_no_config=m_no_config,
                          m_no_weights=m_no_weights, m_pickle=m_pickle, m_no_tok=m_no_tok,
-                         m_not_causal=m_not_causal, m_corrupt=m_corrupt, m_empty=m_empty)
+                         m_not_causal=m_not_causal, m_corrupt=m_corrupt, m_empty=m_empty,
+                         m_no_layers=m_no_layers, m_nan_eps=m_nan_eps, m_vocab_mismatch=m_vocab_mismatch,
+                         m_tok_bigger=m_tok_bigger, dangling=dangling)
     for f in bad.iterdir():
         if f.is_file():
             setattr(ns, f.name.replace(".", "_"), f)  # e.g. ns.empty_jsonl, ns.can_letters_jsonl
@@ -659,6 +677,39 @@ def _cases() -> list:
     add(P("demo-epochs-x", "demo", epochs="x"))
     add(P("demo-n-train-x", "demo", n_train="x"))
     add(pytest.param(dict(raw=["nonsense-command"], ok=False, expect=None, setup=None), id="unknown-command"))
+
+    # ---- outputs nested in what another command or a model owns; symlinks -----------------------------------------
+    for cmd in ("extract", "mia", "memorization", "train", "report", "capacity"):
+        add(P(f"{cmd}-out-inside-other-run", cmd, out="{run}/sub"))
+    add(P("train-out-inside-model", "train", out="{model}/sub"))
+    add(P("report-out-inside-model", "report", out="{model}/report"))
+    add(P("extract-out-dangling-symlink", "extract", out="{dangling}"))
+    add(P("demo-out-dangling-symlink", "demo", out="{dangling}"))
+    add(P("risk-out-empty-string", "risk", out=""))
+    # ---- model directories that load but would give wrong numbers ---------------------------------------------------
+    for name in ("m_no_layers", "m_nan_eps", "m_vocab_mismatch", "m_tok_bigger"):
+        for cmd in ("extract", "memorization"):
+            add(P(f"{cmd}-{name}", cmd, pos=["{%s}" % name]))
+        add(P(f"train-config-{name}", "train", config="{%s}" % name, tokenizer=None))
+    add(P("mia-m_tok_bigger", "mia", pos=["{m_tok_bigger}"]))
+    add(P("exposure-m_tok_bigger", "exposure", pos=["{m_tok_bigger}"]))
+    # ---- data and specs ---------------------------------------------------------------------------------------------
+    add(P("extract-data-deeply-nested-json", "extract", data="{deep_jsonl}"))
+    add(P("extract-data-null-id", "extract", data="{nullid_jsonl}"))
+    add(P("extract-id-field-missing", "extract", id_field="nope"))
+    add(P("mia-members-equal-nonmembers", "mia", nonmembers="{members}"))
+    add(P("exposure-canary-20-digits", "exposure", canaries="{can_20digits_jsonl}"))
+    add(P("exposure-sample-size-huge", "exposure", sample_size="99999999999"))
+    add(P("exposure-controls-huge", "exposure", controls="99999999999"))
+    add(P("extract-num-beams-huge", "extract", decoding="beam", num_beams="100000"))
+    add(P("capacity-widths-duplicate", "capacity", widths="8,8"))
+    add(P("capacity-widths-huge", "capacity", widths="99999999"))
+    add(P("capacity-threads-huge", "capacity", threads="100000"))
+    add(P("risk-fail-above-twice", "risk", fail_above="predicted_mia_f1=0.1,predicted_mia_f1=2"))
+    add(P("risk-fail-above-measured-before-training", "risk", fail_above="exact_rate=0.01"))
+    add(P("riskpost-fail-above-mia-without-nonmembers", "riskpost", nonmembers=None, fail_above="mia_auc=0.6"))
+    add(P("train-config-dir-with-family", "train", config="{model}", tokenizer=None, family="llama"))
+    add(P("train-canary-longer-than-rows", "train", canaries="1", seq_len="4"))
     return C
 
 

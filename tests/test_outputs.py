@@ -192,3 +192,13 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(command, memorized, tmp_
         pd.testing.assert_frame_equal(a.drop(columns=drop), b.drop(columns=drop))
     else:
         assert (cut / result).read_bytes() == (whole / result).read_bytes()
+
+
+def test_a_failed_run_does_not_block_the_corrected_rerun(memorized, tmp_path):
+    from memaudit.training import TrainConfig, train
+
+    kw = dict(data=str(memorized.train_file), out=str(tmp_path / "m"), epochs=1, batch_size=8, val_fraction=0.0,
+              config="1x32", vocab_size=300, canaries=1)
+    with pytest.raises(MemauditError, match="canary is .* longer than a row"):
+        train(TrainConfig(seq_len=4, **kw))  # fails after claiming the folder, before writing anything
+    assert train(TrainConfig(seq_len=32, **kw)).finished  # no --overwrite needed

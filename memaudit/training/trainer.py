@@ -133,6 +133,9 @@ def validate_config(cfg: TrainConfig) -> None:
     checks.readable_file(cfg.val_data, "validation data file")
     checks.device(cfg.device)
     if Path(cfg.config).exists() or "/" in cfg.config or os.sep in cfg.config:
+        if cfg.tokenizer is not None or cfg.family != "gpt2":
+            raise MemauditError("--tokenizer and --family apply to from-scratch configs: a model directory given "
+                                "as --config brings its own")
         mcfg = checks.model_dir(cfg.config, allow_pickle=cfg.allow_pickle, what="--config model directory")
         ctx = checks.context_length(mcfg)
         if ctx is not None and cfg.seq_len > ctx:
@@ -370,6 +373,9 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
     canary_texts = [c["secret"] for c in canaries for _ in range(cfg.canary_repeats)]
     train_toks = tokenize(tok, train_texts + canary_texts)
     train_rows = _rows(train_toks, bos, cfg.seq_len)
+    if canaries and (longest := max(len(t) for t in train_toks[len(train_texts):])) > cfg.seq_len - 1:
+        raise MemauditError(f"a canary is {longest} tokens, longer than a row holds (--seq-len {cfg.seq_len} - 1): "
+                            "raise --seq-len")
     val_rows = _rows(tokenize(tok, val_texts), bos, cfg.seq_len) if val_texts else []
     if not train_rows:
         raise MemauditError("no training document has any tokens")
@@ -494,13 +500,24 @@ def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
 
     dropped = counts["dropped"] / counts["targets"] if counts["targets"] else None
     if dist.main:
-        _save_model_dir(owned, cfg, model, tok, log_rows, docs, train_idx, val_ids, step, dropped, canaries,
+        _save_model_dir_or_fail(owned, cfg, model, tok, log_rows, docs, train_idx, val_ids, step, dropped, canaries,
                         hooks.spec if hooks is not None else None)
     dist.barrier()
     last = log_rows[-1] if log_rows else {}
     return TrainResult(out=out, steps=step, train_loss=last.get("train_loss") or float("nan"),
                        val_loss=last.get("val_loss"), n_train=len(train_rows), n_val=len(val_rows),
                        parameters=count_parameters(model), dropped_fraction=dropped)
+
+
+def _save_model_dir_or_fail(owned: Owned, *args) -> None:
+    """A write refused by the system (full disk, permissions) is one line, with where the model stopped."""
+    try:
+        _save_model_dir(owned, *args)
+    except Exception as exc:
+        if not isinstance(exc, OSError) and "No space left" not in str(exc):
+            raise
+        raise MemauditError(f"cannot write the model into {owned.path}: {str(exc).splitlines()[0][:160]} (the last "
+                            "checkpoint, if any, is kept for --resume)") from None
 
 
 def _save_model_dir(owned: Owned, cfg, model, tok, log_rows, docs, train_idx, val_ids, step, dropped, canaries,
