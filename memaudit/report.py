@@ -111,9 +111,7 @@ def load_run(path: str | os.PathLike, label: str | None = None) -> Run:
         raise MemauditError(f"{path} is a model directory without a training log: pass its run directories instead")
     if kind == "unknown":
         raise MemauditError(f"{path}: its config.json names no memaudit command: not a run directory")
-    if not (path / "summary.json").is_file():
-        raise MemauditError(f"{path} is an unfinished {kind} run (no summary.json): finish it with --resume first")
-    summary = _read_json(path / "summary.json", strict=True)
+    summary = _read_json(path / "summary.json", strict=True) if (path / "summary.json").exists() else {}
     samples = _read_table(path / "samples.parquet", pd.read_parquet)
     inputs = config.get("inputs") if isinstance(config.get("inputs"), dict) else {}
     settings = config.get("settings") if isinstance(config.get("settings"), dict) else {}
@@ -484,7 +482,8 @@ def build_blocks(runs: list[Run], title: str, top: int = 5) -> list[Block]:
             blocks.append(Block("table", headers=["run"] + cols, rows=[[r.label] + [h.get(c) for c in cols]
                                                                        for r, h in zip(group, heads)]))
         else:
-            blocks.append(Block("p", text="No headline figures in these runs' summary.json."))
+            blocks.append(Block("p", text="No headline figures: these runs have no summary.json (a run that did not "
+                                          "finish writes none; --resume finishes it)."))
     # per kind: comparisons, figures, samples
     for kind in kinds:
         group = [r for r in runs if r.kind == kind]

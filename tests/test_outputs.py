@@ -157,21 +157,39 @@ def _run(cmd: list[str]) -> None:
     assert r.returncode == 0, r.stderr
 
 
+def _run_here(args: list[str], monkeypatch) -> None:
+    """The uninterrupted reference run, in this process (saves an interpreter start)."""
+    import torch
+
+    from memaudit import cli
+
+    monkeypatch.setattr(sys, "argv", ["memaudit", *args])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses run (OMP_NUM_THREADS=1): float sums in the same order
+    try:
+        with pytest.raises(SystemExit) as exc:
+            cli.main()
+    finally:
+        torch.set_num_threads(threads)
+    assert exc.value.code == 0
+
+
 def _parts(out: Path, pattern: str, n: int = 1):
     return lambda: len(list(out.glob(pattern))) >= n
 
 
 @pytest.mark.parametrize("command", ["extract", "mia", "memorization", "train", "capacity"])
-def test_kill_9_then_resume_equals_an_uninterrupted_run(command, memorized, tmp_path):
+def test_kill_9_then_resume_equals_an_uninterrupted_run(command, memorized, tmp_path, monkeypatch):
     m, members, heldout = str(memorized.model_dir), str(memorized.train_file), str(memorized.heldout_file)
     cut, whole = tmp_path / "cut", tmp_path / "whole"
     args = {
         "extract": (["extract", m, "--data", members, "--prefix", "16", "--suffix", "16", "--batch-size", "2",
-                     "--device", "cpu"], "partial/*.parquet", "samples.parquet"),
+                     "--limit", "30", "--device", "cpu"], "partial/*.parquet", "samples.parquet"),
         "mia": (["mia", m, "--members", members, "--nonmembers", heldout, "--attacks", "loss,zlib,min_k",
-                 "--bootstrap", "20", "--batch-size", "2", "--device", "cpu"], MARKER, "samples.parquet"),
+                 "--bootstrap", "20", "--batch-size", "2", "--limit", "20", "--device", "cpu"], MARKER,
+                "samples.parquet"),
         "memorization": (["memorization", m, "--data", members, "--reference", "zstd", "--batch-size", "2",
-                          "--device", "cpu"], MARKER, "samples.parquet"),
+                          "--limit", "20", "--device", "cpu"], MARKER, "samples.parquet"),
         "train": (["train", "--data", members, "--config", "1x32", "--vocab-size", "300", "--epochs", "3",
                    "--batch-size", "4", "--seq-len", "32", "--val-fraction", "0", "--device", "cpu",
                    "--checkpoint-every", "5"], "checkpoint/state.pt", "model.safetensors"),
@@ -180,7 +198,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(command, memorized, tmp_
                      "partial/*.ckpt", "results.csv"),
     }
     cmd, ready, result = args[command]
-    _run(_memaudit(*cmd, "--out", str(whole)))
+    _run_here([*cmd, "--out", str(whole)], monkeypatch)
     killed = _kill_when(_memaudit(*cmd, "--out", str(cut)), _parts(cut, ready))
     assert killed or command in ("mia", "memorization"), "the run finished before it could be killed"
     _run(_memaudit(*cmd, "--out", str(cut), "--resume"))

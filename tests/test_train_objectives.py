@@ -180,8 +180,9 @@ def test_release_model_equals_sinks_dropped_evaluation(family, tmp_path):
     from memaudit.models import load_model
 
     model = _tiny(family)
-    spec = sink_spec(model, 0.3, 0.3)
     tok = train_tokenizer(["some text for a tokenizer"] * 4, vocab_size=300)
+    model.resize_token_embeddings(len(tok))  # a tokenizer and a model that belong together (memaudit checks)
+    spec = sink_spec(model, 0.3, 0.3)
     ids = torch.tensor(np.random.default_rng(5).integers(0, 97, size=(3, 20)))
     hooks = SinkHooks(model, spec)
     hooks.set_dropped()
