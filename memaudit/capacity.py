@@ -17,12 +17,11 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from . import checks
+from . import checks, distributed
 from .errors import MemauditError
 from .training.ensemble import check_compile_setting
 
@@ -216,10 +215,6 @@ def fit_bits_per_param(caps: pd.DataFrame, n_boot: int = 2000, seed: int = 0) ->
                        "the largest dataset was still memorized >= 90%)") if lower else "capacity (all plateaus reached)"}
 
 
-def _shard() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def run_random_capacity(cfg: RandomGridConfig, out: str | os.PathLike | None = None, *, resume: bool = False,
                         overwrite: bool = False) -> dict:
     """The random-data grid: train, measure, fit; writes results.csv, capacities.csv, summary.json, figures."""
@@ -227,14 +222,14 @@ def run_random_capacity(cfg: RandomGridConfig, out: str | os.PathLike | None = N
     from .rundir import RunDir
 
     cfg.validate()
-    rank, world = _shard()
+    rank, world = distributed.env_rank(), distributed.env_world()
     if world > 1:
         import datetime
 
         import torch.distributed as dist
 
-        if not dist.is_initialized():  # gloo: ranks only meet at the end, so no short timeout
-            dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
+        # gloo: ranks only meet at the end, so no short timeout
+        distributed.init_from_env(timeout=datetime.timedelta(hours=48))
     settings = asdict(cfg)
     out = out or RunDir.default_out("capacity")
     if rank == 0:

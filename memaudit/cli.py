@@ -4,14 +4,13 @@ Errors a user can cause raise MemauditError and end as one line on stderr with e
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from . import checks
+from . import checks, distributed
 from .errors import MemauditError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -126,7 +125,7 @@ def train(
                                 canary_repeats=canary_repeats, checkpoint_every=checkpoint_every, resume=resume,
                                 overwrite=overwrite,
                                 stop_after=stop_after, tokenizer=str(tokenizer) if tokenizer else None))
-    if int(os.environ.get("RANK", "0")) != 0:
+    if distributed.env_rank() != 0:  # under torchrun rank 0 reports
         return
     if not res.finished:
         typer.echo(f"stopped after {res.steps} steps; continue with --resume -> {res.out}/checkpoint")

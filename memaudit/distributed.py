@@ -7,30 +7,73 @@ rank 0 write the run directory. Collectives must be called in the same order on 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 
-
-def is_distributed() -> bool:
-    """True when a process group is up (or torchrun launched us and `init_from_env` will bring it up)."""
-    return (dist.is_available() and dist.is_initialized()) or int(os.environ.get("WORLD_SIZE", "1")) > 1
+from .devices import resolve_device
 
 
-def init_from_env(device: torch.device | None = None) -> bool:
+def env_rank() -> int:
+    """This process's rank as torchrun set it (0 in a plain process), readable before any group is up."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def env_world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_from_env(device: torch.device | None = None, timeout: timedelta | None = None) -> bool:
     """Start the process group torchrun describes in the environment (gloo on CPU, NCCL on CUDA).
 
-    Returns True when running distributed. Idempotent; a no-op in a single process.
+    Returns True when this call started it. Idempotent; a no-op in a single process. `timeout`: how long a
+    collective may wait (ranks that only meet at the end of hours of work need more than the default).
     """
-    if not dist.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not dist.is_available() or env_world() <= 1 or dist.is_initialized():
         return False
-    if not dist.is_initialized():
-        use_nccl = device is not None and device.type == "cuda"
-        if use_nccl:
-            torch.cuda.set_device(local_rank())
-        dist.init_process_group(backend="nccl" if use_nccl else "gloo")
+    use_nccl = device is not None and device.type == "cuda"
+    if use_nccl:
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend="nccl" if use_nccl else "gloo", **({"timeout": timeout} if timeout else {}))
     return True
+
+
+@dataclass
+class Group:
+    """This process's place among torchrun's ranks (rank 0 of 1 in a plain process) and the device it uses."""
+    rank: int
+    world: int
+    device: torch.device
+    started: bool  # this process started the group (and so ends it: `close`)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        barrier()
+
+    def sum(self, value: float) -> float:
+        """`value` summed over every rank (float64)."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def close(self) -> None:
+        if self.started and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def join(device: str) -> Group:
+    """The group torchrun describes, started if needed, with each rank's device (its own GPU under torchrun)."""
+    dev = resolve_device(rank_device(device))
+    started = init_from_env(dev)
+    return Group(rank=rank(), world=world_size(), device=dev, started=started)
 
 
 def rank() -> int:
@@ -51,7 +94,7 @@ def is_main() -> bool:
 
 def rank_device(device: str) -> str:
     """Under torchrun each rank uses its own GPU: `auto`/`cuda` become `cuda:<local rank>`."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available() and device in ("auto", "cuda"):
+    if env_world() > 1 and torch.cuda.is_available() and device in ("auto", "cuda"):
         return f"cuda:{local_rank()}"
     return device
 

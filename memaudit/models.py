@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from . import checks
+from .devices import resolve_device, resolve_dtype
 from .errors import MemauditError
 
 
@@ -25,31 +26,6 @@ class LoadedModel:
     def max_length(self) -> int:
         """The longest sequence the model accepts (its context window)."""
         return checks.context_length(self.model.config.to_dict()) or 1 << 30
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    checks.device(device)
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MemauditError("--device cuda was asked for but no CUDA device is available")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise MemauditError(f"unknown device {device!r}: use auto, cpu or cuda[:N]") from None
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto` is bf16 on a CUDA device that supports it, fp32 otherwise."""
-    if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise MemauditError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
-    return table[dtype]
 
 
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):

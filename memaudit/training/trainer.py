@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from ..data import file_hash, read_documents, tokenize, train_tokenizer
-from .. import checks
+from .. import checks, distributed
 from ..errors import MemauditError
 from ..rundir import Owned, check_output
-from ..models import build_config, count_parameters, load_model, load_tokenizer, resolve_device, resolve_dtype
+from ..models import build_config, count_parameters, load_model, load_tokenizer, resolve_dtype
 from ..progress import progress_bar
 from .canaries import make_canaries, write_canaries
 from .objectives import GOLDFISH_MODES, IGNORE, OBJECTIVES, goldfish_drop_mask, standard_labels
@@ -242,53 +242,6 @@ def _init_model(cfg: TrainConfig, texts: list[str], device, tokenizer=None):
     return model.to(device), tok
 
 
-class _Dist:
-    """torch.distributed when launched by torchrun (WORLD_SIZE > 1), a no-op otherwise."""
-
-    def __init__(self, device_arg: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.started = False
-        if self.world > 1:
-            import torch.distributed as dist
-
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            use_cuda = device_arg != "cpu" and torch.cuda.is_available()
-            self.device = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
-            if use_cuda:
-                torch.cuda.set_device(self.device)
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if use_cuda else "gloo")
-                self.started = True
-        else:
-            self.device = resolve_device(device_arg)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def sum(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        import torch.distributed as dist
-
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return float(t.item())
-
-    def close(self) -> None:
-        if self.started:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
 def _fingerprint(cfg: TrainConfig) -> dict:
     d = {k: v for k, v in asdict(cfg).items() if k not in _RESUME_FREE}
     d["data_sha256"] = file_hash(cfg.data)
@@ -325,14 +278,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Train and save a model directory (weights, tokenizer, training_log.csv, train_config.json, and per
     objective sinks.json + release/, canaries.jsonl). Under torchrun, ranks split every global batch."""
     validate_config(cfg)
-    dist = _Dist(cfg.device)
+    dist = distributed.join(cfg.device)
     try:
         return _train(cfg, dist)
     finally:
         dist.close()
 
 
-def _train(cfg: TrainConfig, dist: _Dist) -> TrainResult:
+def _train(cfg: TrainConfig, dist: distributed.Group) -> TrainResult:
     _seed_all(cfg.seed)
     out = Path(cfg.out)
     if dist.main:  # every folder it writes is listed before it is written (see rundir.Owned)
