@@ -10,7 +10,7 @@ from .models import LoadedModel, build_config, load_model  # noqa: E402
 from .scoring import TokenStats, iter_scored_batches, score  # noqa: E402
 from .training import TrainConfig, TrainResult, train  # noqa: E402
 from .training import export_release_model  # noqa: E402
-from .exposure import read_canaries  # noqa: E402
+from .canaries import read_canaries  # noqa: E402
 
 __all__ = [
     "__version__", "MemauditError", "LoadedModel", "load_model", "build_config", "read_documents",

@@ -229,7 +229,7 @@ def memorization(
     overwrite: Overwrite = False,
 ):
     """Unintended memorization in bits per sample: max(0, bits under the reference - bits under the model)."""
-    from .compression import measure_memorization
+    from .memorization import measure_memorization
 
     s = measure_memorization(model_dir, data, reference, out=out, zstd_level=zstd_level,
                              zstd_dict_from=zstd_dict_from, batch_size=_batch_size(batch_size), device=device,

@@ -37,7 +37,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, epochs: int = 50, n_train:
     vs held-out docstrings) and unintended memorization (vs zstd) on each, and write one comparison report.
     Sinks models are measured as released (OUT/models/sinks/release: sinks removed). Returns the headline figures
     per objective and the report's paths."""
-    from .compression import measure_memorization
+    from .memorization import measure_memorization
     from .membership import mia
     from .report import build_report
 

@@ -1,9 +1,9 @@
 """Canary exposure (Carlini et al. 2019, "The Secret Sharer"), METHODS.md section 6.
 
-A canary is a template with a random secret of `digits` decimal digits filled in. The candidate space R is
-every digit string of that length (|R| = 10**digits). Candidates are ranked by the model's log-likelihood of
-the whole canary text (BOS + tokens, summed over every token, from the one scoring engine); rank 1 is the most
-likely. exposure = log2 |R| - log2 rank, in bits: 0 when the secret is the least likely candidate, log2 |R|
+A canary (memaudit.canaries: the record, its file, making them) is a template with a random secret of `digits`
+decimal digits filled in. The candidate space R is every digit string of that length (|R| = 10**digits).
+Candidates are ranked by the model's log-likelihood of the whole canary text (BOS + tokens, summed over every
+token, from the one scoring engine); rank 1 is the most likely. exposure = log2 |R| - log2 rank, in bits: 0 when the secret is the least likely candidate, log2 |R|
 when it is the most likely.
 
 - Exact: when |R| <= `exact_limit` every candidate is scored; rank = 1 + #{r != secret : ll(r) > ll(secret)}
@@ -18,110 +18,25 @@ when it is the most likely.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 
-from .data import iter_jsonl
 from . import checks
+from .canaries import Canary, default_canary_file, read_canaries
+from .data import file_hash, tokenize
 from .errors import MemauditError
+from .models import load_model, weights_hash
+from .progress import progress_bar
+from .rundir import RunDir, check_output
+from .scoring import score
 
-SECRET_FIELD = "{secret}"
 ESTIMATORS = ("sampling", "skewnorm")
-MAX_DIGITS = 18  # candidates are drawn as 64-bit integers
 MAX_CANDIDATES = 10**8  # each candidate is one scored sequence
-
-
-@dataclass
-class Canary:
-    """One inserted secret: `template` holds `{secret}` where the digits go."""
-    id: str
-    template: str
-    secret: str
-    repeats: int | None = None  # how often it was inserted into the training data (None: unknown)
-
-    @property
-    def digits(self) -> int:
-        return len(self.secret)
-
-    @property
-    def text(self) -> str:
-        return self.fill(self.secret)
-
-    def fill(self, secret: str) -> str:
-        return self.template.replace(SECRET_FIELD, secret)
-
-
-def _canary_from_record(obj: dict, lineno: int, path: Path) -> Canary:
-    """Read the trainer's format (memaudit.training.canaries: `digits` = the secret digits, `template` with
-    `{}`, `secret` = the full text) or a hand-written one (`secret` = digits, `template` with `{secret}`,
-    or `prefix` [+ `suffix`], or a full `text` containing the digits)."""
-    if not isinstance(obj, dict):
-        raise MemauditError(f"{path}: line {lineno} is not a JSON object")
-    secret = obj.get("digits") if isinstance(obj.get("digits"), str) else obj.get("secret")
-    if secret is None:
-        raise MemauditError(f"{path}: line {lineno} has no 'digits' or 'secret' field")
-    secret = str(secret)
-    if not (secret.isdigit() and secret.isascii()):
-        raise MemauditError(f"{path}: line {lineno}: the secret must be a string of decimal digits, not {secret!r}")
-    n_digits = obj.get("n_digits", obj.get("digits") if isinstance(obj.get("digits"), int) else len(secret))
-    if isinstance(n_digits, bool) or not isinstance(n_digits, int):
-        raise MemauditError(f"{path}: line {lineno}: n_digits must be a whole number, not {n_digits!r}")
-    if len(secret) > MAX_DIGITS:
-        raise MemauditError(f"{path}: line {lineno}: secrets of up to {MAX_DIGITS} digits are supported, not "
-                            f"{len(secret)}")
-    if n_digits != len(secret):
-        raise MemauditError(f"{path}: line {lineno}: n_digits is {n_digits} but the secret has {len(secret)}")
-    template = obj.get("template")
-    if isinstance(template, str) and "{}" in template and SECRET_FIELD not in template:
-        template = template.replace("{}", SECRET_FIELD, 1)
-    if isinstance(template, str):
-        if SECRET_FIELD not in template:
-            raise MemauditError(f"{path}: line {lineno}: the template has no {{}} or {SECRET_FIELD} placeholder")
-    elif "prefix" in obj:
-        template = str(obj["prefix"]) + SECRET_FIELD + str(obj.get("suffix", ""))
-    elif "text" in obj and secret in str(obj["text"]):
-        text = str(obj["text"])
-        at = text.rindex(secret)
-        template = text[:at] + SECRET_FIELD + text[at + len(secret):]
-    else:
-        raise MemauditError(f"{path}: line {lineno} needs a 'template' (with {{}}), a 'prefix', "
-                            "or a 'text' that contains the secret")
-    repeats = obj.get("repeats", obj.get("repetitions"))
-    if repeats is not None and (isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 0):
-        raise MemauditError(f"{path}: line {lineno}: repeats must be a whole number >= 0, not {repeats!r}")
-    return Canary(id=str(obj.get("id", lineno - 1)), template=template, secret=secret,
-                  repeats=int(repeats) if repeats is not None else None)
-
-
-def read_canaries(path: str | os.PathLike) -> list[Canary]:
-    """Canaries from a .jsonl file (a model directory: its canaries.jsonl), one object a line; see
-    `_canary_from_record` for the fields."""
-    path = Path(path)
-    if path.is_dir():
-        path = default_canary_file(path)
-    if not path.is_file():
-        raise MemauditError(f"canary file not found: {path}")
-    out = [_canary_from_record(obj, lineno, path) for lineno, obj in iter_jsonl(path)]
-    if not out:
-        raise MemauditError(f"{path}: no canaries in the file")
-    return out
-
-
-def write_canaries(path: str | os.PathLike, canaries: Sequence[Canary]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        for c in canaries:
-            # the trainer's format (memaudit.training.canaries), so both sides read the same file
-            fh.write(json.dumps({"id": c.id, "secret": c.text, "template": c.template.replace(SECRET_FIELD, "{}"),
-                                 "digits": c.secret, "n_digits": c.digits, "repeats": c.repeats}) + "\n")
-    return path
 
 
 def random_secret(digits: int, rng: np.random.Generator) -> str:
@@ -146,7 +61,7 @@ def sampled_exposure(secret_ll: float, sample_ll: np.ndarray, space_size: int,
                      confidence: float = 0.95) -> dict[str, float]:
     """Exposure from M uniformly sampled other candidates: rank_hat = 1 + (|R|-1) k/M, with a
     Clopper-Pearson interval on k/M turned into an exposure interval."""
-    from scipy.stats import beta
+    from scipy.stats import beta  # lazy: scipy.stats is slow to import and only the estimates need it
 
     m = len(sample_ll)
     if m == 0:
@@ -166,7 +81,7 @@ def sampled_exposure(secret_ll: float, sample_ll: np.ndarray, space_size: int,
 def skewnorm_exposure(secret_ll: float, sample_ll: np.ndarray, space_size: int) -> float:
     """Carlini 2019, section 4.3: fit a skew-normal to the candidates' log-likelihoods and take
     -log2 P(ll > ll(secret)), capped at log2 |R| (no estimate can exceed the exact maximum)."""
-    from scipy.stats import skewnorm
+    from scipy.stats import skewnorm  # lazy: scipy.stats is slow to import and only the estimates need it
 
     params = skewnorm.fit(np.asarray(sample_ll, dtype=np.float64))
     tail = float(skewnorm.logsf(secret_ll, *params)) / math.log(2)  # log2 P(ll > secret)
@@ -178,9 +93,6 @@ def skewnorm_exposure(secret_ll: float, sample_ll: np.ndarray, space_size: int) 
 def canary_log_likelihoods(loaded, texts: Sequence[str], *, batch_size: int | str = "auto",
                            on_progress=None) -> np.ndarray:
     """Sum of ln p over every token of each text (BOS-conditioned), in nats, via memaudit.scoring.score."""
-    from .data import tokenize
-    from .scoring import score
-
     tok = loaded.tokenizer
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     seqs = tokenize(tok, texts)
@@ -253,10 +165,6 @@ def control_canaries(canaries: Sequence[Canary], n: int, seed: int) -> list[Cana
     return out
 
 
-def default_canary_file(model_dir: str | os.PathLike) -> Path:
-    return Path(model_dir) / "canaries.jsonl"
-
-
 def run_exposure(model_dir: str | os.PathLike, *, canaries: str | os.PathLike | None = None,
                  out: str | os.PathLike | None = None, controls: int = 5, exact_limit: int = 100_000,
                  sample_size: int = 5_000, estimator: str = "sampling", seed: int = 0,
@@ -264,13 +172,6 @@ def run_exposure(model_dir: str | os.PathLike, *, canaries: str | os.PathLike | 
                  allow_pickle: bool = False, trust_remote_code: bool = False,
                  overwrite: bool = False) -> dict:
     """`memaudit exposure`: every canary's exposure (and that of `controls` unseen secrets) in a run dir."""
-    import pandas as pd
-
-    from .data import file_hash
-    from .models import load_model, weights_hash
-    from .progress import progress_bar
-    from .rundir import RunDir, check_output
-
     checks.integer("--controls", controls, low=0, high=10_000)
     checks.integer("--exact-limit", exact_limit, high=MAX_CANDIDATES)
     checks.integer("--sample-size", sample_size, high=MAX_CANDIDATES)
@@ -327,7 +228,7 @@ def run_exposure(model_dir: str | os.PathLike, *, canaries: str | os.PathLike | 
 
 
 def _exposure_figure(run, df) -> None:
-    import matplotlib
+    import matplotlib  # lazy: slow to import, and the backend must be set before pyplot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -27,10 +27,10 @@ from .attacks import DCPDD_CAP, DEFAULT_K, AttackInputs, gradient_norms, parse_a
 from .data import file_hash, read_documents, tokenize
 from . import checks
 from .errors import MemauditError
-from .rundir import check_output
+from .rundir import RunDir, check_output
 from .metrics import (binary_metrics, bootstrap_roc, roc_auc, roc_curve, stratified_split, threshold_at_fpr,
                       threshold_max_balanced_accuracy, tpr_at_fpr)
-from .models import load_model, weights_hash
+from .models import load_model, load_tokenizer, tokenizers_match, weights_hash
 from .progress import progress_bar
 from .scoring import TokenStats, score_sharded
 
@@ -93,13 +93,6 @@ def _cut(token_lists: Sequence[list[int]], ids: Sequence[str], window: int | Non
 
 def _auto_ids(df: pd.DataFrame) -> bool:
     return df["id"].tolist() == [str(i) for i in range(len(df))]
-
-
-def _check_same_tokenizer(tok, ref_tok, ref_dir) -> None:
-    if tok.get_vocab() != ref_tok.get_vocab() or tok.bos_token_id != ref_tok.bos_token_id:
-        raise MemauditError(f"the reference model in {ref_dir} has a different tokenizer than the target model "
-                            f"(vocabularies of {len(ref_tok)} and {len(tok)} tokens differ): "
-                            "the reference attack compares per-token log-likelihoods, so both must share it")
 
 
 def _recall_prefix(samples: _Samples, n_shots: int, seed: int, sep: int | None, budget: int) -> tuple[list[int], list[int]]:
@@ -270,9 +263,12 @@ def mia(model_dir: str | Path, members: str | Path, nonmembers: str | Path, *,
     tok = target.tokenizer
     ref = None
     if "reference" in names:
-        from .models import load_tokenizer
-
-        _check_same_tokenizer(tok, load_tokenizer(reference, trust_remote_code), reference)
+        ref_tok = load_tokenizer(reference, trust_remote_code)
+        if not tokenizers_match(tok, ref_tok):
+            raise MemauditError(f"the reference model in {reference} has a different tokenizer than the target "
+                                f"model (vocabularies of {len(ref_tok)} and {len(tok)} tokens, or their BOS or EOS, "
+                                "differ): the reference attack compares per-token log-likelihoods, so both must "
+                                "share it")
         ref = load_model(reference, device=dev, dtype=dtype, allow_pickle=allow_pickle,
                          trust_remote_code=trust_remote_code)
 
@@ -301,8 +297,6 @@ def mia(model_dir: str | Path, members: str | Path, nonmembers: str | Path, *,
     n = len(samples.ids)
     run = None
     if write and distributed.is_main():
-        from .rundir import RunDir
-
         settings = {"attacks": list(names), "k": ks, "window": window, "bos": bos, "recall_shots": recall_shots,
                     "bootstrap": bootstrap, "calibration_fraction": calibration_fraction, "seed": seed,
                     "batch_size": batch_size, "device": device, "dtype": dtype, "text_field": text_field,
@@ -475,13 +469,9 @@ def _resumable(run, name: str, n: int, label: str, compute) -> list | None:
 
 def _tail(st, m: int):
     """The last m tokens' stats of a conditioned pass (the sample's own tokens)."""
-    from .scoring import TokenStats
-
     return TokenStats(logprob=st.logprob[-m:], hit=st.hit[-m:], argmax=st.argmax[-m:],
                       mean_lp=st.mean_lp[-m:], var_lp=st.var_lp[-m:])
 
 
 def _default_out() -> Path:
-    from .rundir import RunDir
-
     return RunDir.default_out("mia")

@@ -40,6 +40,13 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     return tok
 
 
+def tokenizers_match(a, b) -> bool:
+    """Same vocabulary (token -> id) and the same BOS and EOS ids: then token sequences mean the same, and
+    per-token figures of two models compare token by token."""
+    return (a.get_vocab() == b.get_vocab() and a.bos_token_id == b.bos_token_id
+            and a.eos_token_id == b.eos_token_id)
+
+
 def load_model(path: str | os.PathLike, *, device: str = "auto", dtype: str = "auto",
                allow_pickle: bool = False, trust_remote_code: bool = False) -> LoadedModel:
     """Load a local causal-LM directory written by `save_pretrained`, safetensors only unless allowed."""

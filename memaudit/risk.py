@@ -314,7 +314,7 @@ def run_risk(*, out: str | os.PathLike | None = None, params: float | None = Non
 def _check_measuring_inputs(model, data, nonmembers, canaries, gate: dict[str, float], *, prefix: int, suffix: int,
                             limit: int | None, batch_size: int | str, allow_pickle: bool) -> None:
     """Everything the measuring commands will read, checked before the first of them starts."""
-    from .exposure import default_canary_file, read_canaries
+    from .canaries import default_canary_file, read_canaries
 
     checks.model_dir(model, allow_pickle=allow_pickle)
     checks.readable_file(data)
@@ -336,8 +336,9 @@ def _check_measuring_inputs(model, data, nonmembers, canaries, gate: dict[str, f
 def _measure(root: Path, loaded, model, data, nonmembers, canaries, *, prefix, suffix, batch_size, device, dtype,
              limit, text_field, id_field, allow_pickle, trust_remote_code, echo) -> tuple[dict, list[Path]]:
     """Run extraction, MIA (with non-members), memorization vs zstd and exposure (with canaries); collect figures."""
-    from .compression import measure_memorization
-    from .exposure import default_canary_file, run_exposure
+    from .memorization import measure_memorization
+    from .canaries import default_canary_file
+    from .exposure import run_exposure
     from .extraction import extract
 
     common = dict(batch_size=batch_size, device=device, dtype=dtype, allow_pickle=allow_pickle,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from memaudit.exposure import (Canary, canary_exposure, exposure_from_rank, read_canaries, sampled_exposure,
-                               skewnorm_exposure, write_canaries)
+from memaudit.canaries import Canary, canary_record, make_canaries, read_canaries, write_canaries
+from memaudit.exposure import canary_exposure, exposure_from_rank, sampled_exposure, skewnorm_exposure
 
 @pytest.fixture(scope="session")
 def canary_model(tmp_path_factory):
@@ -82,9 +82,7 @@ def test_sampled_and_skewnorm_estimators_on_synthetic_likelihoods():
 
 def test_canary_file_formats_and_errors(tmp_path):
     f = tmp_path / "c.jsonl"
-    from memaudit.training.canaries import make_canaries
-
-    trainer_format = make_canaries(1, 7, seed=1, n_digits=6)[0]
+    trainer_format = canary_record(make_canaries(1, 7, seed=1, n_digits=6)[0])
     f.write_text(json.dumps({"secret": "0042", "prefix": "pin: "}) + "\n"
                  + json.dumps({"id": "b", "secret": "17", "text": "call 17 now", "repeats": 3}) + "\n"
                  + json.dumps(trainer_format) + "\n")

@@ -88,7 +88,7 @@ def test_model_reference_members_carry_more_mem_u(memorized, reference_model, tm
 
 
 def test_against_itself_is_zero(memorized, tmp_path):
-    from memaudit.compression import measure_memorization
+    from memaudit.memorization import measure_memorization
 
     s = measure_memorization(memorized.model_dir, memorized.train_file, str(memorized.model_dir),
                              out=tmp_path / "self", device="cpu", limit=10)
@@ -99,7 +99,7 @@ def test_against_itself_is_zero(memorized, tmp_path):
 def test_zstd_reference_matches_zstandard_and_separates(memorized, tmp_path):
     import zstandard
 
-    from memaudit.compression import measure_memorization
+    from memaudit.memorization import measure_memorization
 
     s_m = measure_memorization(memorized.model_dir, memorized.train_file, "zstd", out=tmp_path / "zm",
                                device="cpu", zstd_level=19, zstd_dict_from=memorized.heldout_file)

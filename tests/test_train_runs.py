@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from memaudit.exposure import read_canaries
+from memaudit.canaries import read_canaries
 from memaudit.training import TrainConfig, train
 
 TINY = dict(config="2x32", seq_len=48, batch_size=7, epochs=2, lr=3e-3, warmup_steps=2, device="cpu")
@@ -44,7 +44,7 @@ def test_goldfish_run_reports_dropped_fraction_and_canaries(docs, tmp_path):
     assert 0.17 < res.dropped_fraction < 0.27
     log = (tmp_path / "gf" / "training_log.csv").read_text().splitlines()
     assert log[0].startswith("epoch,step,train_loss,val_loss,lr,dropped_fraction") and len(log) == 3
-    can = read_canaries(tmp_path / "gf")  # the trainer's file, read back by the exposure side
+    can = read_canaries(tmp_path / "gf")  # the trainer's file, read back by the reader exposure uses
     assert len(can) == 3 and len({c.secret for c in can}) == 3
     for c in can:
         assert c.text == "my secret number is " + c.secret

@@ -1,5 +1,5 @@
 """Trainers: standard next-token loss and the memorization mitigations compared against it."""
-from .canaries import make_canaries
+from ..canaries import make_canaries
 from .sinks import export_release_model
 from .trainer import TrainConfig, TrainResult, train
 

@@ -26,13 +26,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..canaries import CANARY_FILE, default_canary_file, make_canaries, write_canaries
 from ..data import file_hash, read_documents, tokenize, train_tokenizer
 from .. import checks, distributed
 from ..errors import MemauditError
 from ..rundir import Owned, check_output
 from ..models import build_config, count_parameters, load_model, load_tokenizer, resolve_dtype
 from ..progress import progress_bar
-from .canaries import make_canaries, write_canaries
 from .objectives import GOLDFISH_MODES, IGNORE, OBJECTIVES, goldfish_drop_mask, standard_labels
 from .sinks import SinkHooks, release_from_model, sequence_id, sink_spec, write_sink_spec
 
@@ -323,7 +323,7 @@ def _train(cfg: TrainConfig, dist: distributed.Group) -> TrainResult:
     pad = tok.pad_token_id if tok.pad_token_id is not None else bos
 
     canaries = make_canaries(cfg.canaries, cfg.canary_repeats, seed=cfg.seed) if cfg.canaries else []
-    canary_texts = [c["secret"] for c in canaries for _ in range(cfg.canary_repeats)]
+    canary_texts = [c.text for c in canaries for _ in range(cfg.canary_repeats)]
     train_toks = tokenize(tok, train_texts + canary_texts)
     train_rows = _rows(train_toks, bos, cfg.seq_len)
     if canaries and (longest := max(len(t) for t in train_toks[len(train_texts):])) > cfg.seq_len - 1:
@@ -497,8 +497,8 @@ def _save_model_dir(owned: Owned, cfg, model, tok, log_rows, docs, train_idx, va
         meta["goldfish_dropped_fraction"] = dropped
         meta["goldfish_expected_fraction"] = 1.0 / cfg.goldfish_k
     if canaries:
-        write_canaries(stage, canaries)
-        meta["canaries_file"] = "canaries.jsonl"
+        write_canaries(default_canary_file(stage), canaries)
+        meta["canaries_file"] = CANARY_FILE
     if spec is not None:
         write_sink_spec(stage, spec)
         meta["sinks"] = asdict(spec) | {"dropped_scale": spec.dropped_scale}

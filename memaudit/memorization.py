@@ -17,9 +17,15 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import zstandard
 
 from . import checks
+from .data import file_hash, read_documents, tokenize
 from .errors import MemauditError
+from .models import load_model, tokenizers_match, weights_hash
+from .progress import progress_bar
+from .rundir import RunDir, check_output
+from .scoring import score
 
 
 @dataclass
@@ -43,8 +49,6 @@ class ModelCoder:
         return "uniform code, log2(V) bits (the tokenizer has neither BOS nor EOS)"
 
     def bits(self, token_lists: Sequence[Sequence[int]], on_progress=None) -> np.ndarray:
-        from .scoring import score
-
         start = self.start_id
         stats = score(self.loaded.model, token_lists, batch_size=self.batch_size, bos_id=start,
                       pad_id=self.loaded.tokenizer.pad_token_id or 0, on_progress=on_progress,
@@ -55,18 +59,10 @@ class ModelCoder:
         return bits
 
 
-def tokenizers_match(a, b) -> bool:
-    """Same vocabulary (token -> id) and the same special tokens: then token sequences mean the same."""
-    return (a.get_vocab() == b.get_vocab() and a.bos_token_id == b.bos_token_id
-            and a.eos_token_id == b.eos_token_id)
-
-
 class ZstdCoder:
     """zstd at a fixed level, optionally with a dictionary trained on reference text."""
 
     def __init__(self, level: int = 19, dict_texts: Sequence[str] | None = None, dict_size: int = 16384):
-        import zstandard
-
         if not 1 <= level <= 22:
             raise MemauditError(f"--zstd-level must be between 1 and 22, not {level}")
         self.level = level
@@ -115,11 +111,6 @@ def measure_memorization(model_dir: str | os.PathLike, data: str | os.PathLike, 
                          allow_pickle: bool = False, trust_remote_code: bool = False,
                          resume: bool = False, overwrite: bool = False) -> dict:
     """Per-sample code lengths under the target and the reference, and mem_U; writes a run directory."""
-    from .data import file_hash, read_documents, tokenize
-    from .models import load_model, weights_hash
-    from .progress import progress_bar
-    from .rundir import RunDir, check_output
-
     checks.integer("--zstd-level", zstd_level, low=1, high=22)
     checks.integer("--top-k", top_k, low=0)
     checks.limit(limit)
@@ -219,7 +210,7 @@ def measure_memorization(model_dir: str | os.PathLike, data: str | os.PathLike, 
 
 
 def _histogram(mem: np.ndarray, ref_name: str):
-    import matplotlib
+    import matplotlib  # lazy: slow to import, and the backend must be set before pyplot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
