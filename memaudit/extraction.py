@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
+from . import backend
 from . import generation as gen
 from .data import Windows, file_hash, make_windows, read_documents, tokenize
 from . import checks
@@ -199,7 +199,7 @@ def _cache_is_sliceable(model, token: int) -> bool:
     device = next(model.parameters()).device
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([[token]], device=device), use_cache=True)
-    return gen.kv_from_cache(gen.output_cache(out)) is not None
+    return backend.kv_from_cache(backend.output_cache(out)) is not None
 
 
 def _verify_batch(model, batch, W: np.ndarray, P: int, S: int, bos_id: int | None, sliceable: bool,
@@ -225,7 +225,7 @@ def _verify_batch(model, batch, W: np.ndarray, P: int, S: int, bos_id: int | Non
     while True:
         hit = argmax[rows, done:end] == targets[rows, done:end]
         ok = hit.all(1)
-        kv = gen.kv_from_cache(cache) if sliceable else None
+        kv = backend.kv_from_cache(cache) if sliceable else None
         if (~ok).any():
             j_miss = np.flatnonzero(~ok)
             d = done + np.argmin(hit[j_miss], axis=1)
@@ -235,14 +235,14 @@ def _verify_batch(model, batch, W: np.ndarray, P: int, S: int, bos_id: int | Non
                 r = rows[js]
                 chunk = {"indices": idx[r].tolist(), "d": int(dv), "tok": argmax[r, dv]}
                 if kv is not None:
-                    chunk["kv"] = gen.select_kv(kv, js.tolist(), b + P + int(dv))
+                    chunk["kv"] = backend.select_kv(kv, js.tolist(), b + P + int(dv))
                 else:
                     chunk["kv"] = None
                     chunk["argmax"] = argmax[r]
                 pool.add(chunk)
             rows = rows[ok]
             if len(rows) and end < S and kv is not None:  # the survivors' cache, for the continuation
-                cache = gen.cache_from_kv(gen.select_kv(kv, np.flatnonzero(ok).tolist(), sbase + end))
+                cache = backend.cache_from_kv(backend.select_kv(kv, np.flatnonzero(ok).tolist(), sbase + end))
         done = end
         if done >= S or not len(rows):
             return rows, first_miss
@@ -250,7 +250,7 @@ def _verify_batch(model, batch, W: np.ndarray, P: int, S: int, bos_id: int | Non
         end = S
         x = torch.as_tensor(feed[rows, sbase + done: sbase + end], device=next(model.parameters()).device)
         with torch.inference_mode():  # continue from the cache: read only the next stage's tokens
-            logits, cache = gen._forward(model, x, cache, last_only=False)
+            logits, cache = backend.forward(model, x, cache, last_only=False)
         argmax[rows, done:end] = logits.argmax(-1).cpu().numpy()
         del logits
 
@@ -366,7 +366,7 @@ def extract_windows(loaded: LoadedModel, windows: Windows, settings: ExtractionS
             elif st.decoding == "greedy":  # plain decoding from the prefix, for verification
                 finished += _records(idx, _plain_greedy(model, W[idx, :P], S, bos_id), targets, tok, windows.ids)
             elif st.decoding == "sample":
-                kv = gen.kv_from_cache(batch.cache) if keep_cache else None
+                kv = backend.kv_from_cache(batch.cache) if keep_cache else None
                 finished += _sample_records(model, W, idx, batch, kv, P, S, b, bos_id, st, tok, windows.ids)
                 del kv
             else:
@@ -396,10 +396,7 @@ def _decode_factor(model, window: int) -> int:
     """How many times more rows a decoding group may hold than a scoring batch at equal memory: a scoring row
     holds the window's KV cache and ~4 vocabulary-sized float32 temporaries per position, a decoding row the same
     cache and one position's logits. Capped at 4 (larger groups stop paying off); 1 for large models."""
-    cfg = model.config
-    vocab = int(getattr(cfg, "vocab_size", 50000))
-    width = int(getattr(cfg, "hidden_size", getattr(cfg, "n_embd", 1024)))
-    layers = int(getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", 12)))
+    vocab, width, layers = backend.dimensions(model)
     cache = 2 * layers * width * window
     return int(max(1, min(4, (cache + 4 * vocab * window) // (cache + vocab))))
 
@@ -426,11 +423,11 @@ def _sample_records(model, W, idx, batch, kv, P, S, b, bos_id, st: ExtractionSet
     targets = torch.as_tensor(W[idx, P:], dtype=torch.long)
     last = torch.as_tensor(W[idx, P - 1: P], dtype=torch.long)  # the last prefix token, read again for its logits
     if kv is not None:
-        base = gen.crop_kv(kv, b + P - 1)
+        base = backend.crop_kv(kv, b + P - 1)
         feed = last
     else:
         base, feed = None, _with_bos(W[idx, :P], bos_id)
-    past = gen.cache_from_kv(gen.repeat_kv(base, n)) if base is not None else None
+    past = backend.cache_from_kv(backend.repeat_kv(base, n)) if base is not None else None
     draws = gen.sample(model, feed.repeat_interleave(n, 0), S, _uniforms(st.seed, idx, n, S), past=past,
                        temperature=st.temperature, top_k=st.top_k, top_p=st.top_p).cpu().numpy().reshape(len(idx), n, S)
     exact_per_draw = (draws == targets.numpy()[:, None, :]).all(-1)
@@ -439,7 +436,7 @@ def _sample_records(model, W, idx, batch, kv, P, S, b, bos_id, st: ExtractionSet
         sb = P - 1 + b
         log_p_seq = np.array([float(s.logprob[sb: sb + S].astype(np.float64).sum()) for s in batch.stats])
     else:
-        past2 = gen.cache_from_kv(base) if base is not None else None
+        past2 = backend.cache_from_kv(base) if base is not None else None
         log_p_seq = gen.sequence_logprob(model, feed, targets, past=past2, temperature=st.temperature,
                                          top_k=st.top_k, top_p=st.top_p).cpu().numpy()
     extra = _np_columns(exact_per_draw, log_p_seq, n)

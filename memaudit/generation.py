@@ -4,102 +4,16 @@ All rows of a batch have the same length (extraction windows are fixed-length), 
 positions follow from the cache length. Greedy and sampling are our own short loops (HF `generate` spends
 more time per step on bookkeeping than a tiny model spends computing); beam search uses HF `generate`.
 
-A decoding loop can start from a KV cache that the scoring pass already computed (`kv_from_cache`,
-`cache_from_kv`): the extraction shortcut crops it to the context before the divergence point.
+A decoding loop can start from a KV cache that the scoring pass already computed (`backend.kv_from_cache`,
+`backend.cache_from_kv`): the extraction shortcut crops it to the context before the divergence point.
 """
 from __future__ import annotations
 
-import functools
-import inspect
 from typing import Sequence
 
 import torch
 
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each [batch, heads, seq, head_dim]
-
-
-# --- KV caches as plain tensors, so rows of several batches can be cropped, selected and joined ---------------
-
-def kv_from_cache(cache) -> KV | None:
-    """Per-layer (keys, values) of a transformers cache, or None for a cache we cannot slice safely."""
-    if cache is None:
-        return None
-    layers = getattr(cache, "layers", None)
-    if layers is not None:  # transformers >= 4.56
-        if any(type(layer).__name__ != "DynamicLayer" for layer in layers):
-            return None  # sliding-window or recurrent layers: not a plain [b, h, seq, d] history
-        return [(layer.keys, layer.values) for layer in layers]
-    if hasattr(cache, "key_cache"):  # older DynamicCache
-        return list(zip(cache.key_cache, cache.value_cache))
-    if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)):
-        return [(k, v) for k, v in cache]
-    return None
-
-
-def cache_from_kv(kv: KV):
-    """A DynamicCache holding `kv` (a model continues from it as if it had just read those tokens)."""
-    from transformers import DynamicCache
-
-    if hasattr(DynamicCache, "from_legacy_cache"):
-        return DynamicCache.from_legacy_cache(tuple(kv))
-    return DynamicCache(ddp_cache_data=kv)
-
-
-def select_kv(kv: KV, rows: torch.Tensor | Sequence[int], length: int) -> KV:
-    """Rows `rows` and the first `length` positions of every layer (copies, so the source can be freed)."""
-    rows_t = torch.as_tensor(rows, dtype=torch.long, device=kv[0][0].device)
-    return [(k.index_select(0, rows_t)[:, :, :length].contiguous(),
-             v.index_select(0, rows_t)[:, :, :length].contiguous()) for k, v in kv]
-
-
-def crop_kv(kv: KV, length: int) -> KV:
-    return [(k[:, :, :length], v[:, :, :length]) for k, v in kv]
-
-
-def concat_kv(parts: Sequence[KV]) -> KV:
-    if len(parts) == 1:
-        return list(parts[0])
-    return [(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts])) for i in range(len(parts[0]))]
-
-
-def repeat_kv(kv: KV, n: int) -> KV:
-    """Each row repeated n times in place (row r becomes rows r*n .. r*n+n-1)."""
-    return [(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in kv]
-
-
-# --- forward helpers ---------------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def _cache_arg(model_cls: type) -> str:
-    """The keyword under which `model_cls.forward` takes a KV cache: `cache` (transformers >= 5.24, where
-    `past_key_values` is deprecated) or `past_key_values` (older versions and remote-code models)."""
-    try:
-        params = inspect.signature(model_cls.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def output_cache(out):
-    """The KV cache a forward returned: `out.cache` (transformers >= 5.24; `out.past_key_values` there is a
-    deprecated alias that warns) or `out.past_key_values`."""
-    if "cache" in getattr(type(out), "__dataclass_fields__", ()):
-        return out.cache
-    return out.past_key_values
-
-
-def _forward(model, input_ids: torch.Tensor, cache, last_only: bool = True):
-    """One incremental forward; returns (logits [b, k or 1, V], the updated cache)."""
-    kwargs = {"input_ids": input_ids, _cache_arg(type(model)): cache, "use_cache": True}
-    if last_only:
-        try:
-            out = model(**kwargs, logits_to_keep=1)
-        except TypeError:  # models without logits_to_keep
-            out = model(**kwargs)
-    else:
-        out = model(**kwargs)
-    return out.logits, output_cache(out)
-
+from .backend import KV, cache_from_kv, concat_kv, forward, kv_from_cache
 
 @torch.inference_mode()
 def greedy(model, input_ids: torch.Tensor | None, n_new: int, *, past=None, forced: torch.Tensor | None = None,
@@ -123,7 +37,7 @@ def greedy(model, input_ids: torch.Tensor | None, n_new: int, *, past=None, forc
         if need_model:
             if pending is None:
                 raise ValueError("greedy: nothing to read before the first unforced step")
-            logits, cache = _forward(model, pending, cache)
+            logits, cache = forward(model, pending, cache)
             nxt = logits[:, -1].argmax(-1)
             pending = None
             if forced is not None:
@@ -174,7 +88,7 @@ def greedy_join(model, joins: Sequence[tuple[int, KV, torch.Tensor]], n_new: int
             members += [(i, len(joins[i][2])) for i in entering]
         if tok_run is None:
             continue
-        logits, cache = _forward(model, tok_run[:, None], cache)
+        logits, cache = forward(model, tok_run[:, None], cache)
         tok_run = logits[:, -1].argmax(-1)
         r = 0
         for i, k in members:
@@ -212,7 +126,7 @@ def sample(model, input_ids: torch.Tensor, n_new: int, uniforms: torch.Tensor, *
     pending, cache = input_ids.to(device), past
     u = uniforms.to(device=device, dtype=torch.float64)
     for t in range(n_new):
-        logits, cache = _forward(model, pending, cache)
+        logits, cache = forward(model, pending, cache)
         probs = process_logits(logits[:, -1], temperature, top_k, top_p).exp().double()
         cdf = probs.cumsum(-1)
         nxt = torch.searchsorted(cdf, (u[:, t] * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
@@ -229,7 +143,7 @@ def sequence_logprob(model, input_ids: torch.Tensor, targets: torch.Tensor, *, p
     the targets, summing the processed (temperature / top-k / top-p) log-probabilities. [b], float64."""
     device = next(model.parameters()).device
     feed = torch.cat([input_ids.to(device), targets[:, :-1].to(device)], dim=1)
-    logits, _ = _forward(model, feed, past, last_only=False)
+    logits, _ = forward(model, feed, past, last_only=False)
     logits = logits[:, -targets.shape[1]:]
     lp = process_logits(logits, temperature, top_k, top_p)
     return lp.gather(-1, targets.to(device).unsqueeze(-1)).squeeze(-1).double().sum(-1)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .errors import MemauditError
-from .generation import output_cache
+from . import backend
 
 # Upper bound on elements of one [batch, positions, vocab] float32 temporary (256 MiB); longer
 # batches are reduced in slices of positions so the stats never hold more than this at once.
@@ -85,20 +85,6 @@ def token_stats_from_logits(logits: torch.Tensor, targets: torch.Tensor,
     return {k: torch.cat(v, dim=1) for k, v in parts.items()}
 
 
-def _forward_from(model: torch.nn.Module, inputs: torch.Tensor, mask: torch.Tensor, use_cache: bool, first: int):
-    """The model's forward with logits for input positions >= `first` only (all positions if the model does not
-    take `logits_to_keep`, sliced afterwards)."""
-    if first == 0:
-        return model(input_ids=inputs, attention_mask=mask, use_cache=use_cache)
-    try:
-        out = model(input_ids=inputs, attention_mask=mask, use_cache=use_cache, logits_to_keep=inputs.shape[1] - first)
-    except TypeError:  # no logits_to_keep
-        out = model(input_ids=inputs, attention_mask=mask, use_cache=use_cache)
-    if out.logits.shape[1] != inputs.shape[1] - first:
-        out.logits = out.logits[:, first:]
-    return out
-
-
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
@@ -112,10 +98,7 @@ def auto_batch_size(model: torch.nn.Module, seq_len: int, n_samples: int | None 
     activations (~16 floats per layer and width). Budget: 40% of free GPU memory, or 2 GiB on CPU, where
     larger batches no longer speed anything up.
     """
-    cfg = model.config
-    vocab = int(getattr(cfg, "vocab_size", 50000))
-    width = int(getattr(cfg, "hidden_size", getattr(cfg, "n_embd", 1024)))
-    layers = int(getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", 12)))
+    vocab, width, layers = backend.dimensions(model)
     device = next(model.parameters()).device
     if memory_budget is None:
         if device.type == "cuda":
@@ -201,7 +184,7 @@ def iter_scored_batches(model: torch.nn.Module, sequences: Sequence[Sequence[int
             mask[r, :n] = 1
         try:
             with torch.inference_mode():
-                out = _forward_from(model, inputs.to(device), mask.to(device), keep_cache, first)
+                out = backend.forward_from(model, inputs.to(device), mask.to(device), keep_cache, first)
                 stats = token_stats_from_logits(out.logits, targets[:, first:].to(device), greedy_only=greedy_only)
         except Exception as exc:
             if _is_oom(exc) and bs > 1:
@@ -230,7 +213,7 @@ def iter_scored_batches(model: torch.nn.Module, sequences: Sequence[Sequence[int
                 mean_lp=host["mean_lp"][r, :n].astype(np.float32),
                 var_lp=host["var_lp"][r, :n].astype(np.float32)))
         yield ScoredBatch(indices=list(idx), stats=per_sample, inputs=inputs,
-                          lengths=[len(r) - 1 for r in rows], cache=output_cache(out) if keep_cache else None)
+                          lengths=[len(r) - 1 for r in rows], cache=backend.output_cache(out) if keep_cache else None)
         del out
         pos += len(idx)
         if on_progress is not None:

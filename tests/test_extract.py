@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from memaudit import extract, load_model, read_documents, tokenize, write_documents
-from memaudit import generation as gen
 from memaudit.extraction import sample_metrics
 from memaudit.metrics import lcs_length, rouge_l_ids, rouge_l_text
 
