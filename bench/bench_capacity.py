@@ -1,7 +1,7 @@
 """Ensemble trainer vs the plain way: 8 GPT-2 models (same shape, own seed and random dataset), same steps.
 
 Plain: each model a transformers GPT2LMHeadModel with torch.optim.Adam, trained one after another.
-Ensemble: memaudit.training.ensemble.train_ensemble, all 8 in one stacked model (one bmm per layer for all models,
+Ensemble: memaudit.capacity.train_ensemble, all 8 in one stacked model (one bmm per layer for all models,
 the tied head and loss fused and chunked so the full logits never exist; convergence checks off, same
 number of steps, same batch size and learning rate). Both on the same machine in one run, with the same
 thread count. Sharded ensemble: the same trainer in one process per core at 1 thread each, half the models each,
@@ -32,8 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memaudit.capacity import model_shape, random_dataset
-from memaudit.training.ensemble import EnsembleConfig, train_ensemble
+from memaudit.capacity import PUBLISHED_ALPHA, EnsembleConfig, model_shape, random_dataset, train_ensemble
 
 
 def plain_loop(shape, datasets, seeds, steps, batch_size, lr, bos):
@@ -111,7 +110,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_capacity.txt")
     args = ap.parse_args()
     shape = model_shape(args.layers, args.width, args.vocab, args.seq_len)
-    n = int(round(1.5 * 3.6 * shape.parameters / (args.seq_len * math.log2(args.vocab))))
+    bits_per_sequence = args.seq_len * math.log2(args.vocab)
+    n = int(round(1.5 * PUBLISHED_ALPHA * shape.parameters / bits_per_sequence))
     _DATA.update(shape=shape, datasets=[random_dataset(n, args.seq_len, args.vocab, seed) for seed in range(args.models)],
                  seeds=list(range(args.models)), batch_size=args.batch_size, bos=args.vocab)
     # one process per method (and one per shard), forked before any torch kernel runs (a forked OpenMP pool is not

@@ -22,9 +22,8 @@ os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_compile_"
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from memaudit.capacity import model_shape  # noqa: E402
-from memaudit.training import ensemble as E  # noqa: E402
-from memaudit.training.allocator import keep_freed_memory  # noqa: E402
+from memaudit.capacity import ensemble_model, ensemble_train, model_shape  # noqa: E402
+from memaudit.capacity.allocator import keep_freed_memory  # noqa: E402
 
 # (width, vocab, seq_len, batch, models, steps per timing): the default grid's shapes, then the paper-regime ones
 SHAPES = [(8, 512, 32, 32, 2, 200), (16, 512, 32, 32, 4, 100), (32, 512, 32, 32, 3, 100),
@@ -36,8 +35,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_compile.txt")
     args = ap.parse_args()
-    if E.compile_unavailable():
-        raise SystemExit(f"error: {E.compile_unavailable()}")
+    if ensemble_train.compile_unavailable():
+        raise SystemExit(f"error: {ensemble_train.compile_unavailable()}")
     keep_freed_memory()  # as train_ensemble does
     torch.set_num_threads(1)
     lines: list[str] = []
@@ -51,13 +50,13 @@ def main() -> None:
         f"{'compile s':>10}{'repaid after':>13}")
     default_ratio = float("nan")
     for width, vocab, seq_len, batch, models, steps in SHAPES:
-        model = E.EnsembleGPT(model_shape(1, width, vocab, seq_len), list(range(models)))
-        opt, lrs = E.StackedAdam(model), torch.full((models,), 1e-4)
+        model = ensemble_model.EnsembleGPT(model_shape(1, width, vocab, seq_len), list(range(models)))
+        opt, lrs = ensemble_train.StackedAdam(model), torch.full((models,), 1e-4)
         idx, tg = torch.randint(0, vocab, (models, batch, seq_len)), torch.randint(0, vocab, (models, batch, seq_len))
 
         def step() -> None:
-            E._loss_and_backward(model, idx, tg)
-            E._clip_per_model(model, 1.0)
+            ensemble_train._loss_and_backward(model, idx, tg)
+            ensemble_train._clip_per_model(model, 1.0)
             opt.step(lrs)
 
         model.compiled = True

@@ -277,8 +277,8 @@ def capacity(
     A grid checkpoints each shape at every evaluation: --resume continues an interrupted grid from there, \
 ending exactly as an uninterrupted run would (same --threads).
     """
-    from .capacity import PAPER_GRID, RandomGridConfig, run_random_capacity
-    from .training.ensemble import check_compile_setting
+    from .capacity import (PAPER_GRID, RandomGridConfig, TextCapacityConfig, check_compile_setting,
+                           run_random_capacity, run_text_capacity)
 
     check_compile_setting(torch_compile)
 
@@ -286,8 +286,6 @@ ending exactly as an uninterrupted run would (same --threads).
         return checks.int_list(f"--{name}", value)
 
     if text is not None:
-        from .capacity_text import TextCapacityConfig, run_text_capacity
-
         s = run_text_capacity(TextCapacityConfig(text=str(text), widths=ints("widths", widths),
                                                  layers=ints("layers", layers)[0], threads=threads,
                                                  torch_compile=torch_compile),

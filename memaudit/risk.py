@@ -2,7 +2,7 @@
 
 Before training (from the parameter count P and the number N of training sequences of `window` tokens):
 - capacity_bits = alpha * P, alpha the bits per parameter of Morris et al. (arXiv 2505.24832): 3.6 as published,
-  3.83 measured in fp32, 3.51 in bf16 (`precision`).
+  3.83 measured in fp32, 3.51 in bf16 (`precision`), as `memaudit.capacity.laws` holds them.
 - data_bits = N * window * bits_per_token. For uniformly random tokens over a vocabulary of V this is exact with
   bits_per_token = log2 V (`random_vocab`). For real text it is an estimate of the text's information content;
   the default, DEFAULT_TEXT_BITS_PER_TOKEN = 4.0, is roughly the code length GPT-2-class models give English web
@@ -11,7 +11,7 @@ Before training (from the parameter count P and the number N of training sequenc
 - regime: "memorizing" while data_bits / capacity_bits < 1 (the model can store the data), else "generalizing"
   (double descent sits at a ratio of ~1; past it per-sample unintended memorization falls).
 - predicted_memorization_bits = min(capacity_bits, data_bits) (METHODS.md section 3).
-- predicted_mia_f1 from the MIA scaling law (memaudit.scaling_laws.predict_mia_f1): the published one
+- predicted_mia_f1 from the MIA scaling law (memaudit.capacity.laws.predict_mia_f1): the published one
   ("morris2025"), and beside it METHODS.md's transcription ("methods-md") and every law fitted by
   `memaudit capacity` found in reports/capacity/*.json (key mia_law_fit).
 After training, the measuring commands run on the model and their headline figures go beside the prediction;
@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import checks
+from .capacity.laws import (LAW_SOURCES, LAWS, PUBLISHED_ALPHA, PUBLISHED_ALPHA_BF16, PUBLISHED_ALPHA_FP32,
+                            predict_mia_f1)
 from .errors import MemauditError
 
-ALPHA_BITS_PER_PARAM = {"published": 3.6, "float32": 3.83, "bfloat16": 3.51}
+ALPHA_BITS_PER_PARAM = {"published": PUBLISHED_ALPHA, "float32": PUBLISHED_ALPHA_FP32, "bfloat16": PUBLISHED_ALPHA_BF16}
 DEFAULT_TEXT_BITS_PER_TOKEN = 4.0
 MIA_LAW_WINDOW = 64  # the law was fitted on 64-token sequences
 FAIL_EXIT_CODE = 3
@@ -106,8 +108,6 @@ def predict(params: float, *, train_sequences: float | None = None, train_tokens
             window: int = MIA_LAW_WINDOW, precision: str = "published", bits_per_token: float | None = None,
             random_vocab: int | None = None, laws_dir: str | os.PathLike = "reports/capacity") -> dict[str, Any]:
     """The pre-training prediction (see the module docstring)."""
-    from .scaling_laws import LAW_SOURCES, LAWS, predict_mia_f1
-
     if params is None:
         raise MemauditError("--params must be a positive number of parameters")
     checks.number("--params", params, low=1, high=MAX_COUNT)

@@ -13,8 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memaudit.capacity import fit_bits_per_param, model_shape, random_dataset
-from memaudit.training.ensemble import EnsembleConfig, EnsembleGPT, GPTShape, compile_unavailable, train_ensemble
+from memaudit.capacity import (EnsembleConfig, EnsembleGPT, GPTShape, fit_bits_per_param, model_shape,
+                               random_dataset, train_ensemble)
+from memaudit.capacity.ensemble_train import compile_unavailable
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -73,7 +74,7 @@ def test_fused_head_matches_autograd_cross_entropy():
 
 def test_gelu_tanh_is_gpt2_gelu_new():
     """The sigmoid form of gelu_new has gelu_new's values and gradients (float64 reference) and stays finite."""
-    from memaudit.training.ensemble import gelu_tanh
+    from memaudit.capacity.ensemble_model import gelu_tanh
 
     torch.manual_seed(0)
     x = torch.cat([torch.randn(4000) * s for s in (0.5, 2.0, 8.0)] + [torch.tensor([0.0, -19.9, 20.1, -1e6, 1e13])])
@@ -92,7 +93,7 @@ def test_training_process_keeps_freed_memory():
     """After the trainer's allocator setting, re-allocating a 4 MB activation every step costs no page faults."""
     import resource
 
-    from memaudit.training.allocator import keep_freed_memory
+    from memaudit.capacity.allocator import keep_freed_memory
 
     if not keep_freed_memory():
         pytest.skip("not glibc malloc")
@@ -183,7 +184,7 @@ def test_fit_through_origin_and_bootstrap():
 
 
 def test_mia_law_published_checks_and_fit():
-    from memaudit.scaling_laws import PUBLISHED_CHECKS, fit_mia_law, mia_law, predict_mia_f1
+    from memaudit.capacity.laws import PUBLISHED_CHECKS, fit_mia_law, mia_law, predict_mia_f1
 
     # METHODS.md constants against the published validation table (Morris et al.): 0.980 and 0.534.
     assert predict_mia_f1(123.7e6, 1.50e6) == pytest.approx(0.980, abs=0.035)
@@ -198,7 +199,7 @@ def test_mia_law_published_checks_and_fit():
 
 
 def test_best_f1_against_brute_force():
-    from memaudit.capacity_text import best_f1
+    from memaudit.capacity.text import best_f1
 
     rng = np.random.default_rng(1)
     m, n = rng.normal(1, 1, 30).round(1), rng.normal(0, 1, 40).round(1)
@@ -212,7 +213,7 @@ def test_best_f1_against_brute_force():
 def test_plateau_window_in_epochs_judges_every_dataset_after_equal_training_per_sequence():
     """Two models whose memorization follows the same curve in epochs: a window in steps finds the larger
     dataset's plateau after fewer epochs than the smaller one's; a window in epochs finds both at the same epoch."""
-    from memaudit.training.ensemble import ModelRecord, _plateaued, plateau_window_steps
+    from memaudit.capacity.ensemble_train import ModelRecord, _plateaued, plateau_window_steps
 
     H, batch, every = 1e6, 64, 100
 
@@ -309,7 +310,8 @@ def test_compiled_body_gives_the_eager_loss_and_gradients():
 
 def test_failed_compile_falls_back_to_the_eager_run(monkeypatch, capsys):
     """A compiler or Inductor failure costs a warning, not the run: training ends exactly as an uncompiled run."""
-    from memaudit.training import ensemble
+    from memaudit.capacity import ensemble_model, ensemble_train
+    from memaudit.errors import MemauditError
 
     def broken():
         def fail(*args):
@@ -320,15 +322,15 @@ def test_failed_compile_falls_back_to_the_eager_run(monkeypatch, capsys):
     data = [random_dataset(20, 8, 16, 1)]
     cfg = EnsembleConfig(max_steps=20, batch_size=8, lr=1e-2, warmup_steps=5, eval_every=10, drop_converged=False)
     eager = train_ensemble(shape, data, [3], cfg, bos_id=16)[0]
-    monkeypatch.setattr(ensemble, "_compiled_hidden", broken)
-    monkeypatch.setattr(ensemble, "compile_unavailable", lambda: None)
+    monkeypatch.setattr(ensemble_model, "_compiled_hidden", broken)
+    monkeypatch.setattr(ensemble_train, "compile_unavailable", lambda: None)
     fallen = train_ensemble(shape, data, [3], EnsembleConfig(**{**cfg.__dict__, "torch_compile": "on"}), bos_id=16)[0]
     assert "torch.compile failed (RuntimeError: C++ compile error" in capsys.readouterr().err
     assert fallen.history == eager.history
     for k, v in eager.final_state.items():
         assert torch.equal(fallen.final_state[k], v), k
-    monkeypatch.setattr(ensemble, "compile_unavailable", lambda: "no C++ compiler found")
-    with pytest.raises(ensemble.MemauditError, match="--compile on cannot work here: no C"):
+    monkeypatch.setattr(ensemble_train, "compile_unavailable", lambda: "no C++ compiler found")
+    with pytest.raises(MemauditError, match="--compile on cannot work here: no C"):
         train_ensemble(shape, data, [3], EnsembleConfig(**{**cfg.__dict__, "torch_compile": "on"}), bos_id=16)
 
 
@@ -342,7 +344,7 @@ def test_text_mode_end_to_end(tmp_path):
     corpus = write_documents(tmp_path / "docs.jsonl", stdlib_docstrings(min_chars=200, max_chars=20000))
     args = ["capacity", "--text", str(corpus), "--widths", "16", "--threads", "1", "--out", str(tmp_path / "t")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MEMAUDIT_NO_PROGRESS": "1"}
-    code = ("import sys; from memaudit.capacity_text import TextCapacityConfig as C, run_text_capacity as r; "
+    code = ("import sys; from memaudit.capacity import TextCapacityConfig as C, run_text_capacity as r; "
             "r(C(text=sys.argv[1], widths=[16], sizes=[8, 32, 512], n_test=64, steps=400, lr=1e-2, threads=1), "
             "sys.argv[2])")
     subprocess.run([sys.executable, "-c", code, str(corpus), str(tmp_path / "t")], check=True, env=env)

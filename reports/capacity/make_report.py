@@ -21,9 +21,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from memaudit.capacity.laws import (PUBLISHED_ALPHA, PUBLISHED_ALPHA_BF16, PUBLISHED_ALPHA_FP32,
+                                    PUBLISHED_ALPHA_PER_MODEL_RANGE, PUBLISHED_CHECKS, predict_mia_f1)
+from memaudit.corpus import stdlib_docstrings
+from memaudit.data import write_documents
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MEMAUDIT_NO_PROGRESS": "1"}
+PER_MODEL_RANGE = "-".join(map(str, PUBLISHED_ALPHA_PER_MODEL_RANGE))  # as the report writes it: 2.9-4.2
 
 # optimizer settings from a pilot on the width-16 shape (see report.md, "Optimizer pilot"): a high constant LR
 # reaches its noise floor fast and the per-model anneal after the plateau recovers the rest
@@ -139,7 +145,8 @@ def text_fit_note(res: pd.DataFrame) -> str:
             + (f" and falls once the data outgrows what it stores (train loss {after['train_loss_nats']:.2f} at "
                f"{int(after['n_sequences'])} windows, {after['data_over_measured_capacity']:.2f} x the capacity "
                "reached). The peak is the last dataset size below the capacity the training reached, in line with "
-               "the paper's 'near 1'; the 3.6 bits/parameter axis puts it lower only because this budget stops "
+               f"the paper's 'near 1'; the {PUBLISHED_ALPHA} bits/parameter axis puts it lower only because this "
+               "budget stops "
                "short of saturation." if after is not None else "."))
 
 
@@ -149,9 +156,6 @@ def command_line(name: str, args: list[str], torchrun: bool) -> str:
 
 
 def main() -> None:
-    from memaudit.corpus import stdlib_docstrings
-    from memaudit.data import write_documents
-
     corpus = HERE / "text_corpus.jsonl"
     if not corpus.exists():
         write_documents(corpus, stdlib_docstrings(min_chars=200, max_chars=20000))
@@ -172,8 +176,6 @@ def main() -> None:
         shutil.copy(HERE / n / "capacities.csv", HERE / f"{n}_capacities.csv")
     shutil.copy(HERE / "text" / "text_results.csv", HERE / "text_results.csv")
 
-    from memaudit.scaling_laws import PUBLISHED_CHECKS, predict_mia_f1
-
     law_checks = [{"params": p, "sequences": n, "published_f1": f, "law_f1": predict_mia_f1(p, n)}
                   for p, n, f in PUBLISHED_CHECKS]
     out = {"bits_per_param": fit, "runs": {n: runs[n]["bits_per_param"] for n in RUNS},
@@ -187,8 +189,8 @@ def main() -> None:
            "mia_law_published_checks": law_checks,
            "test_loss_peak_at_data_over_capacity": text["test_loss_peak_at_data_over_capacity"],
            "text_measured_capacity": text["measured_capacity"],
-           "published": {"bits_per_param_fp32": 3.83, "bits_per_param_bf16": 3.51, "alpha": 3.6,
-                         "per_model_range": [2.9, 4.2]}}
+           "published": {"bits_per_param_fp32": PUBLISHED_ALPHA_FP32, "bits_per_param_bf16": PUBLISHED_ALPHA_BF16,
+                         "alpha": PUBLISHED_ALPHA, "per_model_range": list(PUBLISHED_ALPHA_PER_MODEL_RANGE)}}
     (HERE / "capacity.json").write_text(json.dumps(out, indent=2) + "\n")
 
     def table(df: pd.DataFrame) -> str:
@@ -260,16 +262,18 @@ def main() -> None:
               "a 40K-step warmup-stable-decay pilot stored 2.90 bits/parameter at width 16 where the grid's rule stopped "
               "at 2.79 (see 'Budget check' and the pilots). Plateaus under a finite rule are a few percent below what "
               "far longer training would store.",
-              "- Published (paper): 3.6 bits/parameter (3.83 fp32, 3.51 bf16), per model ~2.9-4.2.",
+              f"- Published (paper): {PUBLISHED_ALPHA} bits/parameter ({PUBLISHED_ALPHA_FP32} fp32, "
+              f"{PUBLISHED_ALPHA_BF16} bf16), per model ~{PER_MODEL_RANGE}.",
               "- fp32 vs bf16 (run `random_bf16`, same rule, widths 8 and 16): "
               + ", ".join(f"width {c['width']}: {c['bits_per_param']:.2f} bf16 vs {f32['bits_per_param']:.2f} fp32"
                           for c in runs["random_bf16"]["capacities"]
                           for f32 in runs[small]["capacities"] if f32["width"] == c["width"])
-              + ": the two agree within about 1.5%, so the paper's bf16 drop (3.83 -> 3.51) does not show at these "
+              + f": the two agree within about 1.5%, so the paper's bf16 drop ({PUBLISHED_ALPHA_FP32} -> "
+              f"{PUBLISHED_ALPHA_BF16}) does not show at these "
               "sizes (bf16 here: training computes in bf16 from fp32 master weights; the model is measured with its "
               "weights cast to bf16).",
               f"- Below capacity the least-memorized model kept {mr['below_capacity_min_memorized_fraction']:.1%} of "
-              "the data's bits (datasets <= 0.9 x 3.6 x params)"
+              f"the data's bits (datasets <= 0.9 x {PUBLISHED_ALPHA} x params)"
               + (f"; {own:.1%} over the {mr['below_measured_capacity_n_models']} datasets <= 0.9 x the shape's own "
                  "measured capacity" if own is not None else "")
               + f" (run `{below_run}`, the same shapes at batch 32; "
@@ -302,7 +306,8 @@ def main() -> None:
         emb_p = embedding_shares(runs[main_run])
         lines += [f"**The target range 3.2-4.4 was not reached on this machine** ({fit['estimate']:.2f}). The plateaus "
                   f"are reported as measured. Per model ({fit['per_model_min']:.2f}-{fit['per_model_max']:.2f}) they lie "
-                  "inside the published per-model range (~2.9-4.2), in its lower half. What holds the fit down, as far "
+                  f"inside the published per-model range (~{PER_MODEL_RANGE}), in its lower half. What holds the fit "
+                  "down, as far "
                   "as the runs show, is training per model (above; batch 64, which lowers the noise floor per epoch, "
                   f"raised the fit by {batch_gain:.1%}): the fitted slope is a lower estimate of what these shapes store "
                   "at far longer training (pilot E's higher LR reached the same value sooner, not a higher one). Also: "
@@ -335,8 +340,8 @@ def main() -> None:
               "Test loss peaks at dataset bits / capacity = "
               + ", ".join(f"{p['data_over_capacity']:.2f} (width {p['width']}, {p['n_sequences']} windows)"
                           for p in text["test_loss_peak_at_data_over_capacity"])
-              + " against the 3.6 bits/parameter capacity (published: near 1). But under the fixed step budget the "
-              "model stores far less than 3.6 bits/parameter: at most "
+              + f" against the {PUBLISHED_ALPHA} bits/parameter capacity (published: near 1). But under the fixed step "
+              f"budget the model stores far less than {PUBLISHED_ALPHA} bits/parameter: at most "
               + ", ".join(f"{c['bits']:,.0f} bits of unintended memorization ({c['bits_per_param']:.2f} bits/parameter, "
                           f"width {c['width']}, at {c['at_n_sequences']} windows)" for c in text["measured_capacity"])
               + ". Against the capacity it reached (right panel), the peak sits at "
@@ -347,7 +352,7 @@ def main() -> None:
               f"c2={fitm.get('c2', float('nan')):.3g}, c3={fitm.get('c3', float('nan')):.3g} (published law "
               f"`{pub.get('name', '')}`: {pub['c1']:.3g}, {pub['c2']:.3g}, {pub['c3']:.3g}); RMSE of the published law "
               f"on our points: {text['mia_f1_rmse_vs_published_law']:.3f}.", "",
-              "Published checks of the law (`memaudit.scaling_laws.predict_mia_f1`, default constants):", "",
+              "Published checks of the law (`memaudit.capacity.laws.predict_mia_f1`, default constants):", "",
               table(pd.DataFrame(law_checks)), "",
               f"Largest difference from the published table: {max(abs(c['law_f1'] - c['published_f1']) for c in law_checks):.3f} "
               "(a consistency check, not an independent validation: the default slope and midpoint are solved from "
@@ -410,7 +415,7 @@ def main() -> None:
               f"thread, threadreaderapp.com/thread/1929903028372459909) | until the convergence rule (plateau window {headline_window}), at most "
               f"{gp['max_steps']:,} | window {g['plateau_window']:,}, at most {g['max_steps']:,} "
               f"({runs['random_fp32_short']['grid']['max_steps']:,} in the budget-check run) |",
-              f"| dataset sizes | 0.25x-4x style sweep | {', '.join(gp['sizes'])} of 3.6 bits/param, 1 seed each "
+              f"| dataset sizes | 0.25x-4x style sweep | {', '.join(gp['sizes'])} of {PUBLISHED_ALPHA} bits/param, 1 seed each "
               f"({', '.join(runs[below_run]['grid']['sizes'])} in run `{below_run}`) | "
               f"{', '.join(g['sizes'])} |",
               "| first token | - | conditioned on BOS (id V, one extra embedding row, counted in the parameters) | "
@@ -467,11 +472,13 @@ def main() -> None:
               f"the token embedding holds {min(emb):.0%}-{max(emb):.0%} of their parameters, with V={g['vocab']} "
               f"instead of 2048 and S={g['seq_len']} instead of 64. Per model we measure "
               f"{sfit['per_model_min']:.2f}-{sfit['per_model_max']:.2f} bits/parameter with no clear trend over this "
-              "narrow range of widths, at or just below the bottom of the published per-model range (~2.9-4.2). "
+              "narrow range of widths, at or just below the bottom of the published per-model range "
+              f"(~{PER_MODEL_RANGE}). "
               "Memorization at a constant LR keeps "
               "creeping up slowly, so a plateau found by a finite rule is an underestimate (see the budget check). "
               "The full paper grid (V=2048, S=64, 1-8 layers, widths 32-256) is one flag away on a GPU (`--paper-grid`). Paper figures are not reproduced as "
-              "images (nothing is downloaded); the published values are drawn as reference lines (3.6 bits/param; the "
+              "images (nothing is downloaded); the published values are drawn as reference lines "
+              f"({PUBLISHED_ALPHA} bits/param; the "
               "published MIA law).", ""]
     (HERE / "report.md").write_text("\n".join(lines))
     print(f"wrote {HERE / 'report.md'} and capacity.json: bits_per_param {fit['estimate']:.2f}")

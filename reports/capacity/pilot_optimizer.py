@@ -12,8 +12,7 @@ parameter every 250 steps (`*`: annealing) and a FINAL line per model. Runs behi
 arguments: batch lrs [betas] [max_steps] [anneal_fraction]
 """
 import sys, time, json, math, torch, numpy as np
-from memaudit.capacity import model_shape, random_dataset
-from memaudit.training.ensemble import EnsembleConfig, train_ensemble
+from memaudit.capacity import EnsembleConfig, model_shape, random_dataset, train_ensemble
 torch.set_num_threads(1)
 batch = int(sys.argv[1]); lrs = [float(x) for x in sys.argv[2].split(",")]
 betas = tuple(float(x) for x in sys.argv[3].split(",")) if len(sys.argv) > 3 else (0.9, 0.98)

@@ -40,8 +40,7 @@ import time
 
 import torch
 
-from memaudit.capacity import model_shape, random_dataset
-from memaudit.training.ensemble import EnsembleConfig, train_ensemble
+from memaudit.capacity import EnsembleConfig, model_shape, random_dataset, train_ensemble
 
 torch.set_num_threads(1)
 env = os.environ.get

@@ -1,6 +1,11 @@
-"""The membership-inference scaling law of Morris et al. (arXiv 2505.24832), METHODS.md section 3.
+"""Morris et al. (arXiv 2505.24832), METHODS.md section 3: the published capacity figures and the
+membership-inference scaling law.
 
-Loss-threshold attack F1 on 64-token sequences for a model of P parameters trained on N sequences:
+Capacity: GPT-style models store about PUBLISHED_ALPHA = 3.6 bits per parameter (3.83 trained in fp32, 3.51 in
+bf16; single models about 2.9-4.2). These constants live here only; risk, the capacity runs and the capacity
+report import them.
+
+The MIA law: loss-threshold attack F1 on 64-token sequences for a model of P parameters trained on N sequences:
     F1 = 0.5 * (1 + c1 * sigmoid(-c2 * (N / P - c3)))
 
 Two sets of constants, both named in every output that uses one:
@@ -20,7 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MemauditError
+from ..errors import MemauditError
+
+PUBLISHED_ALPHA = 3.6  # bits per parameter, the headline figure
+PUBLISHED_ALPHA_FP32 = 3.83  # measured training in fp32
+PUBLISHED_ALPHA_BF16 = 3.51  # measured training in bf16
+PUBLISHED_ALPHA_PER_MODEL_RANGE = (2.9, 4.2)  # bits per parameter of single models
 
 PUBLISHED_C1 = 1.34
 PUBLISHED_CHECKS = [(123.7e6, 1.50e6, 0.980), (123.7e6, 13.57e6, 0.534)]  # (params, sequences, F1)
@@ -48,7 +58,9 @@ LAW_SOURCES = {
 
 def mia_law(ratio, c1: float, c2: float, c3: float):
     """F1 as a function of N / P (training sequences per parameter)."""
-    from scipy.special import expit  # 1 / (1 + e^z) without overflow warnings at extreme constants
+    # expit: 1 / (1 + e^z) without overflow warnings at extreme constants. scipy is imported here, not at the top:
+    # the CLI imports this module (through risk) at start, and scipy would add ~0.2 s to every command
+    from scipy.special import expit
 
     ratio = np.asarray(ratio, dtype=float)
     return 0.5 * (1.0 + c1 * expit(-c2 * (ratio - c3)))
@@ -56,7 +68,7 @@ def mia_law(ratio, c1: float, c2: float, c3: float):
 
 def fit_mia_law(ratios, f1s, p0: tuple[float, float, float] | None = None) -> dict:
     """Least-squares fit of (c1, c2, c3) to measured F1; returns the constants and their standard errors."""
-    from scipy.optimize import curve_fit
+    from scipy.optimize import curve_fit  # lazy: ~0.4 s to import, kept off the CLI's start (see mia_law)
 
     x, y = np.asarray(ratios, float), np.asarray(f1s, float)
     if len(x) < 3:

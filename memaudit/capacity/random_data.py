@@ -14,20 +14,25 @@ each rank trains its share of the shapes and rank 0 assembles the results.
 """
 from __future__ import annotations
 
+import datetime
 import math
 import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
+import torch
+import torch.distributed as dist
 
-from . import checks, distributed
-from .errors import MemauditError
-from .training.ensemble import check_compile_setting
+from .. import checks, distributed
+from ..errors import MemauditError
+from ..progress import progress_bar
+from ..rundir import RunDir
+from ..scoring import score
+from .ensemble_model import EnsembleGPT, GPTShape
+from .ensemble_train import EnsembleConfig, check_compile_setting, train_ensemble
+from .laws import PUBLISHED_ALPHA, PUBLISHED_ALPHA_BF16, PUBLISHED_ALPHA_FP32, PUBLISHED_ALPHA_PER_MODEL_RANGE
 
-PUBLISHED_ALPHA = 3.6  # bits per parameter (Morris et al.); 3.83 fp32, 3.51 bf16
-PUBLISHED_ALPHA_FP32 = 3.83
-PUBLISHED_ALPHA_BF16 = 3.51
 MAX_THREADS = 1024  # OpenMP fails (or crashes) allocating far more threads than any machine has
 SATURATION_FRACTION = 0.9  # the largest dataset must be memorized below this fraction for a plateau
 
@@ -103,9 +108,7 @@ def parse_size(text: str, params: int, seq_len: int, vocab: int) -> int:
     return n
 
 
-def model_shape(layers: int, width: int, vocab: int, seq_len: int, head_dim: int = 16):
-    from .training.ensemble import GPTShape
-
+def model_shape(layers: int, width: int, vocab: int, seq_len: int, head_dim: int = 16) -> GPTShape:
     heads = max(1, width // head_dim)
     while width % heads:
         heads -= 1
@@ -118,10 +121,6 @@ def random_dataset(n: int, seq_len: int, vocab: int, seed: int) -> np.ndarray:
 
 def _score_bits(hf_model, rows: np.ndarray, bos_id: int, dtype: str) -> float:
     """Total code length (bits) of the rows under the model, by the scoring engine, first token on BOS."""
-    import torch
-
-    from .scoring import score
-
     if dtype == "bfloat16":
         hf_model = hf_model.to(torch.bfloat16)
     stats = score(hf_model, rows.tolist(), batch_size=256, bos_id=bos_id, pad_id=bos_id)
@@ -134,10 +133,6 @@ def train_shape(cfg: RandomGridConfig, layers: int, width: int, on_eval=None,
 
     `checkpoint`: train_ensemble's checkpoint file, so an interrupted shape continues from its last evaluation.
     """
-    import torch
-
-    from .training.ensemble import EnsembleConfig, EnsembleGPT, train_ensemble
-
     shape = model_shape(layers, width, cfg.vocab, cfg.seq_len, cfg.head_dim)
     P = shape.parameters
     jobs = []
@@ -218,16 +213,9 @@ def fit_bits_per_param(caps: pd.DataFrame, n_boot: int = 2000, seed: int = 0) ->
 def run_random_capacity(cfg: RandomGridConfig, out: str | os.PathLike | None = None, *, resume: bool = False,
                         overwrite: bool = False) -> dict:
     """The random-data grid: train, measure, fit; writes results.csv, capacities.csv, summary.json, figures."""
-    from .progress import progress_bar
-    from .rundir import RunDir
-
     cfg.validate()
     rank, world = distributed.env_rank(), distributed.env_world()
     if world > 1:
-        import datetime
-
-        import torch.distributed as dist
-
         # gloo: ranks only meet at the end, so no short timeout
         distributed.init_from_env(timeout=datetime.timedelta(hours=48))
     settings = asdict(cfg)
@@ -259,8 +247,6 @@ def run_random_capacity(cfg: RandomGridConfig, out: str | os.PathLike | None = N
             ckpt.unlink(missing_ok=True)
             advance(cfg.max_steps - last[0])
     if world > 1:
-        import torch.distributed as dist
-
         dist.barrier()
         if rank > 0:
             return {"out": str(run.path), "rank": rank}
@@ -286,9 +272,9 @@ def finish_random_capacity(run, cfg: RandomGridConfig, results: pd.DataFrame) ->
         "grid": settings_without_history(cfg),
         "bits_per_param": fit,
         "published": {"alpha": PUBLISHED_ALPHA, "fp32": PUBLISHED_ALPHA_FP32, "bf16": PUBLISHED_ALPHA_BF16,
-                      "per_model_range": [2.9, 4.2]},
+                      "per_model_range": list(PUBLISHED_ALPHA_PER_MODEL_RANGE)},
         "below_capacity_min_memorized_fraction": float(below["memorized_fraction"].min()) if len(below) else None,
-        "below_capacity_rule": "data bits <= 0.9 x 3.6 x params (published capacity)",
+        "below_capacity_rule": f"data bits <= 0.9 x {PUBLISHED_ALPHA} x params (published capacity)",
         "below_measured_capacity_min_memorized_fraction":
             float(below_own["memorized_fraction"].min()) if len(below_own) else None,
         "below_measured_capacity_n_models": int(len(below_own)),
@@ -317,7 +303,7 @@ def settings_without_history(cfg: RandomGridConfig) -> dict:
 
 
 def capacity_figures(results: pd.DataFrame, caps: pd.DataFrame, fit: dict) -> dict:
-    import matplotlib
+    import matplotlib  # lazy: matplotlib takes ~0.35 s to import, kept off the CLI's start (risk imports this package)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -350,7 +336,7 @@ def capacity_figures(results: pd.DataFrame, caps: pd.DataFrame, fit: dict) -> di
     tag = " (lower bound)" if fit["is_lower_bound"] else ""
     ax.plot(x, fit["estimate"] * x, "b-", label=f"fit {fit['estimate']:.2f} bits/param "
             f"[{fit['ci95'][0]:.2f}, {fit['ci95'][1]:.2f}]{tag}")
-    ax.plot(x, PUBLISHED_ALPHA * x, "k--", label="published 3.6 bits/param")
+    ax.plot(x, PUBLISHED_ALPHA * x, "k--", label=f"published {PUBLISHED_ALPHA} bits/param")
     ax.set_xlabel("parameters")
     ax.set_ylabel("capacity (bits)")
     ax.legend(fontsize=8)
@@ -379,7 +365,7 @@ def capacity_figures(results: pd.DataFrame, caps: pd.DataFrame, fit: dict) -> di
             ax.legend(fontsize=6)
         axes[0][0].set_ylabel("memorized bits / parameter")
         fig.suptitle("Training curves (dotted: plateau found, LR annealed from there; dashed curve: not converged; "
-                     "black: published 3.6)", fontsize=8)
+                     f"black: published {PUBLISHED_ALPHA})", fontsize=8)
         fig.tight_layout()
         figs["training_curves.png"] = fig
     return figs

@@ -11,19 +11,26 @@ Measured with the scoring engine on the exported models:
     and dataset bits / the capacity the budget reached (the largest total mem_U of any dataset size);
   - loss-threshold MIA F1: members = the N training windows, non-members = as many held-out windows, the
     threshold that maximises F1 (an optimistic attacker, as a scaling-law fit needs one rule for every point).
-The sigmoid law of `memaudit.scaling_laws` is fitted to (N/P, F1) and compared with the published constants.
+The sigmoid law of `memaudit.capacity.laws` is fitted to (N/P, F1) and compared with the published constants.
 """
 from __future__ import annotations
 
+import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
+import torch
 
-from . import checks
-from .errors import MemauditError
+from .. import checks
+from ..data import file_hash, read_documents, tokenize, train_tokenizer
+from ..errors import MemauditError
+from ..rundir import RunDir, check_output
+from ..scoring import score
+from .ensemble_model import EnsembleGPT, GPTShape
+from .ensemble_train import EnsembleConfig, check_compile_setting, train_ensemble
+from .laws import PUBLISHED_ALPHA, PUBLISHED_CONSTANTS, fit_mia_law, mia_law
 
 WINDOW = 64
 
@@ -46,8 +53,6 @@ class TextCapacityConfig:
     torch_compile: str | None = None  # on, off, or unset: auto (see EnsembleConfig.torch_compile)
 
     def validate(self) -> None:
-        from .training.ensemble import check_compile_setting
-
         if not self.widths:
             raise MemauditError("--widths needs positive integers")
         for w in self.widths:
@@ -61,8 +66,6 @@ class TextCapacityConfig:
 
 def text_windows(texts: list[str], tokenizer, window: int = WINDOW) -> np.ndarray:
     """Every non-overlapping `window`-token chunk of every document, duplicates dropped (first kept)."""
-    from .data import tokenize
-
     seen, rows = set(), []
     for toks in tokenize(tokenizer, texts):
         for s in range(0, len(toks) - window + 1, window):
@@ -91,13 +94,6 @@ def best_f1(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> float:
 
 
 def run_text_capacity(cfg: TextCapacityConfig, out=None, *, resume: bool = False, overwrite: bool = False) -> dict:
-    import torch
-
-    from .data import file_hash, read_documents, train_tokenizer
-    from .rundir import RunDir, check_output
-    from .scoring import score
-    from .training.ensemble import EnsembleConfig, EnsembleGPT, GPTShape, train_ensemble
-
     cfg.validate()
     out = out or RunDir.default_out("capacity-text")
     check_output(out, "capacity-text", inputs=[cfg.text], resume=resume, overwrite=overwrite)
@@ -155,7 +151,7 @@ def run_text_capacity(cfg: TextCapacityConfig, out=None, *, resume: bool = False
             data_bits = float(ref_pool[:n].sum())
             df_rows.append({"width": width, "layers": cfg.layers, "params": P, "n_sequences": n,
                             "n_over_p": n / P, "dataset_bits_ref": data_bits,
-                            "data_over_capacity": data_bits / (3.6 * P),
+                            "data_over_capacity": data_bits / (PUBLISHED_ALPHA * P),
                             "train_loss_nats": float(train_bits.sum() * math.log(2) / (n * WINDOW)),
                             "test_loss_nats": float(test_bits.sum() * math.log(2) / (len(test) * WINDOW)),
                             "ref_test_loss_nats": float(ref_test.sum() * math.log(2) / (len(test) * WINDOW)),
@@ -170,12 +166,8 @@ def run_text_capacity(cfg: TextCapacityConfig, out=None, *, resume: bool = False
 
 
 def _finish_text(run, results: pd.DataFrame, info: dict) -> dict:
-    from .scaling_laws import PUBLISHED_CONSTANTS, fit_mia_law, mia_law
-
     old = run.path / "summary.json"
     if not info and old.exists():
-        import json
-
         prev = json.loads(old.read_text())
         info = {k: prev[k] for k in ("tokenizer_vocab", "n_windows_pool", "n_test_windows") if k in prev}
     # The capacity a width reached under this step budget: the most unintended memorization any of its models
@@ -188,7 +180,7 @@ def _finish_text(run, results: pd.DataFrame, info: dict) -> dict:
     except MemauditError as exc:
         fit = {"error": str(exc)}
     pub = mia_law(results["n_over_p"], **PUBLISHED_CONSTANTS)
-    summary = {"method": __doc__.split("\n\n")[0], **info, "capacity_alpha_for_x_axis": 3.6,
+    summary = {"method": __doc__.split("\n\n")[0], **info, "capacity_alpha_for_x_axis": PUBLISHED_ALPHA,
                "mia_law_fit": fit, "mia_law_published": {"name": "morris2025", **PUBLISHED_CONSTANTS},
                "mia_f1_rmse_vs_published_law": float(np.sqrt(np.mean((results["mia_f1"] - pub) ** 2))),
                "results": results.to_dict(orient="records")}
@@ -201,7 +193,7 @@ def _finish_text(run, results: pd.DataFrame, info: dict) -> dict:
                                      "at_n_sequences": int(r.n_sequences)} for r in most.itertuples()]
     summary["message"] = (f"{len(results)} text runs; MIA law fit c1={fit.get('c1', float('nan')):.3g} "
                           f"c2={fit.get('c2', float('nan')):.3g} c3={fit.get('c3', float('nan')):.3g} "
-                          f"(published morris2025: 1.34, {PUBLISHED_CONSTANTS['c2']:.3g}, "
+                          f"(published morris2025: {PUBLISHED_CONSTANTS['c1']:.3g}, {PUBLISHED_CONSTANTS['c2']:.3g}, "
                           f"{PUBLISHED_CONSTANTS['c3']:.3g})")
     run.write_summary(summary)
     for name, fig in text_figures(results, fit).items():
@@ -212,12 +204,10 @@ def _finish_text(run, results: pd.DataFrame, info: dict) -> dict:
 
 
 def text_figures(results: pd.DataFrame, fit: dict) -> dict:
-    import matplotlib
+    import matplotlib  # lazy: matplotlib takes ~0.35 s to import, kept off the CLI's start (risk imports this package)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .scaling_laws import PUBLISHED_CONSTANTS, mia_law
 
     figs = {}
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
@@ -230,7 +220,7 @@ def text_figures(results: pd.DataFrame, fit: dict) -> dict:
     for ax in axes:
         ax.set_xscale("log")
         ax.axvline(1.0, color="grey", ls=":")
-        ax.set_xlabel("dataset bits / capacity (3.6 bits/param)")
+        ax.set_xlabel(f"dataset bits / capacity ({PUBLISHED_ALPHA} bits/param)")
         ax.legend(fontsize=7)
     axes[2].set_xlabel("dataset bits / capacity reached (max total mem_U)")
     axes[0].set_ylabel("loss (nats/token)")
