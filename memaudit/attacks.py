@@ -32,7 +32,6 @@ class AttackInputs:
     recall_stats: list[TokenStats | None] | None = None  # x's tokens after the non-member shots; None = a shot
     token_log_freq: np.ndarray | None = None  # ln f(v) for every vocabulary id (dc_pdd)
     gradnorms: np.ndarray | None = None  # L2 norm of d(mean NLL)/d(parameters) per sample
-    extras: dict = field(default_factory=dict)
 
 
 def _mean_lp(st: TokenStats) -> float:
