@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import zlib as _zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
