@@ -4,7 +4,8 @@ The public Python API. Every CLI command is a thin shell over one of these funct
 """
 from .version import __version__  # noqa: E402
 
-from .data import make_windows, read_documents, tokenize, train_tokenizer, write_documents  # noqa: E402
+from .data import read_documents, tokenize, train_tokenizer, write_documents  # noqa: E402
+from .samples import make_windows  # noqa: E402
 from .errors import MemauditError  # noqa: E402
 from .models import LoadedModel, build_config, load_model  # noqa: E402
 from .scoring import TokenStats, iter_scored_batches, score  # noqa: E402

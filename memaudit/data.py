@@ -1,14 +1,12 @@
-"""Read documents (txt / jsonl / parquet / csv), tokenize them, cut token windows, deduplicate."""
+"""Read documents (txt / jsonl / parquet / csv) and tokenize them; cutting them into samples is samples.py."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 import pandas as pd
 
 from . import checks
@@ -147,42 +145,6 @@ def tokenize(tokenizer, texts: Sequence[str]) -> list[list[int]]:
             return ids
     enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [list(map(int, ids)) for ids in enc]
-
-
-@dataclass
-class Windows:
-    """Fixed-length token windows cut from documents: `tokens[i]` is prefix + suffix of sample `ids[i]`."""
-    ids: list[str]
-    tokens: np.ndarray  # int64 [n, prefix + suffix]
-    prefix: int
-    suffix: int
-    n_skipped: int  # documents too short for the window
-    n_duplicates: int  # windows dropped because an identical window came earlier
-
-
-def make_windows(token_lists: Sequence[Sequence[int]], ids: Sequence[str], prefix: int, suffix: int,
-                 offset: int = 0) -> Windows:
-    """One window per document at `offset`; too-short documents are skipped, identical windows kept once."""
-    if prefix < 1 or suffix < 1 or offset < 0:
-        raise MemauditError("--prefix and --suffix must be >= 1 and --offset >= 0")
-    need = offset + prefix + suffix
-    seen: set[bytes] = set()
-    keep_ids, rows = [], []
-    skipped = dups = 0
-    for doc_id, toks in zip(ids, token_lists):
-        if len(toks) < need:
-            skipped += 1
-            continue
-        window = np.asarray(toks[offset:need], dtype=np.int64)
-        key = window.tobytes()
-        if key in seen:
-            dups += 1
-            continue
-        seen.add(key)
-        keep_ids.append(doc_id)
-        rows.append(window)
-    tokens = np.stack(rows) if rows else np.zeros((0, prefix + suffix), dtype=np.int64)
-    return Windows(keep_ids, tokens, prefix, suffix, skipped, dups)
 
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048):

@@ -31,13 +31,14 @@ import torch
 
 from . import backend
 from . import generation as gen
-from .data import Windows, file_hash, make_windows, read_documents, tokenize
+from .data import file_hash, read_documents, tokenize
 from . import checks
 from .errors import MemauditError
 from .metrics import rouge_l_ids, rouge_l_text, rouge_tokenize
 from .models import LoadedModel, load_model, weights_hash
 from .progress import progress_bar
 from .rundir import RunDir, check_output
+from .samples import Windows, make_windows
 from .scoring import iter_scored_batches
 
 DECODINGS = ("greedy", "sample", "beam")

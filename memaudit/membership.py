@@ -32,6 +32,7 @@ from .metrics import (binary_metrics, bootstrap_roc, roc_auc, roc_curve, stratif
                       threshold_max_balanced_accuracy, tpr_at_fpr)
 from .models import load_model, load_tokenizer, tokenizers_match, weights_hash
 from .progress import progress_bar
+from .samples import document_samples
 from .scoring import TokenStats, score_sharded
 
 FPR_TARGETS = (0.01, 0.001)
@@ -63,32 +64,10 @@ def _warn(msg: str) -> None:
 
 def _cut(token_lists: Sequence[list[int]], ids: Sequence[str], window: int | None, max_tokens: int,
          min_tokens: int) -> tuple[list[str], list[list[int]], dict[str, int]]:
-    """One sample per document: its first `window` tokens (documents shorter are skipped), or the whole
-    document truncated to `max_tokens`; identical samples are kept once."""
-    keep_ids, keep, seen = [], [], set()
-    skipped = truncated = dups = 0
-    for doc_id, toks in zip(ids, token_lists):
-        if window is not None:
-            if len(toks) < window:
-                skipped += 1
-                continue
-            toks = toks[:window]
-        else:
-            if len(toks) < min_tokens:
-                skipped += 1
-                continue
-            if len(toks) > max_tokens:
-                truncated += 1
-                toks = toks[:max_tokens]
-        key = tuple(toks)
-        if key in seen:
-            dups += 1
-            continue
-        seen.add(key)
-        keep_ids.append(doc_id)
-        keep.append(list(toks))
-    return keep_ids, keep, {"documents": len(ids), "samples": len(keep), "skipped_too_short": skipped,
-                            "truncated_to_context": truncated, "duplicates_dropped": dups}
+    """One sample per document (`samples.document_samples`), identical samples kept once, and its counts."""
+    s = document_samples(token_lists, ids, max_tokens=max_tokens, min_tokens=min_tokens, window=window, dedup=True)
+    return s.doc_ids, s.tokens, {"documents": len(ids), "samples": len(s), "skipped_too_short": s.n_skipped,
+                                 "truncated_to_context": s.n_truncated, "duplicates_dropped": s.n_duplicates}
 
 
 def _auto_ids(df: pd.DataFrame) -> bool:

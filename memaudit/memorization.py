@@ -25,6 +25,7 @@ from .errors import MemauditError
 from .models import load_model, tokenizers_match, weights_hash
 from .progress import progress_bar
 from .rundir import RunDir, check_output
+from .samples import document_samples
 from .scoring import score
 
 
@@ -159,12 +160,10 @@ def measure_memorization(model_dir: str | os.PathLike, data: str | os.PathLike, 
     tok = target.loaded.tokenizer
     room = target.loaded.max_length if target.start_id is not None else target.loaded.max_length + 1
     token_lists = tokenize(tok, docs["text"].tolist())
-    keep = [i for i, t in enumerate(token_lists) if len(t) >= (1 if target.start_id is not None else 2)]
-    n_skipped = len(token_lists) - len(keep)
+    cut = document_samples(token_lists, max_tokens=room, min_tokens=1 if target.start_id is not None else 2)
+    keep, seqs, n_skipped, n_truncated = cut.doc_ids, cut.tokens, cut.n_skipped, cut.n_truncated
     if not keep:
         raise MemauditError(f"{data}: no sample has enough tokens to score")
-    n_truncated = sum(len(token_lists[i]) > room for i in keep)
-    seqs = [token_lists[i][:room] for i in keep]
     texts = [docs["text"].iloc[i] if len(token_lists[i]) <= room else tok.decode(seqs[k], clean_up_tokenization_spaces=False)
              for k, i in enumerate(keep)]
 

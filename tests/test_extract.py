@@ -327,7 +327,7 @@ _MEM_SCRIPT = textwrap.dedent("""
     import resource, sys, torch
     import numpy as np
     from transformers import GPT2Config, GPT2LMHeadModel
-    from memaudit.data import Windows
+    from memaudit.samples import Windows
     from memaudit.extraction import ExtractionSettings, extract_windows
     from memaudit.models import LoadedModel
     torch.manual_seed(0)

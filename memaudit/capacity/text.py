@@ -27,6 +27,7 @@ from .. import checks
 from ..data import file_hash, read_documents, tokenize, train_tokenizer
 from ..errors import MemauditError
 from ..rundir import RunDir, check_output
+from ..samples import tiles
 from ..scoring import score
 from .ensemble_model import EnsembleGPT, GPTShape
 from .ensemble_train import EnsembleConfig, check_compile_setting, train_ensemble
@@ -66,17 +67,10 @@ class TextCapacityConfig:
 
 def text_windows(texts: list[str], tokenizer, window: int = WINDOW) -> np.ndarray:
     """Every non-overlapping `window`-token chunk of every document, duplicates dropped (first kept)."""
-    seen, rows = set(), []
-    for toks in tokenize(tokenizer, texts):
-        for s in range(0, len(toks) - window + 1, window):
-            w = np.asarray(toks[s:s + window], dtype=np.int64)
-            key = w.tobytes()
-            if key not in seen:
-                seen.add(key)
-                rows.append(w)
-    if not rows:
+    chunks = tiles(tokenize(tokenizer, texts), window)
+    if not len(chunks):
         raise MemauditError(f"no document has {window} tokens: give a longer text file")
-    return np.stack(rows)
+    return chunks.array(window)
 
 
 def best_f1(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> float:

@@ -33,6 +33,7 @@ from ..errors import MemauditError
 from ..rundir import Owned, check_output
 from ..models import build_config, count_parameters, load_model, load_tokenizer, resolve_dtype
 from ..progress import progress_bar
+from ..samples import training_rows
 from .objectives import GOLDFISH_MODES, IGNORE, OBJECTIVES, goldfish_drop_mask, standard_labels
 from .sinks import SinkHooks, release_from_model, sequence_id, sink_spec, write_sink_spec
 
@@ -187,10 +188,6 @@ def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]
     return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())
 
 
-def _rows(token_lists, bos: int, seq_len: int) -> list[list[int]]:
-    return [[bos] + t[: seq_len - 1] for t in token_lists if t]
-
-
 def _collate(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -325,11 +322,11 @@ def _train(cfg: TrainConfig, dist: distributed.Group) -> TrainResult:
     canaries = make_canaries(cfg.canaries, cfg.canary_repeats, seed=cfg.seed) if cfg.canaries else []
     canary_texts = [c.text for c in canaries for _ in range(cfg.canary_repeats)]
     train_toks = tokenize(tok, train_texts + canary_texts)
-    train_rows = _rows(train_toks, bos, cfg.seq_len)
+    train_rows = training_rows(train_toks, bos, cfg.seq_len)
     if canaries and (longest := max(len(t) for t in train_toks[len(train_texts):])) > cfg.seq_len - 1:
         raise MemauditError(f"a canary is {longest} tokens, longer than a row holds (--seq-len {cfg.seq_len} - 1): "
                             "raise --seq-len")
-    val_rows = _rows(tokenize(tok, val_texts), bos, cfg.seq_len) if val_texts else []
+    val_rows = training_rows(tokenize(tok, val_texts), bos, cfg.seq_len) if val_texts else []
     if not train_rows:
         raise MemauditError("no training document has any tokens")
 
