@@ -437,8 +437,8 @@ def risk(
     fail_above: Optional[str] = typer.Option(None, help="Exit 3 when a figure exceeds its limit, e.g. "
                                                         "exact_rate=0.01,mia_auc=0.6 (names: " +
                                                         ", ".join(_risk_gateable()) + ")."),
-    laws_dir: Path = typer.Option(Path("reports/capacity"), help="Where fitted MIA laws (memaudit capacity) are "
-                                                                 "looked for."),
+    laws_dir: Optional[Path] = typer.Option(None, help="A folder searched for MIA laws fitted by `memaudit capacity` "
+                                            "(e.g. reports/capacity), reported beside the published law."),
     prefix: int = typer.Option(32, help="Extraction prompt tokens."),
     suffix: int = typer.Option(32, help="Extraction target tokens."),
     batch_size: BatchSize = "auto",

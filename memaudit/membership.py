@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from . import distributed
-from .attacks import DCPDD_CAP, DEFAULT_K, AttackInputs, gradient_norms, parse_attacks, parse_ks, \
+from .attacks import ATTACKS, DCPDD_CAP, DEFAULT_K, AttackInputs, gradient_norms, parse_attacks, parse_ks, \
     run_attacks, token_log_frequencies
 from .data import file_hash, read_documents, tokenize
 from . import checks
@@ -211,7 +211,7 @@ def mia(model_dir: str | Path, members: str | Path, nonmembers: str | Path, *,
     if reference is not None:
         checks.model_dir(reference, allow_pickle=allow_pickle, what="--reference model directory")
     skipped: dict[str, str] = {}
-    if "reference" in names and reference is None:
+    if any("reference" in ATTACKS[n].needs for n in names) and reference is None:
         if not is_all:
             raise MemauditError("the reference attack needs --reference MODEL_DIR")
         names.remove("reference")
@@ -220,9 +220,9 @@ def mia(model_dir: str | Path, members: str | Path, nonmembers: str | Path, *,
     distributed.init_from_env(torch.device("cpu" if dev == "auto" else dev))
     if resume and (out is None or not write):
         raise MemauditError("--resume needs --out (the run directory to continue)")
-    out_path = Path(out) if out is not None else None
-    if write:
-        out_path = out_path or distributed.broadcast_object(_default_out())
+    out_path = None
+    if write:  # write=False: the results only, no run directory (the Python API)
+        out_path = Path(out) if out is not None else distributed.broadcast_object(_default_out())
         if distributed.is_main():
             check_output(out_path, "mia", inputs=[p for p in (model_dir, members, nonmembers, reference,
                                                               dcpdd_corpus) if p is not None],

@@ -106,7 +106,7 @@ def _check_prediction_settings(train_sequences: float | None, train_tokens: floa
 
 def predict(params: float, *, train_sequences: float | None = None, train_tokens: float | None = None,
             window: int = MIA_LAW_WINDOW, precision: str = "published", bits_per_token: float | None = None,
-            random_vocab: int | None = None, laws_dir: str | os.PathLike = "reports/capacity") -> dict[str, Any]:
+            random_vocab: int | None = None, laws_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """The pre-training prediction (see the module docstring)."""
     if params is None:
         raise MemauditError("--params must be a positive number of parameters")
@@ -145,7 +145,7 @@ def predict(params: float, *, train_sequences: float | None = None, train_tokens
         return {"name": name, "predicted_mia_f1": min(1.0, f1), "uncapped_f1": f1, "source": source}
 
     laws = [law(name, name, LAW_SOURCES[name]) for name in LAWS]  # the published law first: it is the one used
-    laws += [law(f"fitted:{f.stem}", f, str(f)) for f in fitted_laws(laws_dir)]
+    laws += [law(f"fitted:{f.stem}", f, str(f)) for f in fitted_laws(laws_dir)] if laws_dir is not None else []
     notes = []
     if window != MIA_LAW_WINDOW:
         notes.append(f"the MIA law was fitted on {MIA_LAW_WINDOW}-token sequences; these are {window} tokens")
@@ -215,7 +215,7 @@ def run_risk(*, out: str | os.PathLike | None = None, params: float | None = Non
              precision: str = "published", bits_per_token: float | None = None, random_vocab: int | None = None,
              model: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
              nonmembers: str | os.PathLike | None = None, canaries: str | os.PathLike | None = None,
-             fail_above: str | None = None, laws_dir: str | os.PathLike = "reports/capacity",
+             fail_above: str | None = None, laws_dir: str | os.PathLike | None = None,
              prefix: int = 32, suffix: int = 32, batch_size: int | str = "auto", device: str = "auto",
              dtype: str = "auto", limit: int | None = None, text_field: str = "text", id_field: str = "id",
              allow_pickle: bool = False, trust_remote_code: bool = False, overwrite: bool = False,

@@ -19,7 +19,7 @@ import random
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,7 @@ CHECKPOINT_DIR = "checkpoint"
 _STAGING = ".staging"
 RELEASE_DIR = "release"
 # Settings that may differ between an interrupted run and its --resume.
-_RESUME_FREE = ("out", "resume", "overwrite", "stop_after", "checkpoint_every", "device", "extra")
+_RESUME_FREE = ("out", "resume", "overwrite", "stop_after", "checkpoint_every", "device")
 # The smallest vocabulary a locally trained byte-level tokenizer can have: 256 bytes + the special token.
 MIN_VOCAB = 257
 
@@ -87,7 +87,6 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False  # replace a model directory this command wrote before (nothing else)
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps in total; --resume goes on
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -196,11 +195,6 @@ def _collate(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tenso
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
     return ids, mask
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy over kept targets (labels shifted inside)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
 
 
 def _loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
