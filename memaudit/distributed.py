@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .devices import resolve_device
+from .errors import MemauditError
 
 
 def env_rank() -> int:
@@ -34,6 +35,9 @@ def init_from_env(device: torch.device | None = None, timeout: timedelta | None 
     """
     if not dist.is_available() or env_world() <= 1 or dist.is_initialized():
         return False
+    if "MASTER_ADDR" not in os.environ:
+        raise MemauditError(f"WORLD_SIZE is {env_world()} but MASTER_ADDR is not set: start several processes with "
+                            "`torchrun --nproc-per-node N -m memaudit ...`, or unset WORLD_SIZE")
     use_nccl = device is not None and device.type == "cuda"
     if use_nccl:
         torch.cuda.set_device(local_rank())

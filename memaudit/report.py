@@ -549,7 +549,11 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, 
     out = Path(out)
     check_output(out, "report", inputs=run_dirs, reuse=True)
     runs = [load_run(d, labels[i] if labels else None) for i, d in enumerate(run_dirs)]
-    if not labels:
+    if labels:
+        kinds_labels = [(r.kind, r.label) for r in runs]
+        if dup := next((kl for i, kl in enumerate(kinds_labels) if kl in kinds_labels[:i]), None):
+            raise MemauditError(f"--label {dup[1]!r} names two {dup[0]} runs: give runs of a kind distinct labels")
+    else:
         _unique_labels(runs)
     blocks = build_blocks(runs, title, top)
     owned = Owned(out, "report", inputs=run_dirs, reuse=True)

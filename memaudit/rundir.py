@@ -115,7 +115,17 @@ def _read_marker(path: Path) -> dict | None:
         marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return marker if isinstance(marker, dict) and isinstance(marker.get("command"), str) else None
+    if not isinstance(marker, dict) or not isinstance(marker.get("command"), str):
+        return None
+    listed = [*(marker.get("files") or ()), *(marker.get("dirs") or ())]
+    if not all(_plain_name(n) for n in listed):  # a damaged or forged list: nothing in it is trusted
+        return None
+    return marker
+
+
+def _plain_name(name: object) -> bool:
+    """One entry of this folder: never a path that could reach outside it."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
 def _legacy_command(path: Path) -> str | None:
@@ -196,6 +206,8 @@ def check_output(out: str | os.PathLike, command: str, *, inputs: Iterable[str |
     directory."""
     if not str(out).strip():
         raise MemauditError("--out is empty: name the folder to write")
+    if resume and overwrite:
+        raise MemauditError("--resume and --overwrite exclude each other: continue the run or replace it")
     out = Path(out)
     if out.is_symlink() and not out.exists():
         raise MemauditError(f"--out {out} is a symbolic link to nothing: choose another --out")
@@ -215,6 +227,9 @@ def check_output(out: str | os.PathLike, command: str, *, inputs: Iterable[str |
     if not out.is_dir() or _nothing_written(out):
         return
     marker = _read_marker(out)
+    if marker is None and (out / MARKER).exists():
+        raise MemauditError(f"--out {out}: its {MARKER} is damaged (or lists paths outside the folder), so what "
+                            "memaudit wrote there is unknown: remove the folder yourself or choose another --out")
     legacy = _legacy_command(out) if marker is None else None
     if marker is None and legacy is None:
         raise MemauditError(f"--out {out} is not empty and was not written by memaudit: choose another --out")

@@ -710,6 +710,11 @@ def _cases() -> list:
     add(P("riskpost-fail-above-mia-without-nonmembers", "riskpost", nonmembers=None, fail_above="mia_auc=0.6"))
     add(P("train-config-dir-with-family", "train", config="{model}", tokenizer=None, family="llama"))
     add(P("train-canary-longer-than-rows", "train", canaries="1", seq_len="4"))
+    # ---- a second probe's classes: contradictions, hand-set torchrun variables, duplicate labels -------------------
+    for cmd in ("extract", "mia", "memorization", "capacity"):
+        add(P(f"{cmd}-resume-and-overwrite", cmd, resume=True, overwrite=True))
+    add(P("train-val-data-is-data", "train", val_data="{members}"))
+    add(P("report-same-label-two-runs", "report", pos=["{run}", "{run}"], extra=["--label", "a", "--label", "a"]))
     return C
 
 
@@ -821,3 +826,14 @@ def test_harness_sees_damage(world):
     assert "added.txt" in damage[1] and "notes.txt" in damage[1] and "summary.json" in damage[0]
     _restore(world, ["run", "user"])
     assert _all_hashes(world) == before
+
+
+def test_world_size_set_by_hand_is_one_line(world, tmp_path, monkeypatch, capsys):
+    """WORLD_SIZE without torchrun's other variables: one line naming torchrun, not a traceback from gloo."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    code = _run_main(["train", "--data", str(world.members), "--out", str(tmp_path / "out"), "--epochs", "1",
+                      "--config", "1x32", "--seq-len", "32", "--tokenizer", str(world.tok), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "torchrun" in err[0]

@@ -220,3 +220,16 @@ def test_a_failed_run_does_not_block_the_corrected_rerun(memorized, tmp_path):
     with pytest.raises(MemauditError, match="canary is .* longer than a row"):
         train(TrainConfig(seq_len=4, **kw))  # fails after claiming the folder, before writing anything
     assert train(TrainConfig(seq_len=32, **kw)).finished  # no --overwrite needed
+
+
+def test_a_forged_marker_is_not_trusted(tmp_path):
+    """A marker listing paths outside its folder makes the folder foreign: --overwrite deletes nothing."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    run = RunDir(tmp_path / "r", "extract", {})
+    marker = json.loads((run.path / MARKER).read_text())
+    marker["files"].append("../victim.txt")
+    (run.path / MARKER).write_text(json.dumps(marker))
+    with pytest.raises(MemauditError, match="is damaged"):
+        RunDir(tmp_path / "r", "extract", {}, overwrite=True)
+    assert victim.read_text() == "keep me" and (run.path / "config.json").exists()

@@ -131,6 +131,9 @@ def validate_config(cfg: TrainConfig) -> None:
     checks.integer("--stop-after", cfg.stop_after, low=1)
     checks.readable_file(cfg.data)
     checks.readable_file(cfg.val_data, "validation data file")
+    if cfg.val_data is not None and Path(cfg.val_data).resolve() == Path(cfg.data).resolve():
+        raise MemauditError("--val-data is the training file itself: a validation loss needs documents it does not "
+                            "train on")
     checks.device(cfg.device)
     if Path(cfg.config).exists() or "/" in cfg.config or os.sep in cfg.config:
         if cfg.tokenizer is not None or cfg.family != "gpt2":
