@@ -711,7 +711,7 @@ def _cases() -> list:
     add(P("train-config-dir-with-family", "train", config="{model}", tokenizer=None, family="llama"))
     add(P("train-canary-longer-than-rows", "train", canaries="1", seq_len="4"))
     # ---- a second probe's classes: contradictions, hand-set torchrun variables, duplicate labels -------------------
-    for cmd in ("extract", "mia", "memorization", "capacity"):
+    for cmd in ("extract", "mia", "memorization", "capacity", "train"):
         add(P(f"{cmd}-resume-and-overwrite", cmd, resume=True, overwrite=True))
     add(P("train-val-data-is-data", "train", val_data="{members}"))
     add(P("report-same-label-two-runs", "report", pos=["{run}", "{run}"], extra=["--label", "a", "--label", "a"]))

@@ -147,8 +147,6 @@ def validate_config(cfg: TrainConfig) -> None:
         build_config(cfg.config, vocab_size=MIN_VOCAB, max_length=cfg.seq_len, family=cfg.family)
     if cfg.tokenizer is not None:
         _check_tokenizer_dir(cfg.tokenizer)
-    if cfg.resume and cfg.overwrite:
-        raise MemauditError("--resume and --overwrite exclude each other")
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 alone claims the folder
         check_output(cfg.out, "train", inputs=_inputs(cfg), resume=cfg.resume, overwrite=cfg.overwrite)
     if cfg.resume and not (Path(cfg.out) / CHECKPOINT_DIR / "state.pt").is_file():
