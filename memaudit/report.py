@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from .errors import MemauditError
-from .rundir import Owned, check_output
+from .rundir import Owned, check_output, read_json, read_summary
 
 # Headline fields per kind, in display order (dotted paths into summary.json); missing ones are skipped.
 HEADLINE = {
@@ -62,17 +62,6 @@ class Run:
     training_log: pd.DataFrame | None = None
 
 
-def _read_json(path: Path, strict: bool = False) -> dict:
-    """A JSON object from a run; damage is one clear error. `strict`: anything but an object is damage too."""
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, OSError) as exc:
-        raise MemauditError(f"unreadable {path}: {str(exc).splitlines()[0][:200]}") from None
-    if strict and not isinstance(obj, dict):
-        raise MemauditError(f"{path} is damaged: it holds a {type(obj).__name__}, not a JSON object")
-    return obj if isinstance(obj, dict) else {}
-
-
 def _model_label(model_path: str) -> str:
     """A readable name for a model directory: its name, with the parent's when the name is generic."""
     p = Path(model_path)
@@ -97,7 +86,7 @@ def load_run(path: str | os.PathLike, label: str | None = None) -> Run:
     if not path.is_dir():
         raise MemauditError(f"not a run directory: {path}")
     if (path / "training_log.csv").is_file() or (path / "train_config.json").is_file():
-        cfg = _read_json(path / "train_config.json") if (path / "train_config.json").is_file() else {}
+        cfg = read_json(path / "train_config.json") if (path / "train_config.json").is_file() else {}
         log = _read_table(path / "training_log.csv", pd.read_csv)
         summary = _train_summary(cfg, log, path)
         return Run(path, "train", label or _model_label(str(path)), {"command": "train", "settings": cfg},
@@ -105,13 +94,13 @@ def load_run(path: str | os.PathLike, label: str | None = None) -> Run:
     if not (path / "config.json").is_file():
         raise MemauditError(f"{path} is neither a run directory (no config.json) nor a trained model directory "
                             "(no training_log.csv)")
-    config = _read_json(path / "config.json")
+    config = read_json(path / "config.json")
     kind = str(config.get("command") or "unknown")
     if kind == "unknown" and config.get("architectures"):
         raise MemauditError(f"{path} is a model directory without a training log: pass its run directories instead")
     if kind == "unknown":
         raise MemauditError(f"{path}: its config.json names no memaudit command: not a run directory")
-    summary = _read_json(path / "summary.json", strict=True) if (path / "summary.json").exists() else {}
+    summary = read_summary(path)
     samples = _read_table(path / "samples.parquet", pd.read_parquet)
     inputs = config.get("inputs") if isinstance(config.get("inputs"), dict) else {}
     settings = config.get("settings") if isinstance(config.get("settings"), dict) else {}

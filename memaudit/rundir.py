@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
@@ -25,6 +25,9 @@ from .errors import MemauditError
 from .version import __version__
 
 MARKER = ".memaudit-run.json"
+# summary.json's layout. Adding a key keeps the version; renaming or removing one bumps it, and a reader refuses a
+# summary from a newer layout instead of misreading it. Summaries written before the field existed are version 1.
+SUMMARY_SCHEMA_VERSION = 1
 # The files a run directory written before markers existed may hold: adopted on --resume, nothing else is.
 _LEGACY_NAMES = ("config.json", "summary.json", "*.parquet", "*.png", "*.csv")
 
@@ -61,6 +64,35 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     text = json.dumps(_finite(obj), indent=2, sort_keys=False, default=_json_default, allow_nan=False)
     atomic_write_bytes(path, (text + "\n").encode())
     return path
+
+
+def read_json(path: Path, strict: bool = False) -> dict:
+    """A JSON object from a run; damage is one clear error. `strict`: anything but an object is damage too."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        raise MemauditError(f"unreadable {path}: {str(exc).splitlines()[0][:200]}") from None
+    if strict and not isinstance(obj, dict):
+        raise MemauditError(f"{path} is damaged: it holds a {type(obj).__name__}, not a JSON object")
+    return obj if isinstance(obj, dict) else {}
+
+
+def summary_header(command: str) -> dict[str, Any]:
+    """The keys every summary.json starts with; a command's returned summary starts with them too."""
+    return {"schema_version": SUMMARY_SCHEMA_VERSION, "command": command}
+
+
+def read_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """A run's summary.json ({} when the run has none), refused when a newer memaudit wrote it."""
+    path = Path(run_dir) / "summary.json"
+    if not path.exists():
+        return {}
+    summary = read_json(path, strict=True)
+    version = summary.get("schema_version", 1)
+    if not isinstance(version, int) or version > SUMMARY_SCHEMA_VERSION:
+        raise MemauditError(f"{path} has summary schema version {version!r}; this memaudit reads up to version "
+                            f"{SUMMARY_SCHEMA_VERSION}: upgrade memaudit to read it")
+    return summary
 
 
 def _finite(obj: Any) -> Any:
@@ -380,8 +412,9 @@ class RunDir:
     def write_csv(self, name: str, df: pd.DataFrame) -> Path:
         return self.owned.write_bytes(name, df.to_csv(index=False).encode())
 
-    def write_summary(self, summary: dict[str, Any]) -> Path:
-        return self.write_json("summary.json", summary)
+    def write_summary(self, summary: Mapping[str, Any]) -> Path:
+        """summary.json, stamped with the command and the schema version its readers check."""
+        return self.write_json("summary.json", summary_header(self.config["command"]) | dict(summary))
 
     def write_json(self, name: str, obj: Any) -> Path:
         self.owned.record(name)
