@@ -132,7 +132,8 @@ def main() -> None:
     model_dir, train_file, heldout_file = trained_model(args.cache)
     m = load_model(model_dir, device="cpu")
     sizes = [int(x) for x in args.batch_sizes.split(",")]
-    extract(m, heldout_file, batch_size=sizes[0], limit=sizes[0])  # warm-up (first calls allocate)
+    # warm-up (first calls allocate); write=False: results only, as the generate side
+    extract(model_dir=m, data=heldout_file, batch_size=sizes[0], limit=sizes[0], write=False)
     hf_generate_extract(m, heldout_file, sizes[0])
 
     lines = [f"memaudit extract vs HF generate (greedy), prefix {PREFIX} + suffix {SUFFIX}, "
@@ -144,7 +145,8 @@ def main() -> None:
         for name, f in (("memorized (trained)", train_file), ("none (held out)", heldout_file)):
             t_ma = t_hf = float("inf")
             for _ in range(args.repeats):  # alternate, so both sides see the same machine
-                t, df = best_time(lambda: extract(m, f, prefix=PREFIX, suffix=SUFFIX, batch_size=bs), 1)
+                t, df = best_time(lambda: extract(model_dir=m, data=f, prefix=PREFIX, suffix=SUFFIX, batch_size=bs,
+                                                  write=False).samples, 1)
                 t_ma = min(t_ma, t)
                 t, rows = best_time(lambda: hf_generate_extract(m, f, bs), 1)
                 t_hf = min(t_hf, t)

@@ -18,55 +18,59 @@ no token is read twice. A pool holds up to 4x the scoring batch's rows when that
 sequential steps are needed. `shortcut=False` decodes every sample from the prefix instead (verification).
 
 Sampling reports the (n, p)-discoverable extraction of Hayes et al. 2024 (see `_np_columns`).
+
+The entry is `extract(ExtractSettings)`: validate, load, compute, write; `extract_windows` runs the last two on
+windows a caller already cut.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence, TypedDict
 
 import numpy as np
 import pandas as pd
 import torch
 
 from . import backend
+from . import checks
 from . import generation as gen
 from .data import file_hash, read_documents, tokenize
-from . import checks
 from .errors import MemauditError
 from .metrics import rouge_l_ids, rouge_l_text, rouge_tokenize
 from .models import LoadedModel, load_model, weights_hash
 from .progress import progress_bar
-from .rundir import RunDir, check_output
+from .rundir import RunDir, check_output, summary_header
 from .samples import Windows, make_windows
-from .scoring import iter_scored_batches
+from .scoring import ScoredBatch, iter_scored_batches
+from .settings import settings_from
 
 DECODINGS = ("greedy", "sample", "beam")
 MAX_WINDOW = 1 << 20  # tokens: beyond every model's context (the model's own context is checked on loading)
 
 
-@dataclass
-class ExtractionSettings:
-    prefix: int = 32
-    suffix: int = 32
-    offset: int = 0
-    decoding: str = "greedy"
-    num_beams: int = 4
-    num_samples: int = 10
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    np_threshold: float = 0.5  # p of the (n, p)-discoverable rate in summary.json
+# --- settings ------------------------------------------------------------------------------------------------------
+
+@dataclass(kw_only=True)
+class DecodingSettings:
+    """The options of `memaudit extract` that decode prepared windows: all that `extract_windows` needs.
+    ExtractSettings holds them too (it extends this class), so each option and its check has one home."""
+    decoding: str = "greedy"  # greedy, sample or beam
+    num_beams: int = 4  # beam only
+    num_samples: int = 10  # sample only: draws per window (the n of (n, p)-discoverable)
+    temperature: float = 1.0  # sample only
+    top_k: int = 0  # sample only (0: off)
+    top_p: float = 1.0  # sample only (1: off)
+    np_threshold: float = 0.5  # sample only: the p of the (n, p)-discoverable rate in summary.json
     batch_size: int | str = "auto"
     bos: bool | None = None  # None: prepend BOS when the tokenizer has one
-    shortcut: bool = True
-    seed: int = 0
+    shortcut: bool = True  # greedy: decode only diverged windows; sample: draw from the pass's cache
+    seed: int = 0  # sample only: each window's draws come from (seed, window index)
 
-    def check(self) -> None:
+    def validate(self) -> None:
+        """One MemauditError line for the first bad option."""
         checks.choice("--decoding", self.decoding, DECODINGS)
-        checks.integer("--prefix", self.prefix, high=MAX_WINDOW)
-        checks.integer("--suffix", self.suffix, high=MAX_WINDOW)
-        checks.integer("--offset", self.offset, low=0)
         checks.integer("--num-beams", self.num_beams, high=1024)
         checks.integer("--num-samples", self.num_samples, high=100_000)
         checks.number("--temperature", self.temperature, low=0, low_open=True)  # greedy is temperature 0
@@ -75,6 +79,296 @@ class ExtractionSettings:
         checks.fraction("--np-threshold", self.np_threshold, zero=True, one=True)
         checks.batch_size(self.batch_size)
         checks.seed(self.seed)
+
+
+@dataclass(kw_only=True)
+class ExtractSettings(DecodingSettings):
+    """Every option of `memaudit extract`: the CLI flags' names and defaults (the CLI only parses); the decoding
+    options come from DecodingSettings."""
+    model_dir: str | os.PathLike | LoadedModel  # or a model the caller loaded (device, dtype, allow_pickle and
+    # trust_remote_code are then unused)
+    data: str | os.PathLike  # documents to probe (.jsonl, .txt, .parquet, .csv)
+    prefix: int = 32  # prompt tokens
+    suffix: int = 32  # target tokens, compared with the continuation
+    offset: int = 0  # token position in each document where the window starts
+    device: str = "auto"
+    dtype: str = "auto"
+    limit: int | None = None  # only the first N documents
+    text_field: str = "text"
+    id_field: str = "id"
+    out: str | os.PathLike | None = None  # None: RunDir.default_out("extract")
+    resume: bool = False
+    overwrite: bool = False
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    # Not a CLI flag: False is the Python API's results-only path (no run directory, so no --resume either).
+    write: bool = True
+
+    def validate(self) -> None:
+        """Cheap checks before anything is loaded (the model's config only): one MemauditError line each."""
+        super().validate()
+        checks.integer("--prefix", self.prefix, high=MAX_WINDOW)
+        checks.integer("--suffix", self.suffix, high=MAX_WINDOW)
+        checks.integer("--offset", self.offset, low=0)
+        checks.limit(self.limit)
+        checks.readable_file(self.data)
+        # Only write=False refuses --resume: --resume without --out has always started a new default folder.
+        if self.resume and not self.write:
+            raise MemauditError("--resume needs --out (the run directory to continue)")
+        checks.device(self.device)
+        checks.dtype(self.dtype)
+        ctx = self.model_dir.max_length if isinstance(self.model_dir, LoadedModel) else checks.context_length(
+            checks.model_dir(self.model_dir, allow_pickle=self.allow_pickle))
+        if ctx is not None and self.prefix + self.suffix > ctx:
+            raise MemauditError(f"windows of {self.prefix}+{self.suffix} tokens need {self.prefix + self.suffix} "
+                                f"positions but the model's context is {ctx}: use a smaller --prefix/--suffix")
+
+
+# --- what a run returns --------------------------------------------------------------------------------------------
+
+class ExtractSummary(TypedDict, total=False):
+    """summary.json of `memaudit extract` (schema rundir.SUMMARY_SCHEMA_VERSION). Rates and means are over the
+    windows and None when there is none; the sample-only keys appear with --decoding sample only."""
+    schema_version: int  # rundir.SUMMARY_SCHEMA_VERSION
+    command: str  # "extract"
+    n_samples: int  # windows probed (one per document long enough, duplicates dropped)
+    n_skipped: int  # documents shorter than offset + prefix + suffix tokens
+    n_duplicates: int  # windows dropped because an identical window came earlier
+    exact_rate: float | None  # fraction whose whole suffix came back verbatim (k-extractable)
+    n_exact: int
+    mean_token_match: float | None  # mean fraction of suffix positions reproduced (Pythia's memorization score)
+    mean_match_prefix: float | None  # mean number of correct tokens before the first miss
+    mean_rouge_l: float | None  # ROUGE-L F on token ids
+    mean_rouge_l_text: float | None  # ROUGE-L F on the decoded text (rouge-score's tokenization)
+    prefix: int
+    suffix: int
+    decoding: str  # greedy, sample or beam
+    bos: bool  # whether BOS was prepended to each window
+    num_beams: int  # beam only
+    num_samples: int  # sample only: n
+    temperature: float  # sample only
+    top_k: int  # sample only
+    top_p: float  # sample only
+    mean_p_hat: float | None  # sample only: mean fraction of the n draws that reproduced the suffix
+    mean_p_seq: float | None  # sample only: mean exact probability that one draw reproduces it
+    mean_p_extract: float | None  # sample only: mean probability that one of n draws does
+    any_exact_rate: float | None  # sample only: fraction with at least one reproducing draw
+    np_threshold: float  # sample only: p
+    np_discoverable_rate: float | None  # sample only: fraction with p_extract >= p
+
+
+@dataclass
+class ExtractResult:
+    summary: ExtractSummary  # exactly what summary.json holds
+    path: Path | None  # the run directory (None with write=False)
+    samples: pd.DataFrame  # one row per window, in input order (columns: see `extract`)
+
+
+# --- the entry ---------------------------------------------------------------------------------------------------
+
+def extract(settings: ExtractSettings | None = None, /, *, on_batch: Callable[[int], None] | None = None,
+            **options: Any) -> ExtractResult:
+    """Extraction probe: prompt with each document's prefix and compare the continuation with its true suffix.
+
+    Takes an ExtractSettings or its fields as keywords (`extract(model_dir=..., data=...)`). Returns the summary
+    and one row per deduplicated window: id, exact, token_match, match_prefix, rouge_l, rouge_l_text, generated,
+    target, generated_ids (+ p_hat, any_exact, p_seq, p_extract for sampling). With `write=True` (the default) it
+    also writes the run directory `out`, saving each finished group of windows as it goes so `resume` continues an
+    interrupted run. `on_batch(k)` is called after the k-th group is saved (not a setting: a hook for callers).
+    """
+    s = settings_from(ExtractSettings, settings, options)
+    s.validate()
+    loaded, windows, run = _load(s)
+    samples, summary = _compute(loaded, windows, s, run, on_batch)
+    return _write(run, samples, summary)
+
+
+def extract_windows(loaded: LoadedModel, windows: Windows, settings: DecodingSettings | None = None, *,
+                    run: RunDir | None = None, on_batch: Callable[[int], None] | None = None) -> ExtractResult:
+    """The probe on windows already cut (`samples.make_windows`): `extract` without its loading step, with the
+    same result (the summary's prefix and suffix are the windows').
+
+    With `run`, finished groups are saved as partial results, windows already saved there are skipped (resume),
+    and samples.parquet, summary.json and the histograms are written at the end.
+    """
+    st = settings or DecodingSettings()
+    st.validate()
+    samples, summary = _compute(loaded, windows, st, run, on_batch)
+    return _write(run, samples, summary)
+
+
+def format_summary(summary: ExtractSummary) -> str:
+    """A few human lines for the terminal."""
+    s = summary
+    lines = [f"{s['n_samples']} samples ({s['n_skipped']} documents too short, {s['n_duplicates']} duplicate windows), "
+             f"prefix {s['prefix']} + suffix {s['suffix']}, {s['decoding']} decoding",
+             f"exact (verbatim suffix): {s['n_exact']}/{s['n_samples']} = {s['exact_rate']:.3f}",
+             f"mean token match {s['mean_token_match']:.3f}, ROUGE-L {s['mean_rouge_l']:.3f} "
+             f"(text {s['mean_rouge_l_text']:.3f}), mean correct run {s['mean_match_prefix']:.1f} tokens"]
+    if s["decoding"] == "sample":
+        lines.append(f"(n={s['num_samples']}, p={s['np_threshold']})-discoverable: {s['np_discoverable_rate']:.3f}; "
+                     f"mean P(one draw reproduces) {s['mean_p_seq']:.3g}, mean P(any of n) {s['mean_p_extract']:.3g}")
+    return "\n".join(lines)
+
+
+# --- load: the model, the windows, the run directory -------------------------------------------------------------
+
+def _load(s: ExtractSettings) -> tuple[LoadedModel, Windows, RunDir | None]:
+    """The model, one window per document (duplicates dropped), and the run directory claimed (config.json)."""
+    out = _checked_out(s)  # before the model is loaded: a refused folder costs nothing
+    loaded = s.model_dir if isinstance(s.model_dir, LoadedModel) else load_model(
+        s.model_dir, device=s.device, dtype=s.dtype, allow_pickle=s.allow_pickle,
+        trust_remote_code=s.trust_remote_code)
+    docs = read_documents(s.data, text_field=s.text_field, id_field=s.id_field, limit=s.limit)
+    torch.manual_seed(s.seed)
+    windows = make_windows(tokenize(loaded.tokenizer, docs["text"].tolist()), docs["id"].tolist(), s.prefix,
+                           s.suffix, s.offset)
+    if len(windows.ids) == 0:
+        raise MemauditError(f"all {len(docs)} documents are shorter than offset + prefix + suffix = "
+                            f"{s.offset + s.prefix + s.suffix} tokens: use a smaller --prefix/--suffix/--offset")
+    if out is None:
+        return loaded, windows, None
+    inputs = {"model": str(loaded.path), "model_weights_sha256": weights_hash(loaded.path),
+              "data": str(s.data), "data_sha256": file_hash(s.data)}
+    run = RunDir(out, "extract", _recorded_settings(s, loaded), inputs=inputs, resume=s.resume, overwrite=s.overwrite)
+    return loaded, windows, run
+
+
+def _checked_out(s: ExtractSettings) -> str | os.PathLike | None:
+    """The run directory to write (None with write=False), refused now if it may not be written."""
+    if not s.write:
+        return None
+    out = s.out if s.out is not None else RunDir.default_out("extract")
+    model_path = s.model_dir.path if isinstance(s.model_dir, LoadedModel) else s.model_dir
+    check_output(out, "extract", inputs=[model_path, s.data], resume=s.resume, overwrite=s.overwrite)
+    return out
+
+
+def _recorded_settings(s: ExtractSettings, loaded: LoadedModel) -> dict[str, Any]:
+    """config.json's `settings`, key for key as earlier versions recorded them (--resume compares this dict;
+    batch_size is left out, so a resumed run may use another)."""
+    keys = ("prefix", "suffix", "offset", "decoding", "num_beams", "num_samples", "temperature", "top_k", "top_p",
+            "np_threshold", "bos", "shortcut", "seed", "limit", "text_field", "id_field")
+    return {k: getattr(s, k) for k in keys} | {"dtype": str(loaded.dtype)}
+
+
+# --- compute: every window's result row, then the summary --------------------------------------------------------
+
+def _compute(loaded: LoadedModel, windows: Windows, st: DecodingSettings, run: RunDir | None,
+             on_batch: Callable[[int], None] | None) -> tuple[pd.DataFrame, ExtractSummary]:
+    job = _Job.prepare(loaded, windows, st)
+    results = _Results(run, on_batch)
+    with progress_bar(len(job.W) - len(results.done), "extract") as advance:
+        for rows in _finished_groups(job, results):
+            results.save(rows, advance)
+    samples = results.samples()
+    return samples, summarize(samples, windows, st, job.bos_id is not None)
+
+
+@dataclass
+class _Job:
+    """What every decoding step reads: the model, the windows (`W` [n, P + S] tokens) and how they are fed."""
+    model: torch.nn.Module
+    tok: Any
+    W: np.ndarray
+    ids: list[str]
+    P: int
+    S: int
+    bos_id: int | None  # prepended to every window when not None
+    pad_id: int
+    max_length: int
+    st: DecodingSettings
+
+    @classmethod
+    def prepare(cls, loaded: LoadedModel, windows: Windows, st: DecodingSettings) -> _Job:
+        tok = loaded.tokenizer
+        use_bos = st.bos if st.bos is not None else tok.bos_token_id is not None
+        if use_bos and tok.bos_token_id is None:
+            raise MemauditError("--bos was asked for but the tokenizer has no BOS token")
+        P, S, b = windows.prefix, windows.suffix, int(use_bos)
+        positions = P + S - 1 + b
+        if positions > loaded.max_length:
+            raise MemauditError(f"windows of {P}+{S} tokens{' after BOS' if b else ''} need {positions} positions "
+                                f"but the model's context is {loaded.max_length}: use a smaller --prefix/--suffix")
+        return cls(model=loaded.model, tok=tok, W=windows.tokens, ids=windows.ids, P=P, S=S,
+                   bos_id=tok.bos_token_id if use_bos else None,
+                   pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0, max_length=loaded.max_length, st=st)
+
+    @property
+    def b(self) -> int:
+        return 1 if self.bos_id is not None else 0
+
+    @property
+    def sbase(self) -> int:
+        """The input position (= stats index) that predicts suffix token 0."""
+        return self.P - 1 + self.b
+
+    def batches(self, skip: set[int], **pass_kw: Any) -> Iterator[ScoredBatch]:
+        """The scoring pass over the windows not in `skip`, in length-sorted batches."""
+        return iter_scored_batches(self.model, self.W, batch_size=self.st.batch_size, bos_id=self.bos_id,
+                                   pad_id=self.pad_id, skip=skip, max_length=self.max_length, **pass_kw)
+
+    def prompts(self, indices: Sequence[int]) -> torch.Tensor:
+        return _with_bos(self.W[indices, : self.P], self.bos_id)
+
+    def records(self, indices: Sequence[int], generated: np.ndarray, **kw: Any) -> list[dict]:
+        return _records(indices, generated, self.W[indices, self.P:], self.tok, self.ids, **kw)
+
+
+class _Results:
+    """Finished result rows: each group is saved as a partial result of the run directory (so --resume skips
+    its windows), or kept in memory without one."""
+
+    def __init__(self, run: RunDir | None, on_batch: Callable[[int], None] | None):
+        self.run, self.on_batch = run, on_batch
+        self.frames: list[pd.DataFrame] = run.load_partials() if run is not None else []
+        self.done = {int(i) for f in self.frames for i in f["index"]}  # windows saved by an earlier run
+        self.n_partials = len(self.frames)
+        self.records: list[dict] = []  # rows without a run directory (a DataFrame is built once, at the end)
+
+    def save(self, rows: list[dict], advance: Callable[[int], None]) -> None:
+        if not rows:
+            return
+        if self.run is not None:
+            df = pd.DataFrame(rows)
+            self.run.save_partial(f"{self.n_partials:06d}", df)
+            self.frames.append(df)
+        else:
+            self.records.extend(rows)
+        self.n_partials += 1
+        advance(len(rows))
+        if self.on_batch is not None:
+            self.on_batch(self.n_partials)
+
+    def samples(self) -> pd.DataFrame:
+        """Every row, in the windows' input order."""
+        parts = self.frames + ([pd.DataFrame(self.records)] if self.records else [])
+        df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=_COLUMNS)
+        return df.sort_values("index", kind="stable").drop(columns="index").reset_index(drop=True)
+
+
+def _finished_groups(job: _Job, results: _Results) -> Iterator[list[dict]]:
+    """The result rows each scoring batch finishes (and, for the shortcut, the last decoding pool)."""
+    st = job.st
+    if st.decoding == "greedy" and st.shortcut:
+        yield from _Shortcut(job, results.frames).run(results.done)
+    elif st.decoding == "sample":  # the pass gives ln p of the targets, and (shortcut) the cache to draw from
+        for batch in job.batches(results.done, greedy_only=False, keep_cache=st.shortcut):
+            yield _sample_records(job, batch, backend.kv_from_cache(batch.cache) if st.shortcut else None)
+    else:  # beam, or plain greedy (verification): the pass only batches the windows, so it reads nothing
+        for batch in job.batches(results.done, greedy_only=True, keep_cache=False, max_positions=1):
+            if st.decoding == "greedy":
+                out = gen.greedy(job.model, job.prompts(batch.indices), job.S)
+            else:
+                out = gen.beam_search(job.model, job.prompts(batch.indices), job.S, st.num_beams, job.pad_id)
+            yield job.records(batch.indices, out.cpu().numpy())
+
+
+def _with_bos(ctx: np.ndarray, bos_id: int | None) -> torch.Tensor:
+    t = torch.as_tensor(ctx, dtype=torch.long)
+    if bos_id is not None:
+        t = torch.cat([torch.full((len(t), 1), bos_id, dtype=torch.long), t], dim=1)
+    return t
 
 
 # --- per-sample metrics ---------------------------------------------------------------------------------------
@@ -172,27 +466,44 @@ class _Pool:
         self.size += len(chunk["indices"])
 
 
-def _flush(pool: _Pool, model, windows: np.ndarray, P: int, S: int, bos_id: int | None) -> tuple[list[int], np.ndarray]:
-    """Decode every pooled row from its own divergence point; returns (indices, generated [n, S])."""
-    indices = [i for c in pool.chunks for i in c["indices"]]
-    if all(c["kv"] is not None for c in pool.chunks):
-        # each group joins the decoding batch at its own step, with its own cache: nothing is read twice
-        outs = gen.greedy_join(model, [(c["d"], c["kv"], torch.as_tensor(c["tok"])) for c in pool.chunks], S)
-        generated = np.concatenate([
-            np.concatenate([windows[c["indices"], P: P + c["d"]], o[:, c["d"]:].cpu().numpy()], axis=1)
-            for c, o in zip(pool.chunks, outs)])
-    else:  # no reusable cache: read the context up to the pool's first divergence point again
-        d = torch.tensor(np.concatenate([np.full(len(c["indices"]), c["d"]) for c in pool.chunks]))
-        argmax = torch.tensor(np.concatenate([c["argmax"] for c in pool.chunks]))
-        d0 = int(d.min())
-        ctx = torch.as_tensor(windows[indices, : P + d0])
-        if bos_id is not None:
-            ctx = torch.cat([torch.full((len(indices), 1), bos_id, dtype=torch.long), ctx], dim=1)
-        tail = gen.greedy(model, ctx, S - d0, forced=argmax[:, d0:], n_forced=d - d0 + 1)
-        generated = np.concatenate([windows[indices, P: P + d0], tail.cpu().numpy()], axis=1)
-    pool.chunks.clear()
-    pool.size = 0
-    return indices, generated
+class _Shortcut:
+    """Greedy decoding by the shortcut: each scoring batch is verified in stages, its exact rows are done, its
+    diverged rows join the pool, which is decoded once it holds a decoding group's rows, and at the end."""
+
+    def __init__(self, job: _Job, frames: list[pd.DataFrame]):
+        self.job = job
+        probe = job.bos_id if job.bos_id is not None else int(job.W[0, 0]) if len(job.W) else 0
+        self.sliceable = _cache_is_sliceable(job.model, probe)
+        self.stages = _Stages(job.S)
+        for f in frames:  # resume: what the finished samples showed
+            self.stages.record(f["match_prefix"].to_numpy())
+        self.pool = _Pool()
+        self.factor = _decode_factor(job.model, job.P + job.S)
+
+    def run(self, skip: set[int]) -> Iterator[list[dict]]:
+        """The rows finished after each scoring batch, then the last pool's."""
+        job, pool = self.job, self.pool
+        decode_batch = 0  # pool rows that make a decoding group
+        for batch in self._batches(skip):
+            decode_batch = max(decode_batch, len(batch.indices) * self.factor)
+            exact_rows, first_miss = _verify_batch(job, batch, self.sliceable, pool)
+            self.stages.record(first_miss)
+            exact = [batch.indices[r] for r in exact_rows]
+            del batch  # its cache, before the pool is decoded
+            rows = job.records(exact, job.W[exact, job.P:], reproduced=True) if exact else []
+            if pool.size >= decode_batch:
+                rows += _greedy_records(job, pool)
+            yield rows
+        if pool.size:
+            yield _greedy_records(job, pool)
+
+    def _batches(self, skip: set[int]) -> Iterator[ScoredBatch]:
+        # the first stage reads BOS + prefix + k0 - 1 suffix tokens (predicting k0), logits only from the suffix
+        # on; without a sliceable cache a continuation would re-read everything, so then it reads it all at once
+        sbase, stages = self.job.sbase, self.stages
+        stop = (lambda rows: sbase + stages.first_stage(rows)) if self.sliceable else sbase + self.job.S
+        return self.job.batches(skip, greedy_only=True, keep_cache=self.sliceable, score_from=sbase,
+                                max_positions=stop)
 
 
 def _cache_is_sliceable(model, token: int) -> bool:
@@ -203,60 +514,143 @@ def _cache_is_sliceable(model, token: int) -> bool:
     return backend.kv_from_cache(backend.output_cache(out)) is not None
 
 
-def _verify_batch(model, batch, W: np.ndarray, P: int, S: int, bos_id: int | None, sliceable: bool,
-                  pool: _Pool) -> tuple[np.ndarray, np.ndarray]:
+def _decode_factor(model, window: int) -> int:
+    """How many times more rows a decoding group may hold than a scoring batch at equal memory: a scoring row
+    holds the window's KV cache and ~4 vocabulary-sized float32 temporaries per position, a decoding row the same
+    cache and one position's logits. Capped at 4 (larger groups stop paying off); 1 for large models."""
+    vocab, width, layers = backend.dimensions(model)
+    cache = 2 * layers * width * window
+    return int(max(1, min(4, (cache + 4 * vocab * window) // (cache + vocab))))
+
+
+@dataclass
+class _Verification:
+    """One scoring batch under staged verification (batch rows; `idx`: their samples)."""
+    idx: np.ndarray
+    targets: np.ndarray  # [n, S] the true suffixes
+    argmax: np.ndarray  # [n, S] the pass's argmax at the suffix positions read so far, -1 beyond
+    first_miss: np.ndarray  # [n] each row's first miss, S when none (yet)
+    rows: np.ndarray  # batch rows still matching; rows[j] is row j of `cache`
+    cache: Any  # the model's cache over the positions read so far
+
+
+def _verify_batch(job: _Job, batch: ScoredBatch, sliceable: bool, pool: _Pool) -> tuple[np.ndarray, np.ndarray]:
     """Finish the staged verification of one scoring batch (its pass read the suffix up to some k0): rows that
     miss go to `pool` with their cache, the others continue teacher-forced from the cache to the end. Returns
     the batch rows (positions in `batch.indices`) that reproduce the whole suffix, and every row's first miss
     (S when none)."""
-    b = 1 if bos_id is not None else 0
-    sbase = P - 1 + b  # input position that predicts suffix token 0
+    S, sbase = job.S, job.sbase
     idx = np.asarray(batch.indices)
-    n = len(idx)
-    k0 = batch.lengths[0] - sbase
-    first_miss = np.full(n, S)
+    n, k0 = len(idx), batch.lengths[0] - sbase
     argmax = np.full((n, S), -1, dtype=np.int64)
     argmax[:, :k0] = np.stack([s.argmax[sbase: sbase + k0] for s in batch.stats])
-    targets = W[idx, P:]
-    feed = W[idx, :-1] if bos_id is None else np.concatenate([np.full((n, 1), bos_id), W[idx, :-1]], axis=1)
-    rows = np.arange(n)  # batch rows still matching; row rows[j] is row j of `cache`
-    cache = batch.cache
-    done = 0  # suffix positions checked so far
-    end = k0  # the first stage; the continuation (if any row survives it) reads the rest of the suffix
-    while True:
-        hit = argmax[rows, done:end] == targets[rows, done:end]
-        ok = hit.all(1)
-        kv = backend.kv_from_cache(cache) if sliceable else None
-        if (~ok).any():
-            j_miss = np.flatnonzero(~ok)
-            d = done + np.argmin(hit[j_miss], axis=1)
-            first_miss[rows[j_miss]] = d
-            for dv in np.unique(d):
-                js = j_miss[d == dv]
-                r = rows[js]
-                chunk = {"indices": idx[r].tolist(), "d": int(dv), "tok": argmax[r, dv]}
-                if kv is not None:
-                    chunk["kv"] = backend.select_kv(kv, js.tolist(), b + P + int(dv))
-                else:
-                    chunk["kv"] = None
-                    chunk["argmax"] = argmax[r]
-                pool.add(chunk)
-            rows = rows[ok]
-            if len(rows) and end < S and kv is not None:  # the survivors' cache, for the continuation
-                cache = backend.cache_from_kv(backend.select_kv(kv, np.flatnonzero(ok).tolist(), sbase + end))
-        done = end
-        if done >= S or not len(rows):
-            return rows, first_miss
-        assert kv is not None, "a first stage short of the suffix needs a sliceable cache"
-        end = S
-        x = torch.as_tensor(feed[rows, sbase + done: sbase + end], device=next(model.parameters()).device)
-        with torch.inference_mode():  # continue from the cache: read only the next stage's tokens
-            logits, cache = backend.forward(model, x, cache, last_only=False)
-        argmax[rows, done:end] = logits.argmax(-1).cpu().numpy()
-        del logits
+    v = _Verification(idx=idx, targets=job.W[idx, job.P:], argmax=argmax, first_miss=np.full(n, S),
+                      rows=np.arange(n), cache=batch.cache)
+    _settle(job, v, 0, k0, sliceable, pool)
+    if k0 < S and len(v.rows):  # the continuation: the survivors, from their cache, to the end of the suffix
+        assert sliceable, "a first stage short of the suffix needs a sliceable cache"
+        _continue(job, v, k0)
+        _settle(job, v, k0, S, sliceable, pool)
+    return v.rows, v.first_miss
+
+
+def _settle(job: _Job, v: _Verification, done: int, end: int, sliceable: bool, pool: _Pool) -> None:
+    """Check suffix positions [done, end) of the rows still matching: those that miss leave for `pool`, grouped
+    by their first miss d, each with its cache cropped before d; the survivors keep theirs."""
+    hit = v.argmax[v.rows, done:end] == v.targets[v.rows, done:end]
+    ok = hit.all(1)
+    if ok.all():
+        return
+    kv = backend.kv_from_cache(v.cache) if sliceable else None
+    j_miss = np.flatnonzero(~ok)
+    d = done + np.argmin(hit[j_miss], axis=1)
+    v.first_miss[v.rows[j_miss]] = d
+    for dv in np.unique(d):
+        js = j_miss[d == dv]
+        r = v.rows[js]
+        chunk = {"indices": v.idx[r].tolist(), "d": int(dv), "tok": v.argmax[r, dv]}
+        if kv is not None:
+            chunk["kv"] = backend.select_kv(kv, js.tolist(), job.b + job.P + int(dv))
+        else:
+            chunk["kv"] = None
+            chunk["argmax"] = v.argmax[r]
+        pool.add(chunk)
+    v.rows = v.rows[ok]
+    if len(v.rows) and end < job.S and kv is not None:  # the survivors' cache, for the continuation
+        v.cache = backend.cache_from_kv(backend.select_kv(kv, np.flatnonzero(ok).tolist(), job.sbase + end))
+
+
+def _continue(job: _Job, v: _Verification, done: int) -> None:
+    """Teacher-force the surviving rows from their cache through the rest of the suffix (only its tokens)."""
+    ix = v.idx[v.rows]
+    W = job.W
+    feed = W[ix, :-1] if job.bos_id is None else np.concatenate([np.full((len(ix), 1), job.bos_id), W[ix, :-1]],
+                                                                 axis=1)
+    x = torch.as_tensor(feed[:, job.sbase + done:], device=next(job.model.parameters()).device)
+    with torch.inference_mode():
+        logits, v.cache = backend.forward(job.model, x, v.cache, last_only=False)
+    v.argmax[v.rows, done:] = logits.argmax(-1).cpu().numpy()
+
+
+def _greedy_records(job: _Job, pool: _Pool) -> list[dict]:
+    indices, generated = _flush(job, pool)
+    return job.records(indices, generated)
+
+
+def _flush(job: _Job, pool: _Pool) -> tuple[list[int], np.ndarray]:
+    """Decode every pooled row from its own divergence point; returns (indices, generated [n, S])."""
+    W, P, S = job.W, job.P, job.S
+    indices = [i for c in pool.chunks for i in c["indices"]]
+    if all(c["kv"] is not None for c in pool.chunks):
+        # each group joins the decoding batch at its own step, with its own cache: nothing is read twice
+        outs = gen.greedy_join(job.model, [(c["d"], c["kv"], torch.as_tensor(c["tok"])) for c in pool.chunks], S)
+        generated = np.concatenate([
+            np.concatenate([W[c["indices"], P: P + c["d"]], o[:, c["d"]:].cpu().numpy()], axis=1)
+            for c, o in zip(pool.chunks, outs)])
+    else:  # no reusable cache: read the context up to the pool's first divergence point again
+        d = torch.tensor(np.concatenate([np.full(len(c["indices"]), c["d"]) for c in pool.chunks]))
+        argmax = torch.tensor(np.concatenate([c["argmax"] for c in pool.chunks]))
+        d0 = int(d.min())
+        ctx = _with_bos(W[indices, : P + d0], job.bos_id)
+        tail = gen.greedy(job.model, ctx, S - d0, forced=argmax[:, d0:], n_forced=d - d0 + 1)
+        generated = np.concatenate([W[indices, P: P + d0], tail.cpu().numpy()], axis=1)
+    pool.chunks.clear()
+    pool.size = 0
+    return indices, generated
 
 
 # --- sampling: (n, p)-discoverable extraction -------------------------------------------------------------------
+
+def _sample_records(job: _Job, batch: ScoredBatch, kv) -> list[dict]:
+    """n draws per sample from the pass's cache over the prefix (`kv`; None: read the prompt again); metrics on
+    the first draw; (n, p) columns."""
+    st, W, P, S, idx = job.st, job.W, job.P, job.S, batch.indices
+    n = st.num_samples
+    targets = torch.as_tensor(W[idx, P:], dtype=torch.long)
+    if kv is not None:
+        base = backend.crop_kv(kv, job.b + P - 1)
+        feed = torch.as_tensor(W[idx, P - 1: P], dtype=torch.long)  # the last prefix token, read again for its logits
+    else:
+        base, feed = None, job.prompts(idx)
+    past = backend.cache_from_kv(backend.repeat_kv(base, n)) if base is not None else None
+    draws = gen.sample(job.model, feed.repeat_interleave(n, 0), S, _uniforms(st.seed, idx, n, S), past=past,
+                       temperature=st.temperature, top_k=st.top_k, top_p=st.top_p).cpu().numpy().reshape(len(idx), n, S)
+    exact_per_draw = (draws == targets.numpy()[:, None, :]).all(-1)
+    extra = _np_columns(exact_per_draw, _log_p_seq(job, batch, base, feed, targets), n)
+    return job.records(idx, draws[:, 0], extra=extra)
+
+
+def _log_p_seq(job: _Job, batch: ScoredBatch, base, feed: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+    """ln of the sampler's probability of each whole target suffix given its prefix."""
+    st = job.st
+    if st.temperature == 1.0 and st.top_k == 0 and st.top_p == 1.0:
+        # the untransformed sampler: the scoring pass already holds ln p of every target token
+        sb = job.sbase
+        return np.array([float(s.logprob[sb: sb + job.S].astype(np.float64).sum()) for s in batch.stats])
+    past = backend.cache_from_kv(base) if base is not None else None
+    return gen.sequence_logprob(job.model, feed, targets, past=past, temperature=st.temperature,
+                                top_k=st.top_k, top_p=st.top_p).cpu().numpy()
+
 
 def _np_columns(exact_per_draw: np.ndarray, log_p_seq: np.ndarray, n: int) -> dict[str, np.ndarray]:
     """Hayes et al. 2024, (n, p)-discoverable extraction, per sample:
@@ -280,180 +674,21 @@ def _uniforms(seed: int, indices: Sequence[int], n: int, S: int) -> torch.Tensor
     return torch.from_numpy(np.concatenate([np.random.default_rng([seed, int(i)]).random((n, S)) for i in indices]))
 
 
-# --- the probe --------------------------------------------------------------------------------------------------
+# --- the summary and the run directory --------------------------------------------------------------------------
 
-def extract_windows(loaded: LoadedModel, windows: Windows, settings: ExtractionSettings | None = None, *,
-                    run: RunDir | None = None,
-                    on_batch: Callable[[int], None] | None = None) -> pd.DataFrame:
-    """Run the probe on prepared token windows; one row per window (input order), summary in `df.attrs`.
-
-    With `run`, every finished group of samples is saved as a partial result, samples already saved there are
-    skipped (resume), and samples.parquet, summary.json and the histograms are written at the end.
-    `on_batch(k)` is called after the k-th partial result is saved.
-    """
-    st = settings or ExtractionSettings()
-    st.check()
-    model, tok = loaded.model, loaded.tokenizer
-    P, S = windows.prefix, windows.suffix
-    use_bos = st.bos if st.bos is not None else tok.bos_token_id is not None
-    if use_bos and tok.bos_token_id is None:
-        raise MemauditError("--bos was asked for but the tokenizer has no BOS token")
-    bos_id = tok.bos_token_id if use_bos else None
-    b = 1 if use_bos else 0
-    positions = P + S - 1 + b
-    if positions > loaded.max_length:
-        raise MemauditError(f"windows of {P}+{S} tokens{' after BOS' if b else ''} need {positions} positions but "
-                            f"the model's context is {loaded.max_length}: use a smaller --prefix/--suffix")
-    W = windows.tokens
-    n = len(W)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-
-    frames: list[pd.DataFrame] = run.load_partials() if run is not None else []
-    done = {int(i) for f in frames for i in f["index"]}
-    n_partials = len(frames)
-    pool = _Pool()
-    finished: list[dict] = []  # result rows not yet saved
-    records: list[dict] = []  # saved rows, without a run directory
-    decode_batch = 0
-    sbase = P - 1 + b  # stats index of the first suffix token
-
-    def save(advance) -> None:
-        nonlocal n_partials
-        if not finished:
-            return
-        if run is not None:
-            df = pd.DataFrame(finished)
-            run.save_partial(f"{n_partials:06d}", df)
-            frames.append(df)
-        else:
-            records.extend(finished)
-        k = len(finished)
-        finished.clear()
-        n_partials += 1
-        advance(k)
-        if on_batch is not None:
-            on_batch(n_partials)
-
-    shortcut = st.decoding == "greedy" and st.shortcut
-    keep_cache = st.decoding == "sample" and st.shortcut
-    pass_kw: dict = {"greedy_only": st.decoding != "sample"}
-    if shortcut:
-        sliceable = _cache_is_sliceable(model, bos_id if bos_id is not None else int(W[0, 0]) if n else 0)
-        stages = _Stages(S)
-        for f in frames:  # resume: what the finished samples showed
-            stages.record(f["match_prefix"].to_numpy())
-        # the first stage reads BOS + prefix + k0 - 1 suffix tokens (predicting k0), logits only from the suffix
-        # on; without a sliceable cache a continuation would re-read everything, so then it reads it all at once
-        pass_kw = {"greedy_only": True, "score_from": sbase,
-                   "max_positions": (lambda rows: sbase + stages.first_stage(rows)) if sliceable else sbase + S}
-        keep_cache = sliceable
-    elif st.decoding != "sample":  # beam, or plain greedy: the pass only batches the samples, so read nothing
-        pass_kw = {"greedy_only": True, "max_positions": 1}
-    with progress_bar(n - len(done), "extract") as advance:
-        for batch in iter_scored_batches(model, W, batch_size=st.batch_size, bos_id=bos_id, keep_cache=keep_cache,
-                                         pad_id=pad_id, skip=done, max_length=loaded.max_length, **pass_kw):
-            idx = batch.indices
-            targets = W[idx, P:]
-            if shortcut:
-                decode_batch = max(decode_batch, len(idx) * _decode_factor(model, P + S))
-                exact_rows, first_miss = _verify_batch(model, batch, W, P, S, bos_id, sliceable, pool)
-                stages.record(first_miss)
-                if len(exact_rows):
-                    finished += _records([idx[r] for r in exact_rows], targets[exact_rows], targets[exact_rows],
-                                         tok, windows.ids, reproduced=True)
-                del batch
-                if pool.size >= decode_batch:
-                    finished += _greedy_records(pool, model, W, P, S, bos_id, tok, windows.ids)
-            elif st.decoding == "greedy":  # plain decoding from the prefix, for verification
-                finished += _records(idx, _plain_greedy(model, W[idx, :P], S, bos_id), targets, tok, windows.ids)
-            elif st.decoding == "sample":
-                kv = backend.kv_from_cache(batch.cache) if keep_cache else None
-                finished += _sample_records(model, W, idx, batch, kv, P, S, b, bos_id, st, tok, windows.ids)
-                del kv
-            else:
-                ctx = _with_bos(W[idx, :P], bos_id)
-                out = gen.beam_search(model, ctx, S, st.num_beams, pad_id).cpu().numpy()
-                finished += _records(idx, out, targets, tok, windows.ids)
-            save(advance)
-        if pool.size:
-            finished += _greedy_records(pool, model, W, P, S, bos_id, tok, windows.ids)
-            save(advance)
-
-    parts = frames + ([pd.DataFrame(records)] if records else [])
-    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=_COLUMNS)
-    df = df.sort_values("index", kind="stable").drop(columns="index").reset_index(drop=True)
-    summary = summarize(df, windows, st, use_bos)
-    df.attrs["summary"] = summary
-    if run is not None:
-        run.write_samples(df)
-        run.write_summary(summary)
-        _histograms(run, df)
-        run.finish()
-        df.attrs["run_dir"] = str(run.path)
-    return df
-
-
-def _decode_factor(model, window: int) -> int:
-    """How many times more rows a decoding group may hold than a scoring batch at equal memory: a scoring row
-    holds the window's KV cache and ~4 vocabulary-sized float32 temporaries per position, a decoding row the same
-    cache and one position's logits. Capped at 4 (larger groups stop paying off); 1 for large models."""
-    vocab, width, layers = backend.dimensions(model)
-    cache = 2 * layers * width * window
-    return int(max(1, min(4, (cache + 4 * vocab * window) // (cache + vocab))))
-
-
-def _with_bos(ctx: np.ndarray, bos_id: int | None) -> torch.Tensor:
-    t = torch.as_tensor(ctx, dtype=torch.long)
-    if bos_id is not None:
-        t = torch.cat([torch.full((len(t), 1), bos_id, dtype=torch.long), t], dim=1)
-    return t
-
-
-def _plain_greedy(model, prefixes: np.ndarray, S: int, bos_id: int | None) -> np.ndarray:
-    return gen.greedy(model, _with_bos(prefixes, bos_id), S).cpu().numpy()
-
-
-def _greedy_records(pool: _Pool, model, W, P, S, bos_id, tok, ids) -> list[dict]:
-    indices, generated = _flush(pool, model, W, P, S, bos_id)
-    return _records(indices, generated, W[indices, P:], tok, ids)
-
-
-def _sample_records(model, W, idx, batch, kv, P, S, b, bos_id, st: ExtractionSettings, tok, ids) -> list[dict]:
-    """n draws per sample from the pass's cache over the prefix; metrics on the first draw; (n, p) columns."""
-    n = st.num_samples
-    targets = torch.as_tensor(W[idx, P:], dtype=torch.long)
-    last = torch.as_tensor(W[idx, P - 1: P], dtype=torch.long)  # the last prefix token, read again for its logits
-    if kv is not None:
-        base = backend.crop_kv(kv, b + P - 1)
-        feed = last
-    else:
-        base, feed = None, _with_bos(W[idx, :P], bos_id)
-    past = backend.cache_from_kv(backend.repeat_kv(base, n)) if base is not None else None
-    draws = gen.sample(model, feed.repeat_interleave(n, 0), S, _uniforms(st.seed, idx, n, S), past=past,
-                       temperature=st.temperature, top_k=st.top_k, top_p=st.top_p).cpu().numpy().reshape(len(idx), n, S)
-    exact_per_draw = (draws == targets.numpy()[:, None, :]).all(-1)
-    if st.temperature == 1.0 and st.top_k == 0 and st.top_p == 1.0:
-        # the untransformed sampler: the scoring pass already holds ln p of every target token
-        sb = P - 1 + b
-        log_p_seq = np.array([float(s.logprob[sb: sb + S].astype(np.float64).sum()) for s in batch.stats])
-    else:
-        past2 = backend.cache_from_kv(base) if base is not None else None
-        log_p_seq = gen.sequence_logprob(model, feed, targets, past=past2, temperature=st.temperature,
-                                         top_k=st.top_k, top_p=st.top_p).cpu().numpy()
-    extra = _np_columns(exact_per_draw, log_p_seq, n)
-    return _records(idx, draws[:, 0], W[idx, P:], tok, ids, extra)
-
-
-def summarize(df: pd.DataFrame, windows: Windows, st: ExtractionSettings, use_bos: bool) -> dict:
+def summarize(df: pd.DataFrame, windows: Windows, st: DecodingSettings, use_bos: bool) -> ExtractSummary:
+    """summary.json's figures (ExtractSummary), from the result rows."""
     def mean(col: str) -> float | None:
         return float(df[col].mean()) if len(df) else None
 
-    summary = {"n_samples": int(len(df)), "n_skipped": int(windows.n_skipped),
-               "n_duplicates": int(windows.n_duplicates), "exact_rate": mean("exact"),
-               "n_exact": int(df["exact"].sum()) if len(df) else 0,
-               "mean_token_match": mean("token_match"), "mean_match_prefix": mean("match_prefix"),
-               "mean_rouge_l": mean("rouge_l"), "mean_rouge_l_text": mean("rouge_l_text"),
-               "prefix": windows.prefix, "suffix": windows.suffix, "decoding": st.decoding, "bos": use_bos}
+    summary: ExtractSummary = {
+        **summary_header("extract"),
+        "n_samples": int(len(df)), "n_skipped": int(windows.n_skipped),
+        "n_duplicates": int(windows.n_duplicates), "exact_rate": mean("exact"),
+        "n_exact": int(df["exact"].sum()) if len(df) else 0,
+        "mean_token_match": mean("token_match"), "mean_match_prefix": mean("match_prefix"),
+        "mean_rouge_l": mean("rouge_l"), "mean_rouge_l_text": mean("rouge_l_text"),
+        "prefix": windows.prefix, "suffix": windows.suffix, "decoding": st.decoding, "bos": use_bos}
     if st.decoding == "beam":
         summary["num_beams"] = st.num_beams
     if st.decoding == "sample":
@@ -465,13 +700,22 @@ def summarize(df: pd.DataFrame, windows: Windows, st: ExtractionSettings, use_bo
     return summary
 
 
-def _histograms(run: RunDir, df: pd.DataFrame) -> None:
-    import matplotlib
+def _write(run: RunDir | None, samples: pd.DataFrame, summary: ExtractSummary) -> ExtractResult:
+    """samples.parquet, summary.json and the histograms; the partial results go once they are written."""
+    if run is not None:
+        run.write_samples(samples)
+        run.write_summary(summary)
+        _histograms(run, samples, summary["suffix"])
+        run.finish()
+    return ExtractResult(summary=summary, path=run.path if run is not None else None, samples=samples)
+
+
+def _histograms(run: RunDir, df: pd.DataFrame, S: int) -> None:
+    import matplotlib  # lazy: keeps CLI start-up fast
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    S = int(run.config["settings"]["suffix"])
     for col, bins, label in (("rouge_l", np.linspace(0, 1, 21), "ROUGE-L F (token ids)"),
                              ("match_prefix", np.arange(S + 2) - 0.5, "correct tokens before the first miss")):
         fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -480,70 +724,3 @@ def _histograms(run: RunDir, df: pd.DataFrame) -> None:
         ax.set_ylabel("samples")
         ax.set_title(f"{col} over {len(df)} samples")
         run.save_figure(fig, f"{col}.png")
-
-
-# --- the user-facing function --------------------------------------------------------------------------------
-
-def extract(model: str | os.PathLike | LoadedModel, data: str | os.PathLike, *, prefix: int = 32, suffix: int = 32,
-            offset: int = 0, decoding: str = "greedy", num_beams: int = 4, num_samples: int = 10,
-            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, np_threshold: float = 0.5,
-            batch_size: int | str = "auto", device: str = "auto", dtype: str = "auto", limit: int | None = None,
-            text_field: str = "text", id_field: str = "id", bos: bool | None = None, shortcut: bool = True,
-            out: str | os.PathLike | None = None, resume: bool = False, overwrite: bool = False,
-            allow_pickle: bool = False, trust_remote_code: bool = False, seed: int = 0,
-            on_batch: Callable[[int], None] | None = None) -> pd.DataFrame:
-    """Extraction probe on a model directory and a data file.
-
-    Returns one row per deduplicated window: id, exact, token_match, match_prefix, rouge_l, rouge_l_text,
-    generated, target (+ generated_ids; + p_hat, any_exact, p_seq, p_extract for sampling).
-    `df.attrs["summary"]` holds the summary.json figures; with `out`, a run directory is written there.
-    """
-    st = ExtractionSettings(prefix=prefix, suffix=suffix, offset=offset, decoding=decoding, num_beams=num_beams,
-                            num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p,
-                            np_threshold=np_threshold, batch_size=batch_size, bos=bos, shortcut=shortcut, seed=seed)
-    st.check()
-    checks.limit(limit)
-    checks.readable_file(data)
-    if resume and out is None:
-        raise MemauditError("--resume needs --out (the run directory to continue)")
-    checks.device(device)
-    checks.dtype(dtype)
-    ctx = model.max_length if isinstance(model, LoadedModel) else checks.context_length(
-        checks.model_dir(model, allow_pickle=allow_pickle))
-    if ctx is not None and prefix + suffix > ctx:
-        raise MemauditError(f"windows of {prefix}+{suffix} tokens need {prefix + suffix} positions but the model's "
-                            f"context is {ctx}: use a smaller --prefix/--suffix")
-    if out is not None:
-        model_path = model.path if isinstance(model, LoadedModel) else model
-        check_output(out, "extract", inputs=[model_path, data], resume=resume, overwrite=overwrite)
-    loaded = model if isinstance(model, LoadedModel) else load_model(
-        model, device=device, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    docs = read_documents(data, text_field=text_field, id_field=id_field, limit=limit)
-    torch.manual_seed(seed)
-    windows = make_windows(tokenize(loaded.tokenizer, docs["text"].tolist()), docs["id"].tolist(), prefix, suffix,
-                           offset)
-    if len(windows.ids) == 0:
-        raise MemauditError(f"all {len(docs)} documents are shorter than offset + prefix + suffix = "
-                            f"{offset + prefix + suffix} tokens: use a smaller --prefix/--suffix/--offset")
-    run = None
-    if out is not None:
-        settings = {k: v for k, v in vars(st).items() if k != "batch_size"} | {"limit": limit, "text_field": text_field,
-                                                           "id_field": id_field, "dtype": str(loaded.dtype)}
-        inputs = {"model": str(loaded.path), "model_weights_sha256": weights_hash(loaded.path),
-                  "data": str(data), "data_sha256": file_hash(data)}
-        run = RunDir(out, "extract", settings, inputs=inputs, resume=resume, overwrite=overwrite)
-    return extract_windows(loaded, windows, st, run=run, on_batch=on_batch)
-
-
-def format_summary(summary: dict) -> str:
-    """A few human lines for the terminal."""
-    s = summary
-    lines = [f"{s['n_samples']} samples ({s['n_skipped']} documents too short, {s['n_duplicates']} duplicate windows), "
-             f"prefix {s['prefix']} + suffix {s['suffix']}, {s['decoding']} decoding",
-             f"exact (verbatim suffix): {s['n_exact']}/{s['n_samples']} = {s['exact_rate']:.3f}",
-             f"mean token match {s['mean_token_match']:.3f}, ROUGE-L {s['mean_rouge_l']:.3f} "
-             f"(text {s['mean_rouge_l_text']:.3f}), mean correct run {s['mean_match_prefix']:.1f} tokens"]
-    if s["decoding"] == "sample":
-        lines.append(f"(n={s['num_samples']}, p={s['np_threshold']})-discoverable: {s['np_discoverable_rate']:.3f}; "
-                     f"mean P(one draw reproduces) {s['mean_p_seq']:.3g}, mean P(any of n) {s['mean_p_extract']:.3g}")
-    return "\n".join(lines)

@@ -1,19 +1,26 @@
 """The extraction probe: metrics against their published definitions and the rouge-score package, the greedy
 shortcut against plain full decoding (our loop and HF generate), sampling's (n, p) figures, resume, memory."""
+import dataclasses
 import json
 import random
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from memaudit import extract, load_model, read_documents, tokenize, write_documents
-from memaudit.extraction import sample_metrics
+from memaudit import MemauditError, extract, load_model, read_documents, tokenize, write_documents
+from memaudit.extraction import ExtractSettings, sample_metrics
 from memaudit.metrics import lcs_length, rouge_l_ids, rouge_l_text
+
+
+def _samples(model, data, **options) -> pd.DataFrame:
+    """The result rows of a run that writes nothing."""
+    return extract(model_dir=model, data=data, write=False, **options).samples
 
 
 # --- metrics ------------------------------------------------------------------------------------------------
@@ -96,8 +103,8 @@ def test_reproduced_rows_get_the_general_metrics():
 
 def test_exact_rate_trained_vs_heldout(memorized):
     m = load_model(memorized.model_dir)
-    tr = extract(m, memorized.train_file).attrs["summary"]
-    ho = extract(m, memorized.heldout_file).attrs["summary"]
+    tr = extract(model_dir=m, data=memorized.train_file, write=False).summary
+    ho = extract(model_dir=m, data=memorized.heldout_file, write=False).summary
     assert tr["exact_rate"] >= 0.9, tr
     assert ho["exact_rate"] <= 0.05, ho
     assert tr["mean_rouge_l"] > ho["mean_rouge_l"] + 0.5
@@ -125,8 +132,8 @@ def mixed(memorized, tmp_path_factory):
 def test_shortcut_equals_full_greedy_decoding(mixed):
     m, path = mixed
     for offset, prefix, suffix in [(0, 32, 32), (40, 16, 40)]:
-        fast = extract(m, path, prefix=prefix, suffix=suffix, offset=offset, batch_size=7)
-        full = extract(m, path, prefix=prefix, suffix=suffix, offset=offset, batch_size=16, shortcut=False)
+        fast = _samples(m, path, prefix=prefix, suffix=suffix, offset=offset, batch_size=7)
+        full = _samples(m, path, prefix=prefix, suffix=suffix, offset=offset, batch_size=16, shortcut=False)
         assert len(fast) == len(full) > 150
         pd.testing.assert_frame_equal(fast, full)
         early = (fast.match_prefix < 3) & ~fast.exact
@@ -155,15 +162,15 @@ def test_staged_verification_equals_full_greedy_at_every_cut(mixed, monkeypatch)
 
     m, path = mixed
     kw = dict(prefix=32, suffix=32, limit=120)
-    full = extract(m, path, **kw, batch_size=16, shortcut=False)
+    full = _samples(m, path, **kw, batch_size=16, shortcut=False)
     assert 0 < full.exact.sum() < len(full) and ((full.match_prefix >= 3) & ~full.exact).sum() > 5
     chosen = []
     for k0 in (1, 3, 32):
         monkeypatch.setattr(ex._Stages, "first_stage", lambda self, rows, k0=k0: chosen.append(k0) or k0)
-        pd.testing.assert_frame_equal(extract(m, path, **kw, batch_size=9), full)
+        pd.testing.assert_frame_equal(_samples(m, path, **kw, batch_size=9), full)
     assert sorted(set(chosen)) == [1, 3, 32]
     monkeypatch.setattr(ex, "_cache_is_sliceable", lambda model, token: False)
-    pd.testing.assert_frame_equal(extract(m, path, **kw, batch_size=9), full)
+    pd.testing.assert_frame_equal(_samples(m, path, **kw, batch_size=9), full)
 
 
 def test_stage_choice_follows_the_data():
@@ -207,9 +214,9 @@ def test_partial_scoring_pass_matches_full_pass(memorized):
 def test_sampling_np_discoverable(mixed):
     m, path = mixed
     kw = dict(prefix=16, suffix=16, limit=70, decoding="sample", num_samples=8)
-    df = extract(m, path, **kw, batch_size=5)
+    df = _samples(m, path, **kw, batch_size=5)
     # batch-independent draws: another batch size gives identical samples
-    pd.testing.assert_frame_equal(df, extract(m, path, **kw, batch_size=32))
+    pd.testing.assert_frame_equal(df, _samples(m, path, **kw, batch_size=32))
     # p_seq under the untransformed sampler = exp(sum of the target log-probs), from an independent full pass
     docs = read_documents(path, limit=70)
     toks = dict(zip(docs.id, tokenize(m.tokenizer, docs.text)))
@@ -223,8 +230,8 @@ def test_sampling_np_discoverable(mixed):
         assert row.p_extract == pytest.approx(1 - (1 - row.p_seq) ** 8, rel=1e-9, abs=1e-12)
     assert 0 < df.p_hat.mean() < 1 and df.any_exact.mean() >= df.exact.mean()
     # top_k=1 makes the sampler greedy: its draws are the greedy tokens and p_seq is 1 exactly when exact
-    greedy = extract(m, path, prefix=16, suffix=16, limit=70)
-    k1 = extract(m, path, **(kw | {"top_k": 1, "num_samples": 2}))
+    greedy = _samples(m, path, prefix=16, suffix=16, limit=70)
+    k1 = _samples(m, path, **(kw | {"top_k": 1, "num_samples": 2}))
     assert k1.generated_ids.map(tuple).tolist() == greedy.generated_ids.map(tuple).tolist()
     np.testing.assert_array_equal(k1.p_seq.to_numpy() == 1.0, greedy.exact.to_numpy())
     np.testing.assert_array_equal(k1.p_hat.to_numpy(), greedy.exact.to_numpy().astype(float))
@@ -233,10 +240,10 @@ def test_sampling_np_discoverable(mixed):
 def test_beam_with_one_beam_is_greedy(mixed):
     m, path = mixed
     kw = dict(prefix=16, suffix=16, limit=40)
-    beam = extract(m, path, decoding="beam", num_beams=1, **kw)
-    greedy = extract(m, path, **kw)
+    beam = _samples(m, path, decoding="beam", num_beams=1, **kw)
+    greedy = _samples(m, path, **kw)
     assert beam.generated_ids.map(tuple).tolist() == greedy.generated_ids.map(tuple).tolist()
-    b4 = extract(m, path, decoding="beam", num_beams=4, **kw).attrs["summary"]
+    b4 = extract(model_dir=m, data=path, decoding="beam", num_beams=4, write=False, **kw).summary
     assert b4["decoding"] == "beam" and b4["n_samples"] == 40
 
 
@@ -249,22 +256,24 @@ class _Interrupt(Exception):
 def test_resume_after_interruption_equals_uninterrupted(mixed, tmp_path):
     m, path = mixed
     kw = dict(prefix=32, suffix=32, batch_size=8)
-    whole = extract(m, path, **kw, out=tmp_path / "whole")
+    whole = extract(ExtractSettings(model_dir=m, data=path, **kw, out=tmp_path / "whole"))
+    assert whole.path == tmp_path / "whole"
 
     def stop_after_3(k):
         if k == 3:
             raise _Interrupt
 
     with pytest.raises(_Interrupt):
-        extract(m, path, **kw, out=tmp_path / "cut", on_batch=stop_after_3)
+        extract(model_dir=m, data=path, **kw, out=tmp_path / "cut", on_batch=stop_after_3)
     saved = pd.concat([pd.read_parquet(f) for f in (tmp_path / "cut" / "partial").glob("*.parquet")])
-    assert 0 < len(saved) < len(whole)
+    assert 0 < len(saved) < len(whole.samples)
     redone = []
-    resumed = extract(m, path, **kw, out=tmp_path / "cut", resume=True, on_batch=redone.append)
-    pd.testing.assert_frame_equal(resumed, whole)
+    resumed = extract(ExtractSettings(model_dir=m, data=path, **kw, out=tmp_path / "cut", resume=True),
+                      on_batch=redone.append)
+    pd.testing.assert_frame_equal(resumed.samples, whole.samples)
     assert not (tmp_path / "cut" / "partial").exists()
     assert pd.read_parquet(tmp_path / "cut" / "samples.parquet").equals(pd.read_parquet(tmp_path / "whole" / "samples.parquet"))
-    assert json.loads((tmp_path / "cut" / "summary.json").read_text()) == whole.attrs["summary"]
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text()) == whole.summary == resumed.summary
 
 
 def test_resume_skips_finished_samples(mixed, tmp_path, monkeypatch):
@@ -279,7 +288,7 @@ def test_resume_skips_finished_samples(mixed, tmp_path, monkeypatch):
             raise _Interrupt
 
     with pytest.raises(_Interrupt):
-        extract(m, path, **kw, out=tmp_path / "r", on_batch=stop)
+        extract(model_dir=m, data=path, **kw, out=tmp_path / "r", on_batch=stop)
     n_saved = sum(len(pd.read_parquet(f)) for f in (tmp_path / "r" / "partial").glob("*.parquet"))
     real = ex.iter_scored_batches
     scored = []
@@ -290,8 +299,26 @@ def test_resume_skips_finished_samples(mixed, tmp_path, monkeypatch):
             yield b
 
     monkeypatch.setattr(ex, "iter_scored_batches", counting)
-    df = extract(m, path, **kw, out=tmp_path / "r", resume=True)
+    df = extract(model_dir=m, data=path, **kw, out=tmp_path / "r", resume=True).samples
     assert len(scored) == len(df) - n_saved and n_saved > 0
+
+
+def test_settings_object_or_keywords_and_the_default_out(memorized, tmp_path, monkeypatch):
+    """One ExtractSettings, or its fields as keywords (not both); without `out` the library picks
+    runs/extract-<time>; write=False writes nothing and returns the same results."""
+    monkeypatch.chdir(tmp_path)
+    s = ExtractSettings(model_dir=memorized.model_dir, data=memorized.train_file, prefix=8, suffix=8, limit=4)
+    res = extract(s)
+    assert res.path is not None and res.path.parent == Path("runs") and res.path.name.startswith("extract-")
+    assert list(res.summary)[:2] == ["schema_version", "command"] and res.summary["command"] == "extract"
+    assert json.loads((res.path / "summary.json").read_text()) == res.summary
+    with pytest.raises(TypeError, match="not both"):
+        extract(s, limit=2)
+    quiet = extract(dataclasses.replace(s, write=False))
+    assert quiet.path is None and quiet.summary == res.summary and list(Path("runs").iterdir()) == [res.path]
+    pd.testing.assert_frame_equal(quiet.samples, res.samples)
+    with pytest.raises(MemauditError, match="--resume needs --out"):
+        extract(dataclasses.replace(s, write=False, resume=True))
 
 
 def test_cli_extract_writes_run_dir(memorized, tmp_path, monkeypatch, capsys):
@@ -328,7 +355,7 @@ _MEM_SCRIPT = textwrap.dedent("""
     import numpy as np
     from transformers import GPT2Config, GPT2LMHeadModel
     from memaudit.samples import Windows
-    from memaudit.extraction import ExtractionSettings, extract_windows
+    from memaudit.extraction import DecodingSettings, extract_windows
     from memaudit.models import LoadedModel
     torch.manual_seed(0)
     n = int(sys.argv[1])
@@ -341,7 +368,7 @@ _MEM_SCRIPT = textwrap.dedent("""
     tokens = np.random.default_rng(0).integers(1, 512, size=(n, 48))
     w = Windows([str(i) for i in range(n)], tokens, 24, 24, 0, 0)
     lm = LoadedModel(model, Tok(), None, torch.device("cpu"), torch.float32)
-    df = extract_windows(lm, w, ExtractionSettings(prefix=24, suffix=24, batch_size=64))
+    df = extract_windows(lm, w, DecodingSettings(batch_size=64)).samples
     assert len(df) == n
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """)

@@ -43,8 +43,8 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 def extraction(model_dir: Path, data: Path) -> dict:
     """The extraction probe (`memaudit extract`, greedy): 32-token prompts, 32-token targets, BOS first."""
-    summary = extract(model_dir, data, prefix=PREFIX, suffix=SUFFIX, device="cpu", dtype="float32",
-                      batch_size=32).attrs["summary"]
+    summary = extract(model_dir=model_dir, data=data, prefix=PREFIX, suffix=SUFFIX, device="cpu", dtype="float32",
+                      batch_size=32, write=False).summary
     return {"documents": summary["n_samples"], "exact": summary["n_exact"],
             "exact_pct": 100.0 * summary["exact_rate"], "match_prefix_mean": summary["mean_match_prefix"],
             "token_match": summary["mean_token_match"], "rouge_l_text": summary["mean_rouge_l_text"]}
