@@ -143,8 +143,8 @@ def main() -> None:
         t_mem = t_peer = float("inf")
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            res = mia(target, mem_f, non_f, reference=ref, attacks=ATTACKS, k=KS, window=args.window, bootstrap=0,
-                      device="cpu", dtype="float32", write=False)
+            res = mia(model_dir=target, members=mem_f, nonmembers=non_f, reference=ref, attacks=ATTACKS, k=KS,
+                      window=args.window, bootstrap=0, device="cpu", dtype="float32", write=False)
             t_mem = min(t_mem, time.perf_counter() - t0)
             t0 = time.perf_counter()
             cols, passes = peer(target, ref, mem_f, non_f, args.window, res.summary["recall"]["shot_ids"])

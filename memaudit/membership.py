@@ -1,6 +1,8 @@
 """Membership inference: run the attacks on members vs non-members, measure them honestly, write a run dir.
 
-Passes over the model (each sharded across ranks under torchrun, gathered on rank 0):
+`mia(MiaSettings(...))` (or `mia(model_dir=..., members=..., nonmembers=..., ...)`) goes validate -> load ->
+passes -> attacks and metrics -> summary -> write. Passes over the model (each sharded across ranks under torchrun,
+gathered on rank 0, and saved in resumable chunks):
   1. target scoring pass (memaudit.scoring) -> every logit-based attack but recall
   2. reference model's scoring pass        -> `reference`
   3. shots + x scoring pass (same engine)   -> `recall` (the x part of each conditioned sequence)
@@ -11,29 +13,30 @@ stratified split and applied to the rest (what an auditor can really achieve).
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypedDict
 
 import numpy as np
 import pandas as pd
 import torch
 
-from . import distributed
-from .attacks import ATTACKS, DCPDD_CAP, DEFAULT_K, AttackInputs, gradient_norms, parse_attacks, parse_ks, \
-    run_attacks, token_log_frequencies
+from . import checks, distributed
+from .attacks import ATTACKS, DCPDD_CAP, AttackInputs, gradient_norms, parse_attacks, parse_ks, run_attacks, \
+    token_log_frequencies
 from .data import file_hash, read_documents, tokenize
-from . import checks
 from .errors import MemauditError
-from .rundir import RunDir, check_output
 from .metrics import (binary_metrics, bootstrap_roc, roc_auc, roc_curve, stratified_split, threshold_at_fpr,
                       threshold_max_balanced_accuracy, tpr_at_fpr)
-from .models import load_model, load_tokenizer, tokenizers_match, weights_hash
+from .models import LoadedModel, load_model, load_tokenizer, tokenizers_match, weights_hash
 from .progress import progress_bar
+from .rundir import RunDir, check_output, summary_header
 from .samples import document_samples
 from .scoring import TokenStats, score_sharded
+from .settings import settings_from
 
 FPR_TARGETS = (0.01, 0.001)
 # Samples per saved unit of a pass: an interrupted run redoes at most this many. Each unit is one scoring call,
@@ -42,19 +45,233 @@ RESUME_CHUNK = 4096
 MIN_RECALL_PREFIX = 8  # fewer shot tokens than this is not a prefix worth the name
 
 
+@dataclass(kw_only=True)
+class MiaSettings:
+    """Every option of `memaudit mia`: the CLI flags' names and defaults (the CLI only parses)."""
+    model_dir: str | Path  # the target model directory
+    members: str | Path  # documents the model was trained on (.jsonl, .txt, .parquet, .csv)
+    nonmembers: str | Path  # documents from the same source it never saw
+    reference: str | Path | None = None  # reference model (same tokenizer) for the reference attack
+    attacks: str | Sequence[str] = "all"  # all, or a comma list / sequence of attack names (attacks.ATTACKS)
+    k: str | Sequence[float] = "10,20,30"  # percentages for min_k and min_k_pp (one score column per k)
+    window: int | None = None  # each document's first N tokens; None: whole documents truncated to the context
+    bos: bool = True  # prepend the tokenizer's BOS so every token is scored
+    recall_shots: int = 5  # non-member samples joined as recall's prefix (left out of recall's metrics)
+    dcpdd_corpus: str | Path | None = None  # dc_pdd's token frequencies; None: the non-member file
+    bootstrap: int = 1000  # resamples for the confidence intervals (0: none)
+    calibration_fraction: float = 0.5  # of each class, to calibrate thresholds; the rest measures them
+    seed: int = 0  # calibration split, bootstrap and recall shots
+    batch_size: int | str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    text_field: str = "text"
+    id_field: str = "id"
+    limit: int | None = None  # only the first N documents of each file
+    out: str | Path | None = None  # None: RunDir.default_out("mia")
+    resume: bool = False
+    overwrite: bool = False
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    # Not a CLI flag: False is the Python API's results-only path (no run directory, so no --resume either).
+    write: bool = True
+
+    def validate(self) -> None:
+        """Cheap checks before anything is loaded: one MemauditError line each."""
+        names, is_all = parse_attacks(self.attacks)
+        parse_ks(self.k)
+        checks.integer("--window", self.window, low=2)
+        checks.integer("--recall-shots", self.recall_shots, low=0)
+        checks.integer("--bootstrap", self.bootstrap, low=0)
+        checks.fraction("--calibration-fraction", self.calibration_fraction)
+        checks.seed(self.seed)
+        checks.device(self.device)
+        checks.dtype(self.dtype)
+        checks.limit(self.limit)
+        checks.batch_size(self.batch_size)
+        checks.readable_file(self.members, "members file")
+        checks.readable_file(self.nonmembers, "non-members file")
+        checks.readable_file(self.dcpdd_corpus, "--dcpdd-corpus file")
+        if Path(self.members).resolve() == Path(self.nonmembers).resolve():
+            raise MemauditError("--members and --nonmembers are the same file: membership inference needs documents "
+                                "the model never saw")
+        checks.model_dir(self.model_dir, allow_pickle=self.allow_pickle)
+        if self.reference is not None:
+            checks.model_dir(self.reference, allow_pickle=self.allow_pickle, what="--reference model directory")
+        if self.reference is None and not is_all and _needs_reference(names):  # `all` skips it instead (_plan)
+            raise MemauditError("the reference attack needs --reference MODEL_DIR")
+        if self.resume and (self.out is None or not self.write):
+            raise MemauditError("--resume needs --out (the run directory to continue)")
+
+
+# --- summary.json: the declared schema -----------------------------------------------------------------------
+
+class ThresholdFigures(TypedDict):
+    """A calibrated threshold and what it achieves on the evaluation split."""
+    threshold: float
+    tpr: float
+    fpr: float
+
+
+class BinaryFigures(ThresholdFigures):
+    """metrics.binary_metrics at one threshold."""
+    precision: float
+    balanced_accuracy: float
+    f1: float
+
+
+# One key per FPR_TARGETS entry (and its bootstrap interval when --bootstrap > 0); the keys hold dots, hence the
+# functional form.
+OracleMetrics = TypedDict("OracleMetrics", {
+    "tpr_at_fpr_0.01": float, "tpr_at_fpr_0.01_ci95": list[float],
+    "tpr_at_fpr_0.001": float, "tpr_at_fpr_0.001_ci95": list[float],
+}, total=False)
+# Thresholds picked on the calibration split, measured on the evaluation split; `error` (and nothing measured)
+# when a split lacks members or non-members.
+CalibratedMetrics = TypedDict("CalibratedMetrics", {
+    "n_calibration": int, "n_evaluation": int, "error": str,
+    "at_fpr_0.01": ThresholdFigures, "at_fpr_0.001": ThresholdFigures, "max_balanced_accuracy": BinaryFigures,
+}, total=False)
+
+
+class AttackMetrics(TypedDict, total=False):
+    """One score column's block under summary["attacks"] (what report.py and risk.py read)."""
+    n_members: int  # samples with a score (recall's shots have none)
+    n_nonmembers: int
+    auc: float  # ROC AUC, higher score = member
+    auc_ci95: list[float]  # percentile bootstrap interval; only with --bootstrap > 0
+    oracle: OracleMetrics  # TPR at FPR with the threshold picked on all samples (what peers report)
+    calibrated: CalibratedMetrics
+
+
+class SampleCounts(TypedDict):
+    documents: int
+    samples: int
+    skipped_too_short: int
+    truncated_to_context: int
+    duplicates_dropped: int
+
+
+class MiaSampleCounts(TypedDict):
+    members: SampleCounts
+    nonmembers: SampleCounts
+
+
+class MiaOverlap(TypedDict):
+    ids_in_both_files: int
+    identical_samples_in_both_sets: int
+
+
+class RecallInfo(TypedDict):
+    shots: int
+    shot_ids: list[str]  # the non-member samples joined as the prefix
+    prefix_tokens: int
+    separator: str | None  # "eos", or None when the tokenizer has no EOS
+    note: str
+
+
+class DcPddCorpus(TypedDict):
+    file: str
+    sha256: str
+    documents: int
+    tokens: int
+    default_nonmember_file: bool  # no --dcpdd-corpus: the non-member file
+    smoothing: str
+    cap_a: float
+
+
+class MiaSummary(TypedDict, total=False):
+    """summary.json of `memaudit mia` (schema rundir.SUMMARY_SCHEMA_VERSION)."""
+    schema_version: int  # rundir.SUMMARY_SCHEMA_VERSION
+    command: str  # "mia"
+    attacks: dict[str, AttackMetrics]  # score column -> its metrics
+    columns: list[str]  # score columns, in order (samples.parquet holds score_<column>)
+    skipped_attacks: dict[str, str]  # attack -> why `all` skipped it
+    n_members: int
+    n_nonmembers: int
+    samples: MiaSampleCounts  # how each file's documents became samples
+    overlap: MiaOverlap  # ids and identical samples found in both sets (both kept)
+    windows: dict[str, Any]  # {"mode": "window", "tokens": N, ...} or {"mode": "document", "max_tokens": N, ...}
+    bos: dict[str, Any]  # {"prepended": bool, "scored_tokens": str}
+    model_context: int  # positions the model(s) take
+    k_percent: list[float]  # the k of min_k and min_k_pp
+    recall: RecallInfo | None  # None when recall did not run
+    dc_pdd_corpus: DcPddCorpus | None  # None when dc_pdd did not run
+    metrics_definition: dict[str, str]  # how each figure is defined, in words
+    world_size: int  # torchrun processes
+    seconds: float
+    figures: list[str]  # figure files in the run directory (only when written)
+
+
 @dataclass
 class MiaResult:
+    summary: MiaSummary  # exactly what summary.json holds
+    path: Path | None  # the run directory (None with write=False)
     samples: pd.DataFrame  # id, member, n_tokens, score_<column>
-    summary: dict[str, Any]
-    path: Path | None
 
 
-@dataclass
-class _Samples:
-    ids: list[str]
-    member: np.ndarray  # bool
-    tokens: list[list[int]]  # the sample's tokens (before BOS)
-    counts: dict[str, Any]
+# --- the entry --------------------------------------------------------------------------------------------------
+
+def mia(settings: MiaSettings | None = None, /, **options: Any) -> MiaResult | None:
+    """Score members and non-members with the attacks and measure how well each separates them.
+
+    Takes a MiaSettings or its fields as keywords (`mia(model_dir=..., members=..., nonmembers=...)`). Returns the
+    summary (AUC with a bootstrap interval, oracle and calibrated TPR at low FPR per score column) and the
+    per-sample scores; with `write=True` (the default) it also writes the run directory `out`. Under torchrun every
+    rank scores a shard and rank 0 gathers, measures and writes; the other ranks return None. Each pass is saved
+    in chunks of RESUME_CHUNK samples as it goes, so `resume` continues an interrupted run in `out`.
+    """
+    t0 = time.time()
+    s = settings_from(MiaSettings, settings, options)
+    s.validate()
+    loaded = _load(s)
+    passes = _run_passes(s, loaded)
+    if not distributed.is_main():  # rank 0 holds every gathered pass: it alone measures and writes
+        return None
+    samples, cols, corpus = _attack_scores(s, loaded, passes)
+    metrics = _measure(s, loaded.samples.member, cols)
+    summary = _summary(s, loaded, passes, metrics, corpus, seconds=round(time.time() - t0, 2))
+    return MiaResult(summary=summary, path=_write(loaded.run, samples, summary, metrics), samples=samples)
+
+
+def mia_headline(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The MIA figures a report row or a risk gate shows, in this order, missing ones skipped: n_members,
+    n_nonmembers, best_attack and best_auc (the column with the highest AUC; the first on a tie), loss_auc and
+    loss_tpr_at_1pct_fpr (the loss attack's oracle TPR at 1% FPR). Reads a returned summary or a summary.json."""
+    out: dict[str, Any] = {k: summary[k] for k in ("n_members", "n_nonmembers") if summary.get(k) is not None}
+    attacks = summary.get("attacks") or {}
+    aucs = {a: m["auc"] for a, m in attacks.items() if isinstance(m, Mapping) and _is_number(m.get("auc"))}
+    if aucs:
+        best = max(aucs, key=aucs.__getitem__)
+        out["best_attack"], out["best_auc"] = best, aucs[best]
+    loss = attacks.get("loss")
+    if isinstance(loss, Mapping):
+        if _is_number(loss.get("auc")):
+            out["loss_auc"] = loss["auc"]
+        oracle = loss.get("oracle")
+        if isinstance(oracle, Mapping) and _is_number(oracle.get("tpr_at_fpr_0.01")):
+            out["loss_tpr_at_1pct_fpr"] = oracle["tpr_at_fpr_0.01"]
+    return out
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """The console lines of `memaudit mia`: the set sizes, then each column's AUC and TPR at 1% FPR."""
+    lines = [f"{summary['n_members']} members vs {summary['n_nonmembers']} non-members"]
+    for c, m in summary["attacks"].items():
+        ci = m.get("auc_ci95")
+        ci_s = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+        cal = m["calibrated"].get("at_fpr_0.01", {})
+        cal_s = f"; calibrated TPR {cal['tpr']:.3f} at FPR {cal['fpr']:.3f}" if cal else ""
+        lines.append(f"  {c:<14} AUC {m['auc']:.3f}{ci_s}  TPR@1%FPR {m['oracle']['tpr_at_fpr_0.01']:.3f}{cal_s}")
+    return "\n".join(lines)
+
+
+def _is_number(x: Any) -> bool:
+    """A finite figure (summary.json writes an undefined one as null; a returned summary may hold NaN)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _needs_reference(names: Sequence[str]) -> bool:
+    return any("reference" in ATTACKS[n].needs for n in names)
 
 
 def _warn(msg: str) -> None:
@@ -62,24 +279,248 @@ def _warn(msg: str) -> None:
         print(f"warning: {msg}", file=sys.stderr)
 
 
-def _cut(token_lists: Sequence[list[int]], ids: Sequence[str], window: int | None, max_tokens: int,
-         min_tokens: int) -> tuple[list[str], list[list[int]], dict[str, int]]:
-    """One sample per document (`samples.document_samples`), identical samples kept once, and its counts."""
-    s = document_samples(token_lists, ids, max_tokens=max_tokens, min_tokens=min_tokens, window=window, dedup=True)
-    return s.doc_ids, s.tokens, {"documents": len(ids), "samples": len(s), "skipped_too_short": s.n_skipped,
-                                 "truncated_to_context": s.n_truncated, "duplicates_dropped": s.n_duplicates}
+# --- load: attacks to run, output folder, documents, models, samples, run directory ----------------------------
+
+@dataclass
+class _Plan:
+    names: list[str]  # the attacks to run; a skipped one leaves (recall only once its pass finds no room)
+    is_all: bool  # `all` skips what cannot run; a named attack that cannot run is an error
+    ks: list[float]
+    skipped: dict[str, str]  # attack -> why
+
+
+@dataclass
+class _Samples:
+    ids: list[str]
+    member: np.ndarray  # bool
+    tokens: list[list[int]]  # the sample's tokens (before BOS)
+    scored: list[np.ndarray]  # the tokens its scores cover: all of them with BOS, all but the first without
+    counts: MiaSampleCounts
+
+
+@dataclass
+class _Loaded:
+    plan: _Plan
+    target: LoadedModel
+    ref: LoadedModel | None  # dropped once its pass is done
+    bos_id: int | None
+    ctx: int  # positions the target (and reference) take
+    max_tokens: int  # the longest sample that fits: ctx with BOS, ctx + 1 without
+    samples: _Samples
+    overlap: MiaOverlap
+    run: RunDir | None  # rank 0 with write=True only
+
+
+def _load(s: MiaSettings) -> _Loaded:
+    """Everything the passes need, in the order that refuses bad input soonest: the attack plan and the output
+    folder, then the documents, the models and the samples; the run directory is claimed last."""
+    plan = _plan(s)
+    dev, out = _start(s)
+    mem_df, non_df, overlap_ids = _read(s)
+    target, ref = _load_models(s, plan, dev)
+    bos_id, ctx, max_tokens = _context(s, target, ref)
+    samples, overlap_samples = _cut_samples(s, target.tokenizer, mem_df, non_df, bos_id, max_tokens)
+    run = _open_run(s, plan, out) if out is not None and distributed.is_main() else None
+    return _Loaded(plan=plan, target=target, ref=ref, bos_id=bos_id, ctx=ctx, max_tokens=max_tokens,
+                   samples=samples, run=run, overlap=MiaOverlap(ids_in_both_files=overlap_ids,
+                                                                identical_samples_in_both_sets=overlap_samples))
+
+
+def _plan(s: MiaSettings) -> _Plan:
+    names, is_all = parse_attacks(s.attacks)
+    skipped: dict[str, str] = {}
+    if s.reference is None and _needs_reference(names):  # only under `all`: validate refused a named list
+        for n in [n for n in names if "reference" in ATTACKS[n].needs]:
+            names.remove(n)
+            skipped[n] = "no --reference model given"
+    return _Plan(names=names, is_all=is_all, ks=parse_ks(s.k), skipped=skipped)
+
+
+def _start(s: MiaSettings) -> tuple[str, Path | None]:
+    """Join torchrun's processes (if any) and refuse an output folder that may not be written, before any work.
+    Returns this rank's device and the run directory (None with write=False)."""
+    dev = distributed.rank_device(s.device)
+    distributed.init_from_env(torch.device("cpu" if dev == "auto" else dev))
+    if not s.write:
+        return dev, None
+    out = Path(s.out) if s.out is not None else distributed.broadcast_object(RunDir.default_out("mia"))
+    if distributed.is_main():
+        inputs = [p for p in (s.model_dir, s.members, s.nonmembers, s.reference, s.dcpdd_corpus) if p is not None]
+        check_output(out, "mia", inputs=inputs, resume=s.resume, overwrite=s.overwrite)
+    return dev, out
+
+
+def _read(s: MiaSettings) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """Both document files and how many ids they share (0 when both use row numbers, which always coincide)."""
+    mem_df = read_documents(s.members, text_field=s.text_field, id_field=s.id_field, limit=s.limit)
+    non_df = read_documents(s.nonmembers, text_field=s.text_field, id_field=s.id_field, limit=s.limit)
+    overlap_ids = 0
+    if not (_auto_ids(mem_df) and _auto_ids(non_df)):
+        overlap_ids = len(set(mem_df["id"]) & set(non_df["id"]))
+        if overlap_ids:
+            _warn(f"{overlap_ids} id(s) appear in both the member and the non-member file; "
+                  "keeping both rows (rows are keyed by id and member)")
+    return mem_df, non_df, overlap_ids
 
 
 def _auto_ids(df: pd.DataFrame) -> bool:
     return df["id"].tolist() == [str(i) for i in range(len(df))]
 
 
-def _recall_prefix(samples: _Samples, n_shots: int, seed: int, sep: int | None, budget: int) -> tuple[list[int], list[int]]:
+def _load_models(s: MiaSettings, plan: _Plan, dev: str) -> tuple[LoadedModel, LoadedModel | None]:
+    """The target, and the reference when its attack runs (refused unless it shares the target's tokenizer)."""
+    target = load_model(s.model_dir, device=dev, dtype=s.dtype, allow_pickle=s.allow_pickle,
+                        trust_remote_code=s.trust_remote_code)
+    if not _needs_reference(plan.names):
+        return target, None
+    tok, ref_tok = target.tokenizer, load_tokenizer(s.reference, s.trust_remote_code)
+    if not tokenizers_match(tok, ref_tok):
+        raise MemauditError(f"the reference model in {s.reference} has a different tokenizer than the target "
+                            f"model (vocabularies of {len(ref_tok)} and {len(tok)} tokens, or their BOS or EOS, "
+                            "differ): the reference attack compares per-token log-likelihoods, so both must "
+                            "share it")
+    ref = load_model(s.reference, device=dev, dtype=s.dtype, allow_pickle=s.allow_pickle,
+                     trust_remote_code=s.trust_remote_code)
+    return target, ref
+
+
+def _context(s: MiaSettings, target: LoadedModel, ref: LoadedModel | None) -> tuple[int | None, int, int]:
+    """(BOS id or None, the context both models take, the longest sample that fits)."""
+    bos_id = target.tokenizer.bos_token_id if s.bos else None
+    if s.bos and bos_id is None:
+        _warn("the tokenizer has no BOS token: scoring without one (each sample's first token is context only)")
+    ctx = target.max_length if ref is None else min(target.max_length, ref.max_length)
+    # The model input is [BOS] + tokens minus the last one, so `ctx` tokens fit with BOS and ctx + 1 without.
+    max_tokens = ctx if bos_id is not None else ctx + 1
+    if s.window is not None and s.window > max_tokens:
+        raise MemauditError(f"--window {s.window} is longer than the model's context ({ctx} positions)")
+    return bos_id, ctx, max_tokens
+
+
+def _cut_samples(s: MiaSettings, tok, mem_df: pd.DataFrame, non_df: pd.DataFrame, bos_id: int | None,
+                 max_tokens: int) -> tuple[_Samples, int]:
+    """Members then non-members, one sample per document; and how many samples are identical in both sets."""
+    min_tokens = 1 if bos_id is not None else 2
+    m_ids, m_toks, m_counts = _cut(tokenize(tok, mem_df["text"]), mem_df["id"].tolist(), s.window, max_tokens,
+                                   min_tokens)
+    n_ids, n_toks, n_counts = _cut(tokenize(tok, non_df["text"]), non_df["id"].tolist(), s.window, max_tokens,
+                                   min_tokens)
+    if not m_toks or not n_toks:
+        which = "member" if not m_toks else "non-member"
+        raise MemauditError(f"no {which} sample left to score (documents shorter than --window {s.window} are "
+                            "skipped)" if s.window else f"no {which} sample left to score")
+    if len(m_toks) < 2 or len(n_toks) < 2:
+        raise MemauditError("need at least 2 members and 2 non-members (a calibration and an evaluation split)")
+    overlap = len({tuple(t) for t in m_toks} & {tuple(t) for t in n_toks})
+    if overlap:
+        _warn(f"{overlap} sample(s) are identical in the member and the non-member set; keeping both")
+    tokens = m_toks + n_toks
+    return _Samples(ids=m_ids + n_ids, member=np.r_[np.ones(len(m_ids), bool), np.zeros(len(n_ids), bool)],
+                    tokens=tokens, scored=[np.asarray(t[1:] if bos_id is None else t, dtype=np.int64) for t in tokens],
+                    counts=MiaSampleCounts(members=m_counts, nonmembers=n_counts)), overlap
+
+
+def _cut(token_lists: Sequence[list[int]], ids: Sequence[str], window: int | None, max_tokens: int,
+         min_tokens: int) -> tuple[list[str], list[list[int]], SampleCounts]:
+    """One sample per document (`samples.document_samples`), identical samples kept once, and its counts."""
+    s = document_samples(token_lists, ids, max_tokens=max_tokens, min_tokens=min_tokens, window=window, dedup=True)
+    return s.doc_ids, s.tokens, {"documents": len(ids), "samples": len(s), "skipped_too_short": s.n_skipped,
+                                 "truncated_to_context": s.n_truncated, "duplicates_dropped": s.n_duplicates}
+
+
+def _open_run(s: MiaSettings, plan: _Plan, out: Path) -> RunDir:
+    """Claim the run directory; `settings` is what --resume compares, so it must not change (its `attacks` are the
+    plan's: a reference that `all` skipped is out, recall is in even if its pass later finds no room)."""
+    settings = {"attacks": list(plan.names), "k": plan.ks, "window": s.window, "bos": s.bos,
+                "recall_shots": s.recall_shots, "bootstrap": s.bootstrap,
+                "calibration_fraction": s.calibration_fraction, "seed": s.seed, "batch_size": s.batch_size,
+                "device": s.device, "dtype": s.dtype, "text_field": s.text_field, "id_field": s.id_field,
+                "limit": s.limit}
+    inputs = {"model": str(s.model_dir), "model_weights_sha256": weights_hash(s.model_dir),
+              "members": str(s.members), "members_sha256": file_hash(s.members),
+              "nonmembers": str(s.nonmembers), "nonmembers_sha256": file_hash(s.nonmembers)}
+    if s.reference is not None:
+        inputs |= {"reference": str(s.reference), "reference_weights_sha256": weights_hash(s.reference)}
+    if s.dcpdd_corpus is not None:
+        inputs |= {"dcpdd_corpus": str(s.dcpdd_corpus)}
+    return RunDir(out, "mia", settings, inputs=inputs, resume=s.resume, overwrite=s.overwrite)
+
+
+# --- the passes: each sharded under torchrun, gathered on rank 0, saved in resumable chunks --------------------
+
+@dataclass
+class _Passes:
+    """Per sample, aligned with _Samples; None off rank 0 and for a pass that did not run."""
+    stats: list[TokenStats] | None  # the target pass
+    ref_stats: list[TokenStats] | None
+    recall_stats: list[TokenStats | None] | None  # None for a shot
+    recall_info: RecallInfo | None
+    gradnorms: np.ndarray | None
+
+
+def _run_passes(s: MiaSettings, L: _Loaded) -> _Passes:
+    n = len(L.samples.ids)
+    score_kw = dict(batch_size=s.batch_size, bos_id=L.bos_id, pad_id=L.target.tokenizer.pad_token_id or 0,
+                    max_length=L.ctx)
+    # Pass 1: the target model, one scoring pass for every logit-based attack.
+    stats = _resumable(L.run, "target", n, "mia: target pass", _scoring(L.target.model, L.samples.tokens, score_kw))
+    ref_stats = None
+    if L.ref is not None:  # pass 2
+        ref_stats = _resumable(L.run, "reference", n, "mia: reference pass",
+                               _scoring(L.ref.model, L.samples.tokens, score_kw))
+        L.ref = None  # frees the reference model for the passes that follow
+    recall_stats, recall_info = _recall_pass(s, L, score_kw) if "recall" in L.plan.names else (None, None)
+    gradnorms = _gradnorm_pass(L) if "gradnorm" in L.plan.names else None
+    return _Passes(stats=stats, ref_stats=ref_stats, recall_stats=recall_stats, recall_info=recall_info,
+                   gradnorms=gradnorms)
+
+
+def _scoring(model: torch.nn.Module, seqs: Sequence[Sequence[int]], kw: dict[str, Any]) -> Callable:
+    """A _resumable step: one scoring-engine call on a chunk of `seqs`, sharded across ranks."""
+    return lambda chunk, advance: score_sharded(model, [seqs[i] for i in chunk], on_progress=advance, **kw)
+
+
+def _recall_pass(s: MiaSettings, L: _Loaded, score_kw: dict[str, Any]) -> tuple[list | None, RecallInfo | None]:
+    """Pass 3: the same engine on [BOS] + prefix + x, the prefix being non-member shots; the last len(x scored)
+    entries are x's tokens. Under `all`, skipped (with a warning) when no prefix fits before the longest sample."""
+    samples, n, tok = L.samples, len(L.samples.ids), L.target.tokenizer
+    longest = max(len(t) for t in samples.tokens)
+    budget = L.max_tokens - longest  # room before the longest sample
+    if budget < MIN_RECALL_PREFIX:
+        reason = (f"no room for the non-member prefix: the longest sample has {longest} tokens and the model's "
+                  f"context {L.ctx}; `memaudit mia --window {max(2, L.ctx // 2)}` scores shorter samples")
+        if not L.plan.is_all:
+            raise MemauditError(f"recall: {reason}")
+        L.plan.names.remove("recall")
+        L.plan.skipped["recall"] = reason
+        _warn(f"skipping recall: {reason}")
+        return None, None
+    shots, prefix = _recall_prefix(samples, s.recall_shots, s.seed, tok.eos_token_id, budget)
+    shot_set = set(shots)
+    todo = [i for i in range(n) if i not in shot_set]
+    start = [L.bos_id] if L.bos_id is not None else []
+    cond = [start + prefix + samples.tokens[i] for i in todo]
+    got = _resumable(L.run, "recall", len(cond), "mia: recall pass",
+                     _scoring(L.target.model, cond, {**score_kw, "bos_id": None, "max_length": L.ctx}))
+    recall_stats: list[TokenStats | None] | None = None
+    if got is not None:
+        recall_stats = [None] * n
+        for i, st in zip(todo, got):
+            recall_stats[i] = _tail(st, len(samples.scored[i]))
+    info = RecallInfo(shots=len(shots), shot_ids=[samples.ids[i] for i in shots], prefix_tokens=len(prefix),
+                      separator="eos" if tok.eos_token_id is not None else None,
+                      note="shots are non-member samples (seeded draw); they are left out of recall's metrics")
+    return recall_stats, info
+
+
+def _recall_prefix(samples: _Samples, n_shots: int, seed: int, sep: int | None,
+                   budget: int) -> tuple[list[int], list[int]]:
     """Indices of the non-member samples used as shots, and the prefix: their tokens joined by `sep`
     (the EOS document separator), cut from the left to `budget` tokens so it fits before every sample."""
     non = np.flatnonzero(~samples.member)
     if n_shots < 1 or n_shots >= len(non):
-        raise MemauditError(f"--recall-shots must be between 1 and the number of non-members minus one ({len(non) - 1})")
+        raise MemauditError("--recall-shots must be between 1 and the number of non-members minus one "
+                            f"({len(non) - 1})")
     shots = sorted(np.random.default_rng(seed).choice(non, size=n_shots, replace=False).tolist())
     prefix: list[int] = []
     for i in shots:
@@ -87,8 +528,98 @@ def _recall_prefix(samples: _Samples, n_shots: int, seed: int, sep: int | None, 
     return shots, prefix[-budget:] if budget > 0 else []
 
 
+def _tail(st: TokenStats, m: int) -> TokenStats:
+    """The last m tokens' stats of a conditioned pass (the sample's own tokens)."""
+    return TokenStats(logprob=st.logprob[-m:], hit=st.hit[-m:], argmax=st.argmax[-m:],
+                      mean_lp=st.mean_lp[-m:], var_lp=st.var_lp[-m:])
+
+
+def _gradnorm_pass(L: _Loaded) -> np.ndarray | None:
+    """Pass 4: one backward per sample, each rank its positions of every chunk."""
+    def grad_chunk(chunk, advance):
+        pos = distributed.shard_indices(len(chunk))  # this rank's positions within the chunk
+        local = gradient_norms(L.target.model, [L.samples.tokens[chunk[p]] for p in pos], bos_id=L.bos_id,
+                               on_progress=advance)
+        return distributed.gather_sharded(local.tolist(), pos, len(chunk))
+
+    full = _resumable(L.run, "gradnorm", len(L.samples.ids), "mia: gradnorm (one backward per sample)", grad_chunk)
+    return np.asarray(full) if full is not None else None
+
+
+_STAT_FIELDS = {"logprob": np.float32, "hit": bool, "argmax": np.int32, "mean_lp": np.float32, "var_lp": np.float32}
+
+
+def _to_frame(items: list) -> pd.DataFrame:
+    if items and isinstance(items[0], TokenStats):
+        return pd.DataFrame({f: [getattr(st, f) for st in items] for f in _STAT_FIELDS})
+    return pd.DataFrame({"value": items})
+
+
+def _from_frame(df: pd.DataFrame) -> list:
+    if "value" in df:
+        return df["value"].tolist()
+    return [TokenStats(**{f: np.asarray(row[f], dtype=t) for f, t in _STAT_FIELDS.items()})
+            for row in df.to_dict("records")]
+
+
+def _resumable(run, name: str, n: int, label: str, compute) -> list | None:
+    """Run one pass over n items in chunks of RESUME_CHUNK: compute(chunk_indices, advance) returns the chunk's
+    results on rank 0 (None elsewhere). With a run directory each finished chunk is saved under partial/, and a
+    resumed run loads the chunks it already has instead of recomputing them."""
+    starts = range(0, n, RESUME_CHUNK)
+    saved = {s: run.load_partial(f"{name}-{s:09d}") if run is not None else None for s in starts}
+    done = distributed.broadcast_object(sorted(s for s, df in saved.items() if df is not None))
+    out: list | None = [None] * n if distributed.is_main() else None
+    with progress_bar(n, label) as advance:
+        for s in starts:
+            chunk = list(range(s, min(n, s + RESUME_CHUNK)))
+            if s in done:
+                if out is not None:
+                    out[s:s + len(chunk)] = _from_frame(saved[s])
+                advance(len(chunk))
+                continue
+            got = compute(chunk, advance)
+            if out is not None:
+                out[s:s + len(chunk)] = got
+                if run is not None:
+                    run.save_partial(f"{name}-{s:09d}", _to_frame(got))
+    return out
+
+
+# --- attacks and metrics (rank 0) ------------------------------------------------------------------------------
+
+def _attack_scores(s: MiaSettings, L: _Loaded, P: _Passes) -> tuple[pd.DataFrame, dict[str, np.ndarray],
+                                                                    DcPddCorpus | None]:
+    """samples.parquet's table (id, member, n_tokens, score_<column>), its score columns, and dc_pdd's corpus."""
+    tok, scored = L.target.tokenizer, L.samples.scored
+    token_log_freq, corpus = _dcpdd_frequencies(s, tok) if "dc_pdd" in L.plan.names else (None, None)
+    inp = AttackInputs(stats=P.stats, scored_tokens=scored, texts=[tok.decode(t) for t in scored],
+                       reference_stats=P.ref_stats, recall_stats=P.recall_stats, token_log_freq=token_log_freq,
+                       gradnorms=P.gradnorms)
+    cols = run_attacks(L.plan.names, inp, L.plan.ks)
+    df = pd.DataFrame({"id": L.samples.ids, "member": L.samples.member,
+                       "n_tokens": [len(t) for t in scored]} | {f"score_{c}": v for c, v in cols.items()})
+    return df, cols, corpus
+
+
+def _dcpdd_frequencies(s: MiaSettings, tok) -> tuple[np.ndarray, DcPddCorpus]:
+    """ln f(v) over the reference corpus (--dcpdd-corpus, else the non-member file), and what it was."""
+    path = Path(s.dcpdd_corpus) if s.dcpdd_corpus is not None else Path(s.nonmembers)
+    cdf = read_documents(path, text_field=s.text_field, id_field=s.id_field)
+    ctoks = tokenize(tok, cdf["text"])
+    return token_log_frequencies(ctoks, len(tok)), DcPddCorpus(
+        file=str(path), sha256=file_hash(path), documents=len(cdf), tokens=int(sum(map(len, ctoks))),
+        default_nonmember_file=s.dcpdd_corpus is None, smoothing="Laplace: f(v) = (count(v) + 1) / (N + V)",
+        cap_a=DCPDD_CAP)
+
+
+def _measure(s: MiaSettings, member: np.ndarray, cols: Mapping[str, np.ndarray]) -> dict[str, AttackMetrics]:
+    cal_idx, _ = stratified_split(member, s.calibration_fraction, s.seed)
+    return {c: _metrics(v, member, n_bootstrap=s.bootstrap, seed=s.seed, cal_idx=cal_idx) for c, v in cols.items()}
+
+
 def _metrics(scores: np.ndarray, member: np.ndarray, *, n_bootstrap: int, seed: int,
-             cal_idx: np.ndarray) -> dict[str, Any]:
+             cal_idx: np.ndarray) -> AttackMetrics:
     """AUC (+ bootstrap interval), oracle TPR@FPR on all samples, calibrated figures on the evaluation split.
     Samples with a NaN score (recall's shots) are left out."""
     ok = ~np.isnan(scores)
@@ -105,7 +636,12 @@ def _metrics(scores: np.ndarray, member: np.ndarray, *, n_bootstrap: int, seed: 
         out["oracle"][key] = tpr_at_fpr(fpr, tpr, t)
         if boot:
             out["oracle"][key + "_ci95"] = boot[key]
-    # Calibrated: thresholds picked on the calibration split, measured on the evaluation split.
+    out["calibrated"] = _calibrated(scores, member, ok, cal_idx)
+    return AttackMetrics(**out)
+
+
+def _calibrated(scores: np.ndarray, member: np.ndarray, ok: np.ndarray, cal_idx: np.ndarray) -> CalibratedMetrics:
+    """Thresholds picked on the calibration split, measured on the evaluation split."""
     keep = np.zeros(len(scores), bool)
     keep[cal_idx] = True
     cal = keep & ok
@@ -119,12 +655,60 @@ def _metrics(scores: np.ndarray, member: np.ndarray, *, n_bootstrap: int, seed: 
             m = binary_metrics(ev_s, ev_y, threshold_at_fpr(cal_s, cal_y, t))
             calib[f"at_fpr_{t:g}"] = {"threshold": m["threshold"], "tpr": m["tpr"], "fpr": m["fpr"]}
         calib["max_balanced_accuracy"] = binary_metrics(ev_s, ev_y, threshold_max_balanced_accuracy(cal_s, cal_y))
-    out["calibrated"] = calib
-    return out
+    return CalibratedMetrics(**calib)
 
 
-def _figures(run, df: pd.DataFrame, columns: list[str], metrics: dict[str, Any]) -> list[str]:
-    import matplotlib
+# --- summary and run directory ---------------------------------------------------------------------------------
+
+def _summary(s: MiaSettings, L: _Loaded, P: _Passes, metrics: dict[str, AttackMetrics], corpus: DcPddCorpus | None,
+             *, seconds: float) -> MiaSummary:
+    member = L.samples.member
+    return MiaSummary(
+        **summary_header("mia"),
+        attacks=metrics,
+        columns=list(metrics),
+        skipped_attacks=L.plan.skipped,
+        n_members=int(member.sum()), n_nonmembers=int((~member).sum()),
+        samples=L.samples.counts,
+        overlap=L.overlap,
+        windows=({"mode": "window", "tokens": s.window,
+                  "how": "one window per document: its first N tokens; shorter documents skipped"}
+                 if s.window is not None else
+                 {"mode": "document", "max_tokens": L.max_tokens,
+                  "how": "whole documents, truncated to the model's context"}),
+        bos={"prepended": L.bos_id is not None,
+             "scored_tokens": "every token of the sample" if L.bos_id is not None else "all but the first"},
+        model_context=L.ctx,
+        k_percent=L.plan.ks,
+        recall=P.recall_info,
+        dc_pdd_corpus=corpus,
+        metrics_definition={
+            "orientation": "higher score = member; predicted member iff score >= threshold",
+            "auc_ci95": f"percentile bootstrap, {s.bootstrap} stratified resamples, seed {s.seed}",
+            "oracle": "threshold picked on all samples' own ROC (what peers report)",
+            "calibrated": (f"stratified split: {s.calibration_fraction:g} of each class calibrates (seed {s.seed}); "
+                           "at_fpr_X: the lowest threshold with FPR <= X on the calibration split; "
+                           "max_balanced_accuracy: the threshold maximizing balanced accuracy on it; "
+                           "all reported figures are measured on the evaluation split")},
+        world_size=distributed.world_size(),
+        seconds=seconds,
+    )
+
+
+def _write(run: RunDir | None, df: pd.DataFrame, summary: MiaSummary, metrics: dict[str, AttackMetrics]) -> Path | None:
+    """samples.parquet, the figures (named in the summary), summary.json; None when nothing is written."""
+    if run is None:
+        return None
+    run.write_samples(df)
+    summary["figures"] = _figures(run, df, summary["columns"], metrics)
+    run.write_summary(summary)
+    run.finish()
+    return run.path
+
+
+def _figures(run: RunDir, df: pd.DataFrame, columns: list[str], metrics: Mapping[str, AttackMetrics]) -> list[str]:
+    """roc.png, roc_loglog.png and histograms.png."""
+    import matplotlib  # lazy: only a written run draws, and matplotlib is slow to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -173,284 +757,3 @@ def _figures(run, df: pd.DataFrame, columns: list[str], metrics: dict[str, Any])
     run.save_figure(fig, "histograms.png")
     names.append("histograms.png")
     return names
-
-
-def mia(model_dir: str | Path, members: str | Path, nonmembers: str | Path, *,
-        reference: str | Path | None = None, attacks: str | Sequence[str] = "all",
-        k: str | Sequence[float] = DEFAULT_K, window: int | None = None, bos: bool = True,
-        recall_shots: int = 5, dcpdd_corpus: str | Path | None = None, bootstrap: int = 1000,
-        calibration_fraction: float = 0.5, seed: int = 0, batch_size: int | str = "auto",
-        device: str = "auto", dtype: str = "auto", text_field: str = "text", id_field: str = "id",
-        limit: int | None = None, out: str | Path | None = None, resume: bool = False, overwrite: bool = False,
-        write: bool = True, allow_pickle: bool = False, trust_remote_code: bool = False) -> MiaResult | None:
-    """Score members and non-members with the attacks and measure how well each separates them.
-
-    Under torchrun every rank scores a shard and rank 0 gathers, computes the metrics and writes `out`;
-    the other ranks return None. Each pass is saved in chunks of RESUME_CHUNK samples as it goes, so `resume`
-    continues an interrupted run in `out` from its last finished chunk.
-    """
-    t0 = time.time()
-    names, is_all = parse_attacks(attacks)
-    ks = parse_ks(k)
-    checks.integer("--window", window, low=2)
-    checks.integer("--recall-shots", recall_shots, low=0)
-    checks.integer("--bootstrap", bootstrap, low=0)
-    checks.fraction("--calibration-fraction", calibration_fraction)
-    checks.seed(seed)
-    checks.device(device)
-    checks.dtype(dtype)
-    checks.limit(limit)
-    checks.batch_size(batch_size)
-    checks.readable_file(members, "members file")
-    checks.readable_file(nonmembers, "non-members file")
-    checks.readable_file(dcpdd_corpus, "--dcpdd-corpus file")
-    if Path(members).resolve() == Path(nonmembers).resolve():
-        raise MemauditError("--members and --nonmembers are the same file: membership inference needs documents "
-                            "the model never saw")
-    checks.model_dir(model_dir, allow_pickle=allow_pickle)
-    if reference is not None:
-        checks.model_dir(reference, allow_pickle=allow_pickle, what="--reference model directory")
-    skipped: dict[str, str] = {}
-    if any("reference" in ATTACKS[n].needs for n in names) and reference is None:
-        if not is_all:
-            raise MemauditError("the reference attack needs --reference MODEL_DIR")
-        names.remove("reference")
-        skipped["reference"] = "no --reference model given"
-    dev = distributed.rank_device(device)
-    distributed.init_from_env(torch.device("cpu" if dev == "auto" else dev))
-    if resume and (out is None or not write):
-        raise MemauditError("--resume needs --out (the run directory to continue)")
-    out_path = None
-    if write:  # write=False: the results only, no run directory (the Python API)
-        out_path = Path(out) if out is not None else distributed.broadcast_object(_default_out())
-        if distributed.is_main():
-            check_output(out_path, "mia", inputs=[p for p in (model_dir, members, nonmembers, reference,
-                                                              dcpdd_corpus) if p is not None],
-                         resume=resume, overwrite=overwrite)
-
-    mem_df = read_documents(members, text_field=text_field, id_field=id_field, limit=limit)
-    non_df = read_documents(nonmembers, text_field=text_field, id_field=id_field, limit=limit)
-    overlap_ids = 0
-    if not (_auto_ids(mem_df) and _auto_ids(non_df)):
-        overlap_ids = len(set(mem_df["id"]) & set(non_df["id"]))
-        if overlap_ids:
-            _warn(f"{overlap_ids} id(s) appear in both the member and the non-member file; "
-                  "keeping both rows (rows are keyed by id and member)")
-
-    target = load_model(model_dir, device=dev, dtype=dtype, allow_pickle=allow_pickle,
-                        trust_remote_code=trust_remote_code)
-    tok = target.tokenizer
-    ref = None
-    if "reference" in names:
-        ref_tok = load_tokenizer(reference, trust_remote_code)
-        if not tokenizers_match(tok, ref_tok):
-            raise MemauditError(f"the reference model in {reference} has a different tokenizer than the target "
-                                f"model (vocabularies of {len(ref_tok)} and {len(tok)} tokens, or their BOS or EOS, "
-                                "differ): the reference attack compares per-token log-likelihoods, so both must "
-                                "share it")
-        ref = load_model(reference, device=dev, dtype=dtype, allow_pickle=allow_pickle,
-                         trust_remote_code=trust_remote_code)
-
-    bos_id = tok.bos_token_id if bos else None
-    if bos and bos_id is None:
-        _warn("the tokenizer has no BOS token: scoring without one (each sample's first token is context only)")
-    ctx = target.max_length if ref is None else min(target.max_length, ref.max_length)
-    # The model input is [BOS] + tokens minus the last one, so `ctx` tokens fit with BOS and ctx + 1 without.
-    max_tokens = ctx if bos_id is not None else ctx + 1
-    if window is not None and window > max_tokens:
-        raise MemauditError(f"--window {window} is longer than the model's context ({ctx} positions)")
-    min_tokens = 1 if bos_id is not None else 2
-    m_ids, m_toks, m_counts = _cut(tokenize(tok, mem_df["text"]), mem_df["id"].tolist(), window, max_tokens, min_tokens)
-    n_ids, n_toks, n_counts = _cut(tokenize(tok, non_df["text"]), non_df["id"].tolist(), window, max_tokens, min_tokens)
-    if not m_toks or not n_toks:
-        which = "member" if not m_toks else "non-member"
-        raise MemauditError(f"no {which} sample left to score (documents shorter than --window {window} are skipped)"
-                            if window else f"no {which} sample left to score")
-    if len(m_toks) < 2 or len(n_toks) < 2:
-        raise MemauditError("need at least 2 members and 2 non-members (a calibration and an evaluation split)")
-    overlap_samples = len({tuple(t) for t in m_toks} & {tuple(t) for t in n_toks})
-    if overlap_samples:
-        _warn(f"{overlap_samples} sample(s) are identical in the member and the non-member set; keeping both")
-    samples = _Samples(ids=m_ids + n_ids, member=np.r_[np.ones(len(m_ids), bool), np.zeros(len(n_ids), bool)],
-                       tokens=m_toks + n_toks, counts={"members": m_counts, "nonmembers": n_counts})
-    n = len(samples.ids)
-    run = None
-    if write and distributed.is_main():
-        settings = {"attacks": list(names), "k": ks, "window": window, "bos": bos, "recall_shots": recall_shots,
-                    "bootstrap": bootstrap, "calibration_fraction": calibration_fraction, "seed": seed,
-                    "batch_size": batch_size, "device": device, "dtype": dtype, "text_field": text_field,
-                    "id_field": id_field, "limit": limit}
-        inputs = {"model": str(model_dir), "model_weights_sha256": weights_hash(model_dir),
-                  "members": str(members), "members_sha256": file_hash(members),
-                  "nonmembers": str(nonmembers), "nonmembers_sha256": file_hash(nonmembers)}
-        if reference is not None:
-            inputs |= {"reference": str(reference), "reference_weights_sha256": weights_hash(reference)}
-        if dcpdd_corpus is not None:
-            inputs |= {"dcpdd_corpus": str(dcpdd_corpus)}
-        run = RunDir(out_path, "mia", settings, inputs=inputs, resume=resume, overwrite=overwrite)
-    score_kw = dict(batch_size=batch_size, bos_id=bos_id, pad_id=tok.pad_token_id or 0, max_length=ctx)
-    scored = [np.asarray(t[1:] if bos_id is None else t, dtype=np.int64) for t in samples.tokens]
-
-    # Pass 1: the target model, one scoring pass for every logit-based attack.
-    def score_pass(model, seqs, kw):
-        return lambda chunk, advance: score_sharded(model, [seqs[i] for i in chunk], on_progress=advance, **kw)
-
-    stats = _resumable(run, "target", n, "mia: target pass", score_pass(target.model, samples.tokens, score_kw))
-    ref_stats = None
-    if ref is not None:
-        ref_stats = _resumable(run, "reference", n, "mia: reference pass", score_pass(ref.model, samples.tokens,
-                                                                                      score_kw))
-        del ref
-
-    recall_info: dict[str, Any] | None = None
-    recall_stats = None
-    if "recall" in names:
-        longest = max(len(t) for t in samples.tokens)
-        budget = max_tokens - longest  # room before the longest sample
-        if budget < MIN_RECALL_PREFIX:
-            reason = (f"no room for the non-member prefix: the longest sample has {longest} tokens and the model's "
-                      f"context {ctx}; `memaudit mia --window {max(2, ctx // 2)}` scores shorter samples")
-            if not is_all:
-                raise MemauditError(f"recall: {reason}")
-            names.remove("recall")
-            skipped["recall"] = reason
-            _warn(f"skipping recall: {reason}")
-        else:
-            shots, prefix = _recall_prefix(samples, recall_shots, seed, tok.eos_token_id, budget)
-            shot_set = set(shots)
-            todo = [i for i in range(n) if i not in shot_set]
-            # Pass 3: the same engine on [BOS] + prefix + x; the last len(x scored) entries are x's tokens.
-            start = [bos_id] if bos_id is not None else []
-            cond = [start + prefix + samples.tokens[i] for i in todo]
-            got = _resumable(run, "recall", len(cond), "mia: recall pass",
-                             score_pass(target.model, cond, {**score_kw, "bos_id": None, "max_length": ctx}))
-            if got is not None:
-                recall_stats = [None] * n
-                for i, st in zip(todo, got):
-                    recall_stats[i] = _tail(st, len(scored[i]))
-            recall_info = {"shots": len(shots), "shot_ids": [samples.ids[i] for i in shots],
-                           "prefix_tokens": len(prefix), "separator": "eos" if tok.eos_token_id is not None else None,
-                           "note": "shots are non-member samples (seeded draw); they are left out of recall's metrics"}
-
-    gradnorms = None
-    if "gradnorm" in names:
-        def grad_chunk(chunk, advance):
-            pos = distributed.shard_indices(len(chunk))  # this rank's positions within the chunk
-            local = gradient_norms(target.model, [samples.tokens[chunk[p]] for p in pos], bos_id=bos_id,
-                                   on_progress=advance)
-            return distributed.gather_sharded(local.tolist(), pos, len(chunk))
-
-        full = _resumable(run, "gradnorm", n, "mia: gradnorm (one backward per sample)", grad_chunk)
-        gradnorms = np.asarray(full) if full is not None else None
-
-    if not distributed.is_main():
-        return None
-
-    token_log_freq = None
-    corpus_info = None
-    if "dc_pdd" in names:
-        corpus = Path(dcpdd_corpus) if dcpdd_corpus is not None else Path(nonmembers)
-        cdf = read_documents(corpus, text_field=text_field, id_field=id_field)
-        ctoks = tokenize(tok, cdf["text"])
-        token_log_freq = token_log_frequencies(ctoks, len(tok))
-        corpus_info = {"file": str(corpus), "sha256": file_hash(corpus), "documents": len(cdf),
-                       "tokens": int(sum(map(len, ctoks))), "default_nonmember_file": dcpdd_corpus is None,
-                       "smoothing": "Laplace: f(v) = (count(v) + 1) / (N + V)", "cap_a": DCPDD_CAP}
-
-    inp = AttackInputs(stats=stats, scored_tokens=scored, texts=[tok.decode(t) for t in scored],
-                       reference_stats=ref_stats, recall_stats=recall_stats, token_log_freq=token_log_freq,
-                       gradnorms=gradnorms)
-    cols = run_attacks(names, inp, ks)
-    df = pd.DataFrame({"id": samples.ids, "member": samples.member,
-                       "n_tokens": [len(s) for s in scored]} | {f"score_{c}": v for c, v in cols.items()})
-
-    cal_idx, _ = stratified_split(samples.member, calibration_fraction, seed)
-    metrics = {c: _metrics(v, samples.member, n_bootstrap=bootstrap, seed=seed, cal_idx=cal_idx)
-               for c, v in cols.items()}
-    summary: dict[str, Any] = {
-        "attacks": metrics,
-        "columns": list(cols),
-        "skipped_attacks": skipped,
-        "n_members": int(samples.member.sum()), "n_nonmembers": int((~samples.member).sum()),
-        "samples": samples.counts,
-        "overlap": {"ids_in_both_files": overlap_ids, "identical_samples_in_both_sets": overlap_samples},
-        "windows": ({"mode": "window", "tokens": window,
-                     "how": "one window per document: its first N tokens; shorter documents skipped"}
-                    if window is not None else
-                    {"mode": "document", "max_tokens": max_tokens,
-                     "how": "whole documents, truncated to the model's context"}),
-        "bos": {"prepended": bos_id is not None,
-                "scored_tokens": "every token of the sample" if bos_id is not None else "all but the first"},
-        "model_context": ctx,
-        "k_percent": ks,
-        "recall": recall_info,
-        "dc_pdd_corpus": corpus_info,
-        "metrics_definition": {
-            "orientation": "higher score = member; predicted member iff score >= threshold",
-            "auc_ci95": f"percentile bootstrap, {bootstrap} stratified resamples, seed {seed}",
-            "oracle": "threshold picked on all samples' own ROC (what peers report)",
-            "calibrated": (f"stratified split: {calibration_fraction:g} of each class calibrates (seed {seed}); "
-                           "at_fpr_X: the lowest threshold with FPR <= X on the calibration split; "
-                           "max_balanced_accuracy: the threshold maximizing balanced accuracy on it; "
-                           "all reported figures are measured on the evaluation split")},
-        "world_size": distributed.world_size(),
-        "seconds": round(time.time() - t0, 2),
-    }
-    path = None
-    if run is not None:
-        run.write_samples(df)
-        summary["figures"] = _figures(run, df, list(cols), metrics)
-        run.write_summary(summary)
-        run.finish()
-        path = run.path
-    return MiaResult(samples=df, summary=summary, path=path)
-
-
-_STAT_FIELDS = {"logprob": np.float32, "hit": bool, "argmax": np.int32, "mean_lp": np.float32, "var_lp": np.float32}
-
-
-def _to_frame(items: list) -> pd.DataFrame:
-    if items and isinstance(items[0], TokenStats):
-        return pd.DataFrame({f: [getattr(st, f) for st in items] for f in _STAT_FIELDS})
-    return pd.DataFrame({"value": items})
-
-
-def _from_frame(df: pd.DataFrame) -> list:
-    if "value" in df:
-        return df["value"].tolist()
-    return [TokenStats(**{f: np.asarray(row[f], dtype=t) for f, t in _STAT_FIELDS.items()})
-            for row in df.to_dict("records")]
-
-
-def _resumable(run, name: str, n: int, label: str, compute) -> list | None:
-    """Run one pass over n items in chunks of RESUME_CHUNK: compute(chunk_indices, advance) returns the chunk's
-    results on rank 0 (None elsewhere). With a run directory each finished chunk is saved under partial/, and a
-    resumed run loads the chunks it already has instead of recomputing them."""
-    starts = range(0, n, RESUME_CHUNK)
-    saved = {s: run.load_partial(f"{name}-{s:09d}") if run is not None else None for s in starts}
-    done = distributed.broadcast_object(sorted(s for s, df in saved.items() if df is not None))
-    out: list | None = [None] * n if distributed.is_main() else None
-    with progress_bar(n, label) as advance:
-        for s in starts:
-            chunk = list(range(s, min(n, s + RESUME_CHUNK)))
-            if s in done:
-                if out is not None:
-                    out[s:s + len(chunk)] = _from_frame(saved[s])
-                advance(len(chunk))
-                continue
-            got = compute(chunk, advance)
-            if out is not None:
-                out[s:s + len(chunk)] = got
-                if run is not None:
-                    run.save_partial(f"{name}-{s:09d}", _to_frame(got))
-    return out
-
-
-def _tail(st, m: int):
-    """The last m tokens' stats of a conditioned pass (the sample's own tokens)."""
-    return TokenStats(logprob=st.logprob[-m:], hit=st.hit[-m:], argmax=st.argmax[-m:],
-                      mean_lp=st.mean_lp[-m:], var_lp=st.var_lp[-m:])
-
-
-def _default_out() -> Path:
-    return RunDir.default_out("mia")

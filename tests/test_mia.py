@@ -16,11 +16,17 @@ import zstandard
 from scipy.stats import mannwhitneyu
 
 from memaudit import mia
+from memaudit.membership import MiaSettings, MiaSummary, mia_headline
 from memaudit.data import read_documents, tokenize, write_documents
 from memaudit.errors import MemauditError
 from memaudit.metrics import (binary_metrics, bootstrap_roc, roc_auc, roc_curve, stratified_split,
                               threshold_at_fpr, threshold_max_balanced_accuracy, tpr_at_fpr)
 from memaudit.models import load_model, load_tokenizer
+
+
+def _sets(trained, model_dir=None):
+    """mia's three inputs for a conftest TrainedModel (another model directory scored on its sets, if given)."""
+    return dict(model_dir=model_dir or trained.model_dir, members=trained.train_file, nonmembers=trained.heldout_file)
 
 
 def _fresh_copy(model_dir, out, seed):
@@ -118,8 +124,8 @@ def _full_logprobs(model, ids):
 
 def test_every_attack_equals_independent_loop(memorized, memorized_reference, tmp_path):
     window, k, shots = 24, [20.0, 50.0], 2
-    res = mia(memorized.model_dir, memorized.train_file, memorized.heldout_file, reference=memorized_reference,
-              attacks="all", k=k, window=window, recall_shots=shots, bootstrap=50, limit=8, out=tmp_path / "run")
+    res = mia(**_sets(memorized), reference=memorized_reference, attacks="all", k=k, window=window,
+              recall_shots=shots, bootstrap=50, limit=8, out=tmp_path / "run")
     df = res.samples
     m = load_model(memorized.model_dir)
     ref = load_model(memorized_reference).model
@@ -175,8 +181,7 @@ def test_every_attack_equals_independent_loop(memorized, memorized_reference, tm
 # ---------- orientation ----------
 
 def test_memorized_model_every_attack_separates(memorized, memorized_reference, tmp_path):
-    res = mia(memorized.model_dir, memorized.train_file, memorized.heldout_file, reference=memorized_reference,
-              window=32, bootstrap=200, out=tmp_path / "run")
+    res = mia(**_sets(memorized), reference=memorized_reference, window=32, bootstrap=200, out=tmp_path / "run")
     aucs = {c: m["auc"] for c, m in res.summary["attacks"].items()}
     print("memorized AUCs", json.dumps(aucs))
     assert len(aucs) == 13
@@ -191,8 +196,7 @@ def test_memorized_model_every_attack_separates(memorized, memorized_reference, 
 
 def test_model_that_saw_neither_set_is_at_chance(memorized, unseen, tmp_path):
     ref = _fresh_copy(unseen, tmp_path / "ref", seed=4)
-    res = mia(unseen, memorized.train_file, memorized.heldout_file, reference=ref, window=32, bootstrap=1000,
-              write=False)
+    res = mia(**_sets(memorized, unseen), reference=ref, window=32, bootstrap=1000, write=False)
     for c, m in res.summary["attacks"].items():
         print(f"unseen {c}: AUC {m['auc']:.3f} CI {m['auc_ci95']}")
         lo, hi = m["auc_ci95"]
@@ -200,23 +204,83 @@ def test_model_that_saw_neither_set_is_at_chance(memorized, unseen, tmp_path):
 
 
 def test_whole_documents_truncate_to_context_and_skip_recall(memorized):
-    res = mia(memorized.model_dir, memorized.train_file, memorized.heldout_file, attacks="loss,min_k",
-              bootstrap=0, limit=10, write=False)
+    res = mia(**_sets(memorized), attacks="loss,min_k", bootstrap=0, limit=10, write=False)
     s = res.summary
     assert s["windows"]["mode"] == "document" and s["samples"]["members"]["truncated_to_context"] > 0
     assert res.samples["n_tokens"].max() == s["model_context"]
     with pytest.raises(MemauditError, match="recall: no room"):
-        mia(memorized.model_dir, memorized.train_file, memorized.heldout_file, attacks="recall", bootstrap=0,
-            limit=10, write=False)
-    s_all = mia(memorized.model_dir, memorized.train_file, memorized.heldout_file, attacks="all", bootstrap=0,
-                limit=6, write=False).summary
+        mia(**_sets(memorized), attacks="recall", bootstrap=0, limit=10, write=False)
+    s_all = mia(**_sets(memorized), attacks="all", bootstrap=0, limit=6, write=False).summary
     assert set(s_all["skipped_attacks"]) == {"recall", "reference"}
 
 
 def test_no_bos_scores_all_but_the_first_token(memorized):
-    res = mia(memorized.model_dir, memorized.train_file, memorized.heldout_file, attacks="loss", window=16,
-              bos=False, bootstrap=0, limit=4, write=False)
+    res = mia(**_sets(memorized), attacks="loss", window=16, bos=False, bootstrap=0, limit=4, write=False)
     assert (res.samples["n_tokens"] == 15).all() and not res.summary["bos"]["prepended"]
+
+
+# ---------- the API: settings, the returned summary, the headline ----------
+
+def test_settings_mirror_the_cli_options():
+    import dataclasses
+
+    import typer
+
+    from memaudit.cli import app
+
+    cli = {p.name: p for p in typer.main.get_command(app).commands["mia"].params}
+    fields = {f.name: f for f in dataclasses.fields(MiaSettings)}
+    assert list(cli) == [n for n in fields if n != "write"]  # write=False: the API's results-only path
+    for name, p in cli.items():
+        f = fields[name]
+        assert (f.default is dataclasses.MISSING) == p.required, name
+        if not p.required:
+            assert f.default == p.default, name
+
+
+def test_settings_object_or_keywords_not_both(memorized):
+    s = MiaSettings(**_sets(memorized), attacks="loss", window=16, bootstrap=0, limit=4, write=False)
+    by_object, by_keywords = mia(s), mia(**vars(s))
+    pd.testing.assert_frame_equal(by_object.samples, by_keywords.samples)
+    assert by_object.path is None and list(by_object.summary)[:2] == ["schema_version", "command"]
+    with pytest.raises(TypeError, match="not both"):
+        mia(s, bootstrap=10)
+    with pytest.raises(MemauditError, match="--resume needs --out"):
+        MiaSettings(**_sets(memorized), out="x", resume=True, write=False).validate()
+    with pytest.raises(MemauditError, match="needs --reference"):
+        MiaSettings(**_sets(memorized), attacks="loss,reference").validate()
+
+
+def test_returned_summary_is_summary_json(memorized, tmp_path):
+    from memaudit.rundir import write_json
+
+    res = mia(**_sets(memorized), attacks="loss,zlib,recall", window=16, bootstrap=20, limit=6, out=tmp_path / "run")
+    write_json(tmp_path / "returned.json", res.summary)  # the same strict JSON writer
+    assert (tmp_path / "returned.json").read_text() == (res.path / "summary.json").read_text()
+    assert set(res.summary) <= set(MiaSummary.__annotations__)
+
+
+def test_mia_headline_order_best_and_missing():
+    attacks = {"loss": {"auc": 0.7, "oracle": {"tpr_at_fpr_0.01": 0.05}},
+               "zlib": {"auc": 0.9}, "min_k_20": {"auc": 0.9}, "recall": {"auc": None}, "odd": "not a block"}
+    head = mia_headline({"attacks": attacks, "n_members": 10, "n_nonmembers": 12, "columns": list(attacks)})
+    assert list(head.items()) == [("n_members", 10), ("n_nonmembers", 12), ("best_attack", "zlib"),
+                                  ("best_auc", 0.9), ("loss_auc", 0.7), ("loss_tpr_at_1pct_fpr", 0.05)]
+    # no loss attack, an undefined AUC (null in summary.json, NaN in memory): skipped, never "best"
+    assert mia_headline({"attacks": {"gradnorm": {"auc": float("nan")}, "zstd": {"auc": 0.6}}}) == \
+        {"best_attack": "zstd", "best_auc": 0.6}
+    assert mia_headline({}) == {}
+
+
+def test_mia_headline_reads_a_run(memorized, tmp_path):
+    res = mia(**_sets(memorized), attacks="loss,zlib", window=16, bootstrap=0, limit=6, out=tmp_path / "run")
+    on_disk = json.loads((res.path / "summary.json").read_text())
+    head = mia_headline(on_disk)
+    assert head == mia_headline(res.summary)
+    aucs = {c: m["auc"] for c, m in on_disk["attacks"].items()}
+    assert head["n_members"] == 6 and head["best_auc"] == max(aucs.values()) == aucs[head["best_attack"]]
+    assert head["loss_auc"] == aucs["loss"]
+    assert head["loss_tpr_at_1pct_fpr"] == on_disk["attacks"]["loss"]["oracle"]["tpr_at_fpr_0.01"]
 
 
 # ---------- bad input, through the command line ----------
@@ -267,7 +331,7 @@ def test_resume_after_interruption_recomputes_only_unfinished_chunks(memorized, 
 
     monkeypatch.setattr(membership, "RESUME_CHUNK", 4)
     kw = dict(attacks="loss,min_k,gradnorm", window=16, bootstrap=0, limit=6)
-    whole = mia(memorized.model_dir, memorized.train_file, memorized.heldout_file, out=tmp_path / "whole", **kw)
+    whole = mia(**_sets(memorized), out=tmp_path / "whole", **kw)
     real, calls = membership.score_sharded, []
 
     def dies_on_second_chunk(model, seqs, **k):
@@ -278,18 +342,16 @@ def test_resume_after_interruption_recomputes_only_unfinished_chunks(memorized, 
 
     monkeypatch.setattr(membership, "score_sharded", dies_on_second_chunk)
     with pytest.raises(KeyboardInterrupt):
-        mia(memorized.model_dir, memorized.train_file, memorized.heldout_file, out=tmp_path / "cut", **kw)
+        mia(**_sets(memorized), out=tmp_path / "cut", **kw)
     assert sorted(p.name for p in (tmp_path / "cut" / "partial").iterdir()) == ["target-000000000.parquet"]
     with pytest.raises(MemauditError, match="--resume"):  # never overwritten silently
-        mia(memorized.model_dir, memorized.train_file, memorized.heldout_file, out=tmp_path / "cut", **kw)
+        mia(**_sets(memorized), out=tmp_path / "cut", **kw)
     calls.clear()
     monkeypatch.setattr(membership, "score_sharded", lambda model, seqs, **k: calls.append(len(seqs)) or
                         real(model, seqs, **k))
-    resumed = mia(memorized.model_dir, memorized.train_file, memorized.heldout_file, out=tmp_path / "cut",
-                  resume=True, **kw)
+    resumed = mia(**_sets(memorized), out=tmp_path / "cut", resume=True, **kw)
     assert calls == [4, 4]  # 12 samples: chunk 0 loaded from disk, chunks 1 and 2 scored
     pd.testing.assert_frame_equal(resumed.samples, whole.samples)
     assert not (tmp_path / "cut" / "partial").exists()
     with pytest.raises(MemauditError, match="other settings"):
-        mia(memorized.model_dir, memorized.train_file, memorized.heldout_file, out=tmp_path / "cut", resume=True,
-            **{**kw, "window": 12})
+        mia(**_sets(memorized), out=tmp_path / "cut", resume=True, **{**kw, "window": 12})

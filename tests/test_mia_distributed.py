@@ -28,8 +28,8 @@ def test_torchrun_two_processes_equal_one(memorized, tmp_path):
     dist = pd.read_parquet(tmp_path / "dist" / "samples.parquet")
     summary = json.loads((tmp_path / "dist" / "summary.json").read_text())
     assert summary["world_size"] == 2
-    single = mia(memorized.model_dir, memorized.train_file, memorized.heldout_file, limit=9, window=24,
-                 bootstrap=50, recall_shots=2, write=False)
+    single = mia(model_dir=memorized.model_dir, members=memorized.train_file, nonmembers=memorized.heldout_file,
+                 limit=9, window=24, bootstrap=50, recall_shots=2, write=False)
     assert dist["id"].tolist() == single.samples["id"].tolist()
     cols = [c for c in single.samples.columns if c.startswith("score_")]
     assert cols == [c for c in dist.columns if c.startswith("score_")] and len(cols) == 12  # no reference
