@@ -19,9 +19,9 @@ when it is the most likely.
 from __future__ import annotations
 
 import math
-import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -30,10 +30,11 @@ from . import checks
 from .canaries import Canary, default_canary_file, read_canaries
 from .data import file_hash, tokenize
 from .errors import MemauditError
-from .models import load_model, weights_hash
+from .models import LoadedModel, load_model, weights_hash
 from .progress import progress_bar
-from .rundir import RunDir, check_output
+from .rundir import RunDir, check_output, summary_header
 from .scoring import score
+from .settings import settings_from
 
 ESTIMATORS = ("sampling", "skewnorm")
 MAX_CANDIDATES = 10**8  # each candidate is one scored sequence
@@ -90,7 +91,7 @@ def skewnorm_exposure(secret_ll: float, sample_ll: np.ndarray, space_size: int) 
 
 # ---- the model part: log-likelihoods of filled-in canaries through the one scoring engine ----
 
-def canary_log_likelihoods(loaded, texts: Sequence[str], *, batch_size: int | str = "auto",
+def canary_log_likelihoods(loaded: LoadedModel, texts: Sequence[str], *, batch_size: int | str = "auto",
                            on_progress=None) -> np.ndarray:
     """Sum of ln p over every token of each text (BOS-conditioned), in nats, via memaudit.scoring.score."""
     tok = loaded.tokenizer
@@ -105,7 +106,7 @@ def _candidate_strings(numbers: np.ndarray, digits: int) -> list[str]:
     return [str(int(n)).zfill(digits) for n in numbers]
 
 
-def canary_exposure(loaded, canary: Canary, *, exact_limit: int = 100_000, sample_size: int = 5_000,
+def canary_exposure(loaded: LoadedModel, canary: Canary, *, exact_limit: int = 100_000, sample_size: int = 5_000,
                     estimator: str = "sampling", seed: int = 0, batch_size: int | str = "auto",
                     force_method: str | None = None, on_progress=None) -> dict:
     """Exposure of one canary: exact over all 10**digits candidates when that is <= `exact_limit`,
@@ -165,69 +166,136 @@ def control_canaries(canaries: Sequence[Canary], n: int, seed: int) -> list[Cana
     return out
 
 
-def run_exposure(model_dir: str | os.PathLike, *, canaries: str | os.PathLike | None = None,
-                 out: str | os.PathLike | None = None, controls: int = 5, exact_limit: int = 100_000,
-                 sample_size: int = 5_000, estimator: str = "sampling", seed: int = 0,
-                 batch_size: int | str = "auto", device: str = "auto", dtype: str = "auto",
-                 allow_pickle: bool = False, trust_remote_code: bool = False,
-                 overwrite: bool = False) -> dict:
-    """`memaudit exposure`: every canary's exposure (and that of `controls` unseen secrets) in a run dir."""
-    checks.integer("--controls", controls, low=0, high=10_000)
-    checks.integer("--exact-limit", exact_limit, high=MAX_CANDIDATES)
-    checks.integer("--sample-size", sample_size, high=MAX_CANDIDATES)
-    checks.choice("--estimator", estimator, ESTIMATORS)
-    checks.seed(seed)
-    checks.batch_size(batch_size)
-    canary_file = Path(canaries) if canaries is not None else default_canary_file(model_dir)
-    if canaries is None and not canary_file.is_file():
-        raise MemauditError(f"no canaries.jsonl in {model_dir}: pass --canaries FILE")
-    checks.readable_file(canary_file, "canary file")
+@dataclass(kw_only=True)
+class ExposureSettings:
+    """Every option of `memaudit exposure`: the CLI flags' names and defaults (the CLI only parses)."""
+    model_dir: str | Path  # a model trained with canaries
+    canaries: str | Path | None = None  # None: MODEL_DIR/canaries.jsonl (what `memaudit train --canaries` wrote)
+    controls: int = 5  # fresh secrets in the same templates, never trained on: the baseline
+    exact_limit: int = 100_000  # enumerate every candidate when 10**digits is at most this
+    sample_size: int = 5_000  # otherwise, candidates sampled without replacement
+    estimator: str = "sampling"  # the headline when sampling: sampling or skewnorm
+    seed: int = 0
+    batch_size: int | str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    out: str | Path | None = None  # None: RunDir.default_out("exposure")
+    overwrite: bool = False
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+    def canary_file(self) -> Path:
+        return Path(self.canaries) if self.canaries is not None else default_canary_file(self.model_dir)
+
+    def validate(self) -> None:
+        """Cheap checks before anything is loaded: one MemauditError line each."""
+        checks.integer("--controls", self.controls, low=0, high=10_000)
+        checks.integer("--exact-limit", self.exact_limit, high=MAX_CANDIDATES)
+        checks.integer("--sample-size", self.sample_size, high=MAX_CANDIDATES)
+        checks.choice("--estimator", self.estimator, ESTIMATORS)
+        checks.seed(self.seed)
+        checks.batch_size(self.batch_size)
+        if self.canaries is None and not self.canary_file().is_file():
+            raise MemauditError(f"no canaries.jsonl in {self.model_dir}: pass --canaries FILE")
+        checks.readable_file(self.canary_file(), "canary file")
+
+
+class ExposureSummary(TypedDict, total=False):
+    """summary.json of `memaudit exposure` (schema rundir.SUMMARY_SCHEMA_VERSION); exposures in bits."""
+    schema_version: int
+    command: str  # "exposure"
+    n_canaries: int  # canaries inserted into training (repeats > 0, or not stated)
+    mean_exposure_bits: float  # over the inserted canaries
+    max_exposure_bits: float
+    max_possible_exposure_bits: float  # log2 |R| of the largest candidate space among the inserted canaries
+    mean_control_exposure_bits: float | None  # over the never-inserted secrets; None without any
+    n_controls: int  # fresh control secrets plus listed canaries with repeats 0
+    methods: list[str]  # "exact" and/or "estimated"
+    estimator: str  # the --estimator setting
+
+
+@dataclass
+class ExposureResult:
+    summary: ExposureSummary  # exactly what summary.json holds
+    path: Path | None  # the run directory
+    canaries: pd.DataFrame  # samples.parquet: one row per canary and control (canary_exposure's fields, inserted)
+
+
+def exposure(settings: ExposureSettings | None = None, /, **options: Any) -> ExposureResult:
+    """Canary exposure (Carlini et al. 2019): for each canary (and `controls` never-inserted secrets) the rank of
+    its secret among all, or sampled, candidates of its template, as log2 |R| - log2 rank bits. Takes an
+    ExposureSettings or its fields as keywords; writes a run directory (samples.parquet, summary.json,
+    exposure.png) and returns its summary, path and per-canary table."""
+    s = settings_from(ExposureSettings, settings, options)
+    s.validate()
+    # The canaries are read before the model directory is checked: errors keep the order they have always had.
+    cans = _read_inserted(s.canary_file())
+    checks.model_dir(s.model_dir, allow_pickle=s.allow_pickle)
+    out = s.out or RunDir.default_out("exposure")
+    check_output(out, "exposure", inputs=[s.model_dir, s.canary_file()], overwrite=s.overwrite)
+    loaded = load_model(s.model_dir, device=s.device, dtype=s.dtype, allow_pickle=s.allow_pickle,
+                        trust_remote_code=s.trust_remote_code)
+    run = _open_run(s, out)
+    df = _compute(s, loaded, cans)
+    return _write(s, run, df)
+
+
+def _read_inserted(canary_file: Path) -> list[Canary]:
+    """The canary file's records; at least one must have been inserted into training."""
     cans = read_canaries(canary_file)
     if all(c.repeats == 0 for c in cans):
         raise MemauditError(f"{canary_file}: every canary has repeats 0: none was inserted into training")
-    checks.model_dir(model_dir, allow_pickle=allow_pickle)
-    out = out or RunDir.default_out("exposure")
-    check_output(out, "exposure", inputs=[model_dir, canary_file], overwrite=overwrite)
-    loaded = load_model(model_dir, device=device, dtype=dtype, allow_pickle=allow_pickle,
-                        trust_remote_code=trust_remote_code)
-    settings = {"controls": controls, "exact_limit": exact_limit, "sample_size": sample_size,
-                "estimator": estimator, "seed": seed, "batch_size": batch_size, "device": device, "dtype": dtype}
-    inputs = {"model": str(model_dir), "model_weights_sha256": weights_hash(model_dir),
-              "canaries": str(canary_file), "canaries_sha256": file_hash(canary_file)}
-    run = RunDir(out, "exposure", settings, inputs=inputs, overwrite=overwrite)
-    every = list(cans) + control_canaries(cans, controls, seed)
-    total = sum(10 ** c.digits if 10 ** c.digits <= exact_limit else min(sample_size, 10 ** c.digits - 1) + 1
+    return cans
+
+
+def _open_run(s: ExposureSettings, out: str | Path) -> RunDir:
+    """The run directory and its config.json (keep these settings as they are: runs record them)."""
+    settings = {"controls": s.controls, "exact_limit": s.exact_limit, "sample_size": s.sample_size,
+                "estimator": s.estimator, "seed": s.seed, "batch_size": s.batch_size, "device": s.device,
+                "dtype": s.dtype}
+    inputs = {"model": str(s.model_dir), "model_weights_sha256": weights_hash(s.model_dir),
+              "canaries": str(s.canary_file()), "canaries_sha256": file_hash(s.canary_file())}
+    return RunDir(out, "exposure", settings, inputs=inputs, overwrite=s.overwrite)
+
+
+def _compute(s: ExposureSettings, loaded: LoadedModel, cans: list[Canary]) -> pd.DataFrame:
+    """One row per canary, then per control secret (canary_exposure's fields and `inserted`)."""
+    every = list(cans) + control_canaries(cans, s.controls, s.seed)
+    total = sum(10 ** c.digits if 10 ** c.digits <= s.exact_limit else min(s.sample_size, 10 ** c.digits - 1) + 1
                 for c in every)
     rows = []
     with progress_bar(total, "exposure") as advance:
         for i, c in enumerate(every):
-            row = canary_exposure(loaded, c, exact_limit=exact_limit, sample_size=sample_size, estimator=estimator,
-                                  seed=seed, batch_size=batch_size, on_progress=advance)
+            row = canary_exposure(loaded, c, exact_limit=s.exact_limit, sample_size=s.sample_size,
+                                  estimator=s.estimator, seed=s.seed, batch_size=s.batch_size, on_progress=advance)
             # a canary listed with repeats == 0 was kept out of training on purpose: it is a control too
             row["inserted"] = i < len(cans) and (c.repeats is None or c.repeats > 0)
             rows.append(row)
-    df = pd.DataFrame(rows)
+    return pd.DataFrame(rows)
+
+
+def _write(s: ExposureSettings, run: RunDir, df: pd.DataFrame) -> ExposureResult:
     run.write_samples(df)
     inserted = df[df["inserted"]]
     control = df[~df["inserted"]]
-    summary = {
-        "n_canaries": int(len(inserted)),
-        "mean_exposure_bits": float(inserted["exposure"].mean()),
-        "max_exposure_bits": float(inserted["exposure"].max()),
-        "max_possible_exposure_bits": float(math.log2(inserted["space_size"].max())),
-        "mean_control_exposure_bits": float(control["exposure"].mean()) if len(control) else None,
-        "n_controls": int(len(control)),
-        "methods": sorted(df["method"].unique().tolist()),
-        "estimator": estimator,
-    }
+    summary = ExposureSummary(
+        **summary_header("exposure"),
+        n_canaries=int(len(inserted)),
+        mean_exposure_bits=float(inserted["exposure"].mean()),
+        max_exposure_bits=float(inserted["exposure"].max()),
+        max_possible_exposure_bits=float(math.log2(inserted["space_size"].max())),
+        mean_control_exposure_bits=float(control["exposure"].mean()) if len(control) else None,
+        n_controls=int(len(control)),
+        methods=sorted(df["method"].unique().tolist()),
+        estimator=s.estimator,
+    )
     run.write_summary(summary)
     _exposure_figure(run, df)
     run.finish()
-    summary["out"] = str(run.path)
-    return summary
+    return ExposureResult(summary=summary, path=run.path, canaries=df)
 
 
-def _exposure_figure(run, df) -> None:
+def _exposure_figure(run: RunDir, df: pd.DataFrame) -> None:
     import matplotlib  # lazy: slow to import, and the backend must be set before pyplot
 
     matplotlib.use("Agg")

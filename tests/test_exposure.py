@@ -3,7 +3,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,6 +63,23 @@ def test_repeated_canary_is_exposed_far_more_than_unseen_ones(canary_model, tmp_
     assert summary["mean_exposure_bits"] > 15
     assert summary["mean_exposure_bits"] > summary["mean_control_exposure_bits"] + 5
     assert (out / "exposure.png").stat().st_size > 0
+
+
+def test_python_api_returns_what_the_run_directory_holds(canary_model, tmp_path):
+    import pandas as pd
+
+    from memaudit.exposure import ExposureSettings, exposure
+
+    settings = ExposureSettings(model_dir=canary_model, controls=1, exact_limit=10, sample_size=50,
+                                batch_size=64, out=tmp_path / "exp")
+    res = exposure(settings)
+    assert res.path == tmp_path / "exp"
+    assert res.summary == json.loads((res.path / "summary.json").read_text())
+    assert list(res.summary)[:2] == ["schema_version", "command"] and res.summary["command"] == "exposure"
+    pd.testing.assert_frame_equal(res.canaries, pd.read_parquet(res.path / "samples.parquet"))
+    assert res.canaries["inserted"].tolist() == [True, False] and res.summary["methods"] == ["estimated"]
+    with pytest.raises(TypeError, match="not both"):
+        exposure(settings, seed=1)
 
 
 def test_sampled_and_skewnorm_estimators_on_synthetic_likelihoods():

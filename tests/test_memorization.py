@@ -88,28 +88,34 @@ def test_model_reference_members_carry_more_mem_u(memorized, reference_model, tm
 
 
 def test_against_itself_is_zero(memorized, tmp_path):
-    from memaudit.memorization import measure_memorization
+    from memaudit.memorization import MemorizationSettings, memorization
 
-    s = measure_memorization(memorized.model_dir, memorized.train_file, str(memorized.model_dir),
-                             out=tmp_path / "self", device="cpu", limit=10)
+    res = memorization(MemorizationSettings(model_dir=memorized.model_dir, data=memorized.train_file,
+                                            reference=str(memorized.model_dir), out=tmp_path / "self", device="cpu",
+                                            limit=10))
     df = pd.read_parquet(tmp_path / "self" / "samples.parquet")
-    assert s["total_mem_u_bits"] == 0.0 and (df["mem_u_bits"] == 0).all() and len(df) == 10
+    assert res.summary["total_mem_u_bits"] == 0.0 and (df["mem_u_bits"] == 0).all() and len(df) == 10
+    # the result is what the run directory holds
+    assert res.path == tmp_path / "self"
+    assert res.summary == json.loads((res.path / "summary.json").read_text())
+    assert list(res.summary)[:2] == ["schema_version", "command"] and res.summary["command"] == "memorization"
+    pd.testing.assert_frame_equal(res.samples, df)
 
 
 def test_zstd_reference_matches_zstandard_and_separates(memorized, tmp_path):
     import zstandard
 
-    from memaudit.memorization import measure_memorization
+    from memaudit.memorization import memorization
 
-    s_m = measure_memorization(memorized.model_dir, memorized.train_file, "zstd", out=tmp_path / "zm",
-                               device="cpu", zstd_level=19, zstd_dict_from=memorized.heldout_file)
-    s_h = measure_memorization(memorized.model_dir, memorized.heldout_file, "zstd", out=tmp_path / "zh",
-                               device="cpu", zstd_level=19, zstd_dict_from=memorized.heldout_file)
+    s_m = memorization(model_dir=memorized.model_dir, data=memorized.train_file, reference="zstd",
+                       out=tmp_path / "zm", device="cpu", zstd_level=19, zstd_dict_from=memorized.heldout_file).summary
+    s_h = memorization(model_dir=memorized.model_dir, data=memorized.heldout_file, reference="zstd",
+                       out=tmp_path / "zh", device="cpu", zstd_level=19, zstd_dict_from=memorized.heldout_file).summary
     df = pd.read_parquet(tmp_path / "zm" / "samples.parquet")
     texts = [json.loads(line)["text"] for line in open(memorized.train_file)]
     # independent zstd code length without a dictionary, for the bytes each row says it has
-    plain = measure_memorization(memorized.model_dir, memorized.train_file, "zstd", out=tmp_path / "zp",
-                                 device="cpu", zstd_level=3, limit=5)
+    memorization(model_dir=memorized.model_dir, data=memorized.train_file, reference="zstd", out=tmp_path / "zp",
+                 device="cpu", zstd_level=3, limit=5)
     dfp = pd.read_parquet(tmp_path / "zp" / "samples.parquet")
     for i in range(5):
         frame = zstandard.ZstdCompressor(level=3, write_checksum=False, write_content_size=False).compress(
