@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from memaudit.canaries import read_canaries
+from memaudit.errors import MemauditError
 from memaudit.training import TrainConfig, train
 
 TINY = dict(config="2x32", seq_len=48, batch_size=7, epochs=2, lr=3e-3, warmup_steps=2, device="cpu")
@@ -36,9 +37,11 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 def test_goldfish_run_reports_dropped_fraction_and_canaries(docs, tmp_path):
-    res = train(TrainConfig(data=str(docs), out=str(tmp_path / "gf"), objective="goldfish", goldfish_mode="hash",
-                            goldfish_k=4, goldfish_h=13, canaries=3, canary_repeats=4, **TINY))
+    # the settings as keywords, paths as Path objects: train_config.json records them as strings
+    res = train(data=docs, out=tmp_path / "gf", objective="goldfish", goldfish_mode="hash", goldfish_k=4,
+                goldfish_h=13, canaries=3, canary_repeats=4, **TINY)
     meta = json.loads((tmp_path / "gf" / "train_config.json").read_text())
+    assert meta["data"] == str(docs) and meta["out"] == str(tmp_path / "gf")
     assert meta["goldfish_dropped_fraction"] == pytest.approx(res.dropped_fraction)
     # the first 13 targets of each row are never dropped, so the overall rate is a bit under 1/4
     assert 0.17 < res.dropped_fraction < 0.27
@@ -94,6 +97,20 @@ def test_ddp_two_cpu_processes_equal_one_process(docs, tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     assert _max_diff(_weights(tmp_path / "one"), _weights(tmp_path / "two")) < 1e-5
     assert (tmp_path / "two" / "release" / "model.safetensors").is_file()
+
+
+def test_settings_are_one_object_or_keywords_not_both(docs, tmp_path):
+    cfg = TrainConfig(data=docs, out=tmp_path / "m", **TINY)
+    assert cfg.data == str(docs) and cfg.out == str(tmp_path / "m")
+    with pytest.raises(TypeError, match="not both"):
+        train(cfg, epochs=1)
+    with pytest.raises(TypeError, match="expected a TrainConfig"):
+        train(dict(data=str(docs), out=str(tmp_path / "m")))
+    with pytest.raises(TypeError):  # keyword-only: a positional field would silently shift with a new one
+        TrainConfig(str(docs), str(tmp_path / "m"))
+    with pytest.raises(MemauditError, match="unknown objective"):
+        TrainConfig(data=docs, out=tmp_path / "m", objective="ewc").validate()
+    assert not (tmp_path / "m").exists()
 
 
 BAD = [

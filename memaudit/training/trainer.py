@@ -8,6 +8,10 @@ Everything that decides a step is a pure function of (seed, step): the epoch's d
 replays the uninterrupted one, and under torchrun every rank builds the same global batch and takes its slice:
 the loss of each rank is its share of the GLOBAL mean over kept targets, so DDP's gradient average equals the
 single-process gradient up to float summation order.
+
+A run reads top to bottom as a recipe does: `_setup` (claim the folder, read the data, build the tokenizer, model,
+rows and optimizer, restore a checkpoint), `_loop` over epochs of `_step`s, then `_finish` (save the model
+directory, or the checkpoint that --stop-after leaves).
 """
 from __future__ import annotations
 
@@ -18,15 +22,18 @@ import os
 import random
 import shutil
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
-from ..canaries import CANARY_FILE, default_canary_file, make_canaries, write_canaries
+from ..canaries import CANARY_FILE, Canary, default_canary_file, make_canaries, write_canaries
 from ..data import file_hash, read_documents, tokenize, train_tokenizer
 from .. import checks, distributed
 from ..errors import MemauditError
@@ -34,26 +41,34 @@ from ..rundir import Owned, check_output
 from ..models import build_config, count_parameters, load_model, load_tokenizer, resolve_dtype
 from ..progress import progress_bar
 from ..samples import training_rows
+from ..settings import settings_from
 from .objectives import GOLDFISH_MODES, IGNORE, OBJECTIVES, goldfish_drop_mask, standard_labels
 from .sinks import SinkHooks, release_from_model, sequence_id, sink_spec, write_sink_spec
 
 CHECKPOINT_DIR = "checkpoint"
 _STAGING = ".staging"
+_SHARED_TOKENIZER = ".tokenizer"  # under torchrun: rank 0 trains the tokenizer here, every rank loads it
 RELEASE_DIR = "release"
 # Settings that may differ between an interrupted run and its --resume.
 _RESUME_FREE = ("out", "resume", "overwrite", "stop_after", "checkpoint_every", "device")
 # The smallest vocabulary a locally trained byte-level tokenizer can have: 256 bytes + the special token.
 MIN_VOCAB = 257
+# Fields that name files or folders: a Path is kept as its string (train_config.json and the checkpoint's
+# fingerprint record the settings as JSON).
+_PATH_FIELDS = ("data", "out", "config", "tokenizer", "val_data")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
-    data: str
-    out: str
+    """Every option of `memaudit train`: the CLI flags' names and defaults (the CLI only parses).
+
+    `train_config.json` in the model directory records these fields (plus what the run found)."""
+    data: str | Path  # training documents
+    out: str | Path  # the model directory to write
     objective: str = "standard"  # standard | goldfish | sinks
-    config: str = "tiny"  # tiny | small | LxW | a model directory to continue
+    config: str | Path = "tiny"  # tiny | small | LxW | a model directory to continue
     family: str = "gpt2"  # gpt2 | llama (for from-scratch configs)
-    tokenizer: str | None = None  # a tokenizer dir for from-scratch configs (default: train one on the data)
+    tokenizer: str | Path | None = None  # a tokenizer dir for from-scratch configs (default: train one on the data)
     epochs: int = 10
     lr: float = 1e-3
     batch_size: int = 16  # documents per optimizer step (the global batch under torchrun)
@@ -61,7 +76,7 @@ class TrainConfig:
     vocab_size: int = 2048  # for a locally trained tokenizer
     seed: int = 0
     val_fraction: float = 0.1
-    val_data: str | None = None  # a separate validation file (then --data is all training)
+    val_data: str | Path | None = None  # a separate validation file (then --data is all training)
     warmup_steps: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -88,9 +103,75 @@ class TrainConfig:
     overwrite: bool = False  # replace a model directory this command wrote before (nothing else)
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps in total; --resume goes on
 
+    def __post_init__(self) -> None:
+        for name in _PATH_FIELDS:
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
+
+    def validate(self) -> None:
+        """One clear error for every setting a user can get wrong, before any work starts (in this order)."""
+        self._check_numbers()
+        self._check_inputs()
+        self._check_output()
+
+    def _check_numbers(self) -> None:
+        checks.choice("objective", self.objective, OBJECTIVES)
+        checks.choice("--family", self.family, ("gpt2", "llama"))
+        checks.choice("--dtype", self.dtype, ("float32", "fp32", "bfloat16", "bf16", "auto"))
+        checks.integer("--epochs", self.epochs)
+        checks.number("--lr", self.lr, low=0, low_open=True)
+        checks.integer("--batch-size", self.batch_size)
+        checks.integer("--seq-len", self.seq_len, low=2)
+        checks.integer("--vocab-size", self.vocab_size, low=MIN_VOCAB)
+        checks.fraction("--val-fraction", self.val_fraction, zero=True)
+        checks.seed(self.seed)
+        checks.limit(self.limit)
+        checks.integer("--warmup-steps", self.warmup_steps, low=0)
+        checks.number("--weight-decay", self.weight_decay, low=0)
+        checks.number("--grad-clip", self.grad_clip, low=0)
+        if self.objective == "goldfish":
+            checks.choice("goldfish mode", self.goldfish_mode, GOLDFISH_MODES)
+            checks.integer("--goldfish-k", self.goldfish_k, low=2)
+            checks.integer("--goldfish-h", self.goldfish_h, low=1)
+        if self.objective == "sinks":
+            checks.fraction("--sink-fraction", self.sink_fraction)
+            checks.fraction("--sink-density", self.sink_density)
+        checks.integer("--canaries", self.canaries, low=0)
+        checks.integer("--canary-repeats", self.canary_repeats, low=1)
+        checks.integer("--checkpoint-every", self.checkpoint_every, low=0)
+        checks.integer("--stop-after", self.stop_after, low=1)
+
+    def _check_inputs(self) -> None:
+        checks.readable_file(self.data)
+        checks.readable_file(self.val_data, "validation data file")
+        if self.val_data is not None and Path(self.val_data).resolve() == Path(self.data).resolve():
+            raise MemauditError("--val-data is the training file itself: a validation loss needs documents it "
+                                "does not train on")
+        checks.device(self.device)
+        if Path(self.config).exists() or "/" in self.config or os.sep in self.config:
+            if self.tokenizer is not None or self.family != "gpt2":
+                raise MemauditError("--tokenizer and --family apply to from-scratch configs: a model directory "
+                                    "given as --config brings its own")
+            mcfg = checks.model_dir(self.config, allow_pickle=self.allow_pickle, what="--config model directory")
+            ctx = checks.context_length(mcfg)
+            if ctx is not None and self.seq_len > ctx:
+                raise MemauditError(f"--seq-len {self.seq_len} is longer than the model's context ({ctx} positions)")
+        else:
+            build_config(self.config, vocab_size=MIN_VOCAB, max_length=self.seq_len, family=self.family)
+        if self.tokenizer is not None:
+            _check_tokenizer_dir(self.tokenizer)
+
+    def _check_output(self) -> None:
+        if distributed.env_rank() == 0:  # under torchrun rank 0 alone claims the folder
+            check_output(self.out, "train", inputs=_inputs(self), resume=self.resume, overwrite=self.overwrite)
+        if self.resume and not (Path(self.out) / CHECKPOINT_DIR / "state.pt").is_file():
+            raise MemauditError(f"--resume: no checkpoint in {Path(self.out) / CHECKPOINT_DIR} (train with "
+                                "--checkpoint-every N or --stop-after N first)")
+
 
 @dataclass
 class TrainResult:
+    """What `train` did; the model directory itself (`out`) holds train_config.json and training_log.csv."""
     out: Path
     steps: int
     train_loss: float
@@ -102,70 +183,19 @@ class TrainResult:
     finished: bool = True  # False when --stop-after ended the run early
 
 
-def validate_config(cfg: TrainConfig) -> None:
-    """One clear error for every setting a user can get wrong, before any work starts."""
-    checks.choice("objective", cfg.objective, OBJECTIVES)
-    checks.choice("--family", cfg.family, ("gpt2", "llama"))
-    checks.choice("--dtype", cfg.dtype, ("float32", "fp32", "bfloat16", "bf16", "auto"))
-    checks.integer("--epochs", cfg.epochs)
-    checks.number("--lr", cfg.lr, low=0, low_open=True)
-    checks.integer("--batch-size", cfg.batch_size)
-    checks.integer("--seq-len", cfg.seq_len, low=2)
-    checks.integer("--vocab-size", cfg.vocab_size, low=MIN_VOCAB)
-    checks.fraction("--val-fraction", cfg.val_fraction, zero=True)
-    checks.seed(cfg.seed)
-    checks.limit(cfg.limit)
-    checks.integer("--warmup-steps", cfg.warmup_steps, low=0)
-    checks.number("--weight-decay", cfg.weight_decay, low=0)
-    checks.number("--grad-clip", cfg.grad_clip, low=0)
-    if cfg.objective == "goldfish":
-        checks.choice("goldfish mode", cfg.goldfish_mode, GOLDFISH_MODES)
-        checks.integer("--goldfish-k", cfg.goldfish_k, low=2)
-        checks.integer("--goldfish-h", cfg.goldfish_h, low=1)
-    if cfg.objective == "sinks":
-        checks.fraction("--sink-fraction", cfg.sink_fraction)
-        checks.fraction("--sink-density", cfg.sink_density)
-    checks.integer("--canaries", cfg.canaries, low=0)
-    checks.integer("--canary-repeats", cfg.canary_repeats, low=1)
-    checks.integer("--checkpoint-every", cfg.checkpoint_every, low=0)
-    checks.integer("--stop-after", cfg.stop_after, low=1)
-    checks.readable_file(cfg.data)
-    checks.readable_file(cfg.val_data, "validation data file")
-    if cfg.val_data is not None and Path(cfg.val_data).resolve() == Path(cfg.data).resolve():
-        raise MemauditError("--val-data is the training file itself: a validation loss needs documents it does not "
-                            "train on")
-    checks.device(cfg.device)
-    if Path(cfg.config).exists() or "/" in cfg.config or os.sep in cfg.config:
-        if cfg.tokenizer is not None or cfg.family != "gpt2":
-            raise MemauditError("--tokenizer and --family apply to from-scratch configs: a model directory given "
-                                "as --config brings its own")
-        mcfg = checks.model_dir(cfg.config, allow_pickle=cfg.allow_pickle, what="--config model directory")
-        ctx = checks.context_length(mcfg)
-        if ctx is not None and cfg.seq_len > ctx:
-            raise MemauditError(f"--seq-len {cfg.seq_len} is longer than the model's context ({ctx} positions)")
-    else:
-        build_config(cfg.config, vocab_size=MIN_VOCAB, max_length=cfg.seq_len, family=cfg.family)
-    if cfg.tokenizer is not None:
-        _check_tokenizer_dir(cfg.tokenizer)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 alone claims the folder
-        check_output(cfg.out, "train", inputs=_inputs(cfg), resume=cfg.resume, overwrite=cfg.overwrite)
-    if cfg.resume and not (Path(cfg.out) / CHECKPOINT_DIR / "state.pt").is_file():
-        raise MemauditError(f"--resume: no checkpoint in {Path(cfg.out) / CHECKPOINT_DIR} (train with "
-                            "--checkpoint-every N or --stop-after N first)")
+def _inputs(cfg: TrainConfig) -> list[str]:
+    """Paths the run reads: never the output folder, nor inside it."""
+    paths = [cfg.data, cfg.val_data, cfg.tokenizer, cfg.config if Path(cfg.config).is_dir() else None]
+    return [p for p in paths if p]
 
 
 def _check_tokenizer_dir(path: str) -> None:
     p = Path(path)
     if not p.is_dir():
-        raise MemauditError(f"--tokenizer {p} is not a directory" if p.exists() else f"tokenizer directory not found: {p}")
+        raise MemauditError(f"--tokenizer {p} is not a directory" if p.exists()
+                            else f"tokenizer directory not found: {p}")
     if not any((p / f).is_file() for f in checks.TOKENIZER_FILES):
         raise MemauditError(f"--tokenizer {p} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
-
-
-def _inputs(cfg: TrainConfig) -> list[str]:
-    """Paths the run reads: never the output folder, nor inside it."""
-    paths = [cfg.data, cfg.val_data, cfg.tokenizer, cfg.config if Path(cfg.config).is_dir() else None]
-    return [p for p in paths if p]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -220,7 +250,137 @@ def evaluate(model, rows: list[list[int]], pad: int, batch_size: int, device) ->
     return total / max(1, count)
 
 
+def _fingerprint(cfg: TrainConfig) -> dict:
+    d = {k: v for k, v in asdict(cfg).items() if k not in _RESUME_FREE}
+    d["data_sha256"] = file_hash(cfg.data)
+    return d
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+@dataclass
+class _Docs:
+    """The documents read and split: what the run trains and validates on, and what train_config.json lists."""
+    docs: pd.DataFrame  # the training file
+    train_idx: list[int]  # its rows trained on
+    train_texts: list[str]
+    val_texts: list[str]
+    val_ids: list[Any]
+
+
+@dataclass
+class _Run:
+    """One training run's state: built by `_setup`, advanced by `_step`, saved by `_finish`."""
+    cfg: TrainConfig
+    dist: distributed.Group
+    owned: Owned | None  # the model directory, claimed by rank 0 only
+    docs: _Docs
+    model: torch.nn.Module
+    net: torch.nn.Module  # the model, wrapped in DistributedDataParallel under torchrun
+    tok: Any
+    opt: torch.optim.Optimizer
+    pad: int
+    train_rows: list[list[int]]
+    val_rows: list[list[int]]
+    canaries: list[Canary]
+    hooks: SinkHooks | None  # sinks only
+    row_seq_ids: list[int]  # sinks: each training row's sequence id
+    autocast: AbstractContextManager
+    steps_per_epoch: int
+    total_steps: int
+    step: int = 0
+    log_rows: list[dict] = field(default_factory=list)
+    # goldfish: real targets excluded / all real targets; the running epoch's loss (kept across --resume)
+    counts: dict = field(default_factory=lambda: {"dropped": 0, "targets": 0, "epoch_loss": 0.0, "epoch_tokens": 0})
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.cfg.out) / CHECKPOINT_DIR
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup, then cosine decay to 10% of --lr."""
+        cfg = self.cfg
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        frac = (step - cfg.warmup_steps) / max(1, self.total_steps - cfg.warmup_steps)
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+    def dropped_fraction(self) -> float | None:
+        return self.counts["dropped"] / self.counts["targets"] if self.counts["targets"] else None
+
+
+def _setup(cfg: TrainConfig, dist: distributed.Group) -> _Run:
+    """Everything before the first step, in the order that keeps the seeded draws (weights, then training) fixed."""
+    _seed_all(cfg.seed)
+    owned = _claim(cfg, dist)
+    docs = _read_docs(cfg)
+    given = _given_tokenizer(cfg, dist, docs.train_texts)
+    model, tok = _init_model(cfg, docs.train_texts, dist.device, given)
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else bos
+    canaries = make_canaries(cfg.canaries, cfg.canary_repeats, seed=cfg.seed) if cfg.canaries else []
+    train_rows, val_rows = _rows(cfg, tok, bos, docs, canaries)
+    hooks, row_seq_ids = None, []
+    if cfg.objective == "sinks":
+        hooks = SinkHooks(model, sink_spec(model, cfg.sink_fraction, cfg.sink_density))
+        row_seq_ids = [sequence_id(r[1:]) for r in train_rows]
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
+    use_bf16 = resolve_dtype(cfg.dtype, dist.device) == torch.bfloat16
+    run = _Run(cfg=cfg, dist=dist, owned=owned, docs=docs, model=model, net=model, tok=tok, opt=opt, pad=pad,
+               train_rows=train_rows, val_rows=val_rows, canaries=canaries, hooks=hooks, row_seq_ids=row_seq_ids,
+               autocast=torch.autocast(dist.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext(),
+               steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * cfg.epochs)
+    if cfg.resume:
+        _restore(run)
+    if dist.world > 1:  # torchrun: DDP averages the ranks' gradients
+        device = dist.device
+        run.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return run
+
+
+def _claim(cfg: TrainConfig, dist: distributed.Group) -> Owned | None:
+    """Rank 0 claims the model directory; every folder it writes is listed before it is written (rundir.Owned)."""
+    owned = None
+    if dist.main:
+        owned = Owned(cfg.out, "train", inputs=_inputs(cfg), resume=cfg.resume, overwrite=cfg.overwrite)
+        owned.record(dirs=[CHECKPOINT_DIR, CHECKPOINT_DIR + ".tmp", _SHARED_TOKENIZER, _STAGING])
+    dist.barrier()
+    return owned
+
+
+def _read_docs(cfg: TrainConfig) -> _Docs:
+    """The training documents and the validation ones: --val-data, or a seeded --val-fraction of --data."""
+    docs = read_documents(cfg.data, text_field=cfg.text_field, id_field=cfg.id_field, limit=cfg.limit)
+    texts = docs["text"].tolist()
+    if cfg.val_data:
+        val_docs = read_documents(cfg.val_data, text_field=cfg.text_field, id_field=cfg.id_field)
+        train_idx = list(range(len(texts)))
+        val_texts, val_ids = val_docs["text"].tolist(), val_docs["id"].tolist()
+    else:
+        train_idx, val_idx = _split(len(texts), cfg.val_fraction, cfg.seed)
+        val_texts, val_ids = [texts[i] for i in val_idx], docs["id"].iloc[val_idx].tolist()
+    return _Docs(docs, train_idx, [texts[i] for i in train_idx], val_texts, val_ids)
+
+
+def _given_tokenizer(cfg: TrainConfig, dist: distributed.Group, train_texts: list[str]):
+    """The tokenizer the run must use, or None (then `_init_model` trains one, or takes the --config model's):
+    the checkpoint's on --resume, --tokenizer's, or under torchrun one trained once by rank 0 and shared."""
+    if cfg.resume:
+        return load_tokenizer(Path(cfg.out) / CHECKPOINT_DIR)
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    if dist.world > 1 and not Path(cfg.config).is_dir():
+        shared = Path(cfg.out) / _SHARED_TOKENIZER
+        if dist.main:
+            train_tokenizer(train_texts, vocab_size=cfg.vocab_size).save_pretrained(shared)
+        dist.barrier()
+        return load_tokenizer(shared)
+    return None
+
+
 def _init_model(cfg: TrainConfig, texts: list[str], device, tokenizer=None):
+    # lazy: transformers' model classes take seconds to import, and `import memaudit` (the CLI) must stay fast
     from transformers import AutoModelForCausalLM
 
     if Path(cfg.config).is_dir():
@@ -234,22 +394,35 @@ def _init_model(cfg: TrainConfig, texts: list[str], device, tokenizer=None):
     return model.to(device), tok
 
 
-def _fingerprint(cfg: TrainConfig) -> dict:
-    d = {k: v for k, v in asdict(cfg).items() if k not in _RESUME_FREE}
-    d["data_sha256"] = file_hash(cfg.data)
-    return d
+def _rows(cfg: TrainConfig, tok, bos: int, docs: _Docs,
+          canaries: list[Canary]) -> tuple[list[list[int]], list[list[int]]]:
+    """Training rows (the documents, then each canary `canary_repeats` times) and validation rows."""
+    canary_texts = [c.text for c in canaries for _ in range(cfg.canary_repeats)]
+    train_toks = tokenize(tok, docs.train_texts + canary_texts)
+    train_rows = training_rows(train_toks, bos, cfg.seq_len)
+    if canaries and (longest := max(len(t) for t in train_toks[len(docs.train_texts):])) > cfg.seq_len - 1:
+        raise MemauditError(f"a canary is {longest} tokens, longer than a row holds (--seq-len {cfg.seq_len} - 1): "
+                            "raise --seq-len")
+    val_rows = training_rows(tokenize(tok, docs.val_texts), bos, cfg.seq_len) if docs.val_texts else []
+    if not train_rows:
+        raise MemauditError("no training document has any tokens")
+    return train_rows, val_rows
 
 
-def _save_checkpoint(path: Path, model, opt, tok, step: int, log_rows, counts, cfg) -> None:
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def _save_checkpoint(run: _Run) -> None:
+    """Model, optimizer, progress and RNG state, written beside the old checkpoint and then swapped in."""
+    path = run.checkpoint_dir
     tmp = path.with_name(path.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "log_rows": log_rows,
-             "counts": counts, "torch_rng": torch.get_rng_state(),
-             "fingerprint": json.dumps(_fingerprint(cfg), sort_keys=True)}
+    state = {"model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "step": run.step,
+             "log_rows": run.log_rows, "counts": run.counts, "torch_rng": torch.get_rng_state(),
+             "fingerprint": json.dumps(_fingerprint(run.cfg), sort_keys=True)}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     torch.save(state, tmp / "state.pt")
-    tok.save_pretrained(tmp)
+    run.tok.save_pretrained(tmp)
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)
@@ -264,240 +437,207 @@ def _load_checkpoint(path: Path, cfg: TrainConfig, device) -> dict:
     return state
 
 
+def _restore(run: _Run) -> None:
+    """--resume: continue from the checkpoint exactly where it was taken (weights, optimizer, log, RNG)."""
+    state = _load_checkpoint(run.checkpoint_dir, run.cfg, run.dist.device)
+    run.model.load_state_dict(state["model"])
+    run.opt.load_state_dict(state["optimizer"])
+    run.step, run.log_rows, run.counts = int(state["step"]), list(state["log_rows"]), dict(state["counts"])
+    torch.set_rng_state(state["torch_rng"].cpu())
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+
+
 # ---------------------------------------------------------------------------------------------- train
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Train and save a model directory (weights, tokenizer, training_log.csv, train_config.json, and per
-    objective sinks.json + release/, canaries.jsonl). Under torchrun, ranks split every global batch."""
-    validate_config(cfg)
+def train(settings: TrainConfig | None = None, /, **options: Any) -> TrainResult:
+    """Train a causal LM on documents and save a model directory: weights, tokenizer, training_log.csv (one row
+    per epoch), train_config.json, and per objective sinks.json + release/ and canaries.jsonl.
+
+    Pass a TrainConfig or its fields as keywords (`train(data="d.jsonl", out="model", objective="goldfish")`).
+    Under torchrun, ranks split every global batch. The result says how far it got (`finished` is False when
+    --stop-after ended it early, leaving a checkpoint for `resume=True`)."""
+    cfg = settings_from(TrainConfig, settings, options)
+    cfg.validate()
     dist = distributed.join(cfg.device)
     try:
-        return _train(cfg, dist)
+        run = _setup(cfg, dist)
+        _loop(run)
+        return _finish(run)
     finally:
         dist.close()
 
 
-def _train(cfg: TrainConfig, dist: distributed.Group) -> TrainResult:
-    _seed_all(cfg.seed)
-    out = Path(cfg.out)
-    if dist.main:  # every folder it writes is listed before it is written (see rundir.Owned)
-        owned = Owned(out, "train", inputs=_inputs(cfg), resume=cfg.resume, overwrite=cfg.overwrite)
-        owned.record(dirs=[CHECKPOINT_DIR, CHECKPOINT_DIR + ".tmp", ".tokenizer", _STAGING])
-    dist.barrier()
-    ckpt_dir = out / CHECKPOINT_DIR
-    docs = read_documents(cfg.data, text_field=cfg.text_field, id_field=cfg.id_field, limit=cfg.limit)
-    texts = docs["text"].tolist()
-    if cfg.val_data:
-        val_docs = read_documents(cfg.val_data, text_field=cfg.text_field, id_field=cfg.id_field)
-        train_idx, val_idx = list(range(len(texts))), []
-        val_texts, val_ids = val_docs["text"].tolist(), val_docs["id"].tolist()
-    else:
-        train_idx, val_idx = _split(len(texts), cfg.val_fraction, cfg.seed)
-        val_texts, val_ids = [texts[i] for i in val_idx], docs["id"].iloc[val_idx].tolist()
-    device = dist.device
-    dtype = resolve_dtype(cfg.dtype, device)
-    train_texts = [texts[i] for i in train_idx]
-
-    # The tokenizer: trained once (rank 0) and shared, or taken from the checkpoint being resumed.
-    tokenizer = None
-    if cfg.resume:
-        tokenizer = load_tokenizer(ckpt_dir)
-    elif cfg.tokenizer:
-        tokenizer = load_tokenizer(cfg.tokenizer)
-    elif dist.world > 1 and not Path(cfg.config).is_dir():
-        shared = out / ".tokenizer"
-        if dist.main:
-            train_tokenizer(train_texts, vocab_size=cfg.vocab_size).save_pretrained(shared)
-        dist.barrier()
-        tokenizer = load_tokenizer(shared)
-    model, tok = _init_model(cfg, train_texts, device, tokenizer)
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else bos
-
-    canaries = make_canaries(cfg.canaries, cfg.canary_repeats, seed=cfg.seed) if cfg.canaries else []
-    canary_texts = [c.text for c in canaries for _ in range(cfg.canary_repeats)]
-    train_toks = tokenize(tok, train_texts + canary_texts)
-    train_rows = training_rows(train_toks, bos, cfg.seq_len)
-    if canaries and (longest := max(len(t) for t in train_toks[len(train_texts):])) > cfg.seq_len - 1:
-        raise MemauditError(f"a canary is {longest} tokens, longer than a row holds (--seq-len {cfg.seq_len} - 1): "
-                            "raise --seq-len")
-    val_rows = training_rows(tokenize(tok, val_texts), bos, cfg.seq_len) if val_texts else []
-    if not train_rows:
-        raise MemauditError("no training document has any tokens")
-
-    hooks = None
-    if cfg.objective == "sinks":
-        spec = sink_spec(model, cfg.sink_fraction, cfg.sink_density)
-        hooks = SinkHooks(model, spec)
-        row_seq_ids = [sequence_id(r[1:]) for r in train_rows]
-
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-
-    def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10%
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        frac = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
-
-    step, log_rows = 0, []
-    # goldfish: real targets excluded / all real targets; the running epoch's loss (kept across --resume)
-    counts = {"dropped": 0, "targets": 0, "epoch_loss": 0.0, "epoch_tokens": 0}
-    if cfg.resume:
-        state = _load_checkpoint(ckpt_dir, cfg, device)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step, log_rows, counts = int(state["step"]), list(state["log_rows"]), dict(state["counts"])
-        torch.set_rng_state(state["torch_rng"].cpu())
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
-
-    net = model
-    if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    use_bf16 = dtype == torch.bfloat16
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-
-    def labels_for(ids, mask, at_step):
-        labels = standard_labels(ids, mask)
-        if cfg.objective == "goldfish":
-            drop = goldfish_drop_mask(ids, cfg.goldfish_mode, cfg.goldfish_k, cfg.goldfish_h, cfg.seed, at_step)
-            real = labels[:, 1:] != IGNORE
-            counts["dropped"] += int((drop[:, 1:] & real).sum())
-            counts["targets"] += int(real.sum())
-            labels = labels.masked_fill(drop, IGNORE)
-        return labels
-
-    def val_loss_now() -> float | None:
-        if not val_rows:
-            return None
-        if hooks is not None:
-            hooks.set_dropped()  # sinks: validate the model as it will be released
-        loss = evaluate(model, val_rows, pad, cfg.batch_size, device)
-        if hooks is not None:
-            hooks.set_all_on()
-        return loss
-
-    model.train()
+def _loop(run: _Run) -> None:
+    """The epochs from where the run stands (0, or the resumed step) up to the end or --stop-after."""
+    cfg = run.cfg
+    run.model.train()
     t0 = time.time()
-    start_epoch, start_batch = divmod(step, steps_per_epoch)
-    stop_at = min(total_steps, cfg.stop_after) if cfg.stop_after else total_steps
-    with progress_bar(total_steps, f"train {cfg.objective}") as advance:
-        advance(step)
+    start_epoch, start_batch = divmod(run.step, run.steps_per_epoch)
+    stop_at = min(run.total_steps, cfg.stop_after) if cfg.stop_after else run.total_steps
+    with progress_bar(run.total_steps, f"train {cfg.objective}") as advance:
+        advance(run.step)
         for epoch in range(start_epoch, cfg.epochs):
-            if step >= stop_at:
+            if run.step >= stop_at:
                 break
-            order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_rows))
-            for b in range(start_batch if epoch == start_epoch else 0, steps_per_epoch):
-                if step >= stop_at:
+            order = np.random.default_rng([cfg.seed, epoch]).permutation(len(run.train_rows))
+            for b in range(start_batch if epoch == start_epoch else 0, run.steps_per_epoch):
+                if run.step >= stop_at:
                     break
-                batch_idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                ids, mask = _collate([train_rows[i] for i in batch_idx], pad)
-                labels = labels_for(ids, mask, step)
-                n_kept = int((labels[:, 1:] != IGNORE).sum())
-                mine = np.array_split(np.arange(len(batch_idx)), dist.world)[dist.rank]
-                weight = 1.0
-                if len(mine) == 0:  # a short last batch: this rank still joins DDP's all-reduce, with weight 0
-                    mine, weight = np.array([0]), 0.0
-                ids_r, mask_r, labels_r = (t[mine].to(device) for t in (ids, mask, labels))
-                if hooks is not None:
-                    hooks.set_rows([row_seq_ids[batch_idx[i]] for i in mine])
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(step)
-                with autocast:
-                    logits = net(input_ids=ids_r, attention_mask=mask_r).logits
-                loss_sum = _loss_sum(logits, labels_r) * weight
-                # this rank's share of the global mean; DDP averages over ranks, hence * world
-                loss = loss_sum * (dist.world / max(1, n_kept))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                step_loss = dist.sum(float(loss_sum.detach())) / max(1, n_kept)
-                counts["epoch_loss"] += step_loss * n_kept
-                counts["epoch_tokens"] += n_kept
-                step += 1
-                advance(1, description=f"train {cfg.objective} loss {step_loss:.3f}")
-                if dist.main and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-                    _save_checkpoint(ckpt_dir, model, opt, tok, step, log_rows, counts, cfg)
-            if step % steps_per_epoch == 0 or step == total_steps:  # a finished epoch
-                val = val_loss_now() if dist.main else None
-                log_rows.append({"epoch": epoch + 1, "step": step,
-                                 "train_loss": counts["epoch_loss"] / max(1, counts["epoch_tokens"]),
-                                 "val_loss": val, "lr": lr_at(step - 1),
-                                 "dropped_fraction": counts["dropped"] / counts["targets"]
-                                 if counts["targets"] else None,
-                                 "seconds": round(time.time() - t0, 2)})
-                counts["epoch_loss"], counts["epoch_tokens"] = 0.0, 0
-    if hooks is not None:
-        hooks.set_all_on()
-    finished = step >= total_steps
-    if not finished:  # --stop-after: leave a checkpoint to --resume from
-        if dist.main:
-            _save_checkpoint(ckpt_dir, model, opt, tok, step, log_rows, counts, cfg)
-        dist.barrier()
-        return TrainResult(out=out, steps=step, train_loss=float("nan"), val_loss=None, n_train=len(train_rows),
-                           n_val=len(val_rows), parameters=count_parameters(model), finished=False)
-
-    dropped = counts["dropped"] / counts["targets"] if counts["targets"] else None
-    if dist.main:
-        _save_model_dir_or_fail(owned, cfg, model, tok, log_rows, docs, train_idx, val_ids, step, dropped, canaries,
-                        hooks.spec if hooks is not None else None)
-    dist.barrier()
-    last = log_rows[-1] if log_rows else {}
-    return TrainResult(out=out, steps=step, train_loss=last.get("train_loss") or float("nan"),
-                       val_loss=last.get("val_loss"), n_train=len(train_rows), n_val=len(val_rows),
-                       parameters=count_parameters(model), dropped_fraction=dropped)
+                _step(run, order[b * cfg.batch_size:(b + 1) * cfg.batch_size], advance)
+            if run.step % run.steps_per_epoch == 0 or run.step == run.total_steps:  # a finished epoch
+                _log_epoch(run, epoch, t0)
 
 
-def _save_model_dir_or_fail(owned: Owned, *args) -> None:
+def _step(run: _Run, batch_idx: np.ndarray, advance: Callable[..., None]) -> None:
+    """One optimizer step on one global batch (this rank's slice of it), then a checkpoint when one is due."""
+    cfg, dist, counts = run.cfg, run.dist, run.counts
+    ids, mask = _collate([run.train_rows[i] for i in batch_idx], run.pad)
+    labels = _labels(run, ids, mask)
+    n_kept = int((labels[:, 1:] != IGNORE).sum())
+    mine = np.array_split(np.arange(len(batch_idx)), dist.world)[dist.rank]
+    weight = 1.0
+    if len(mine) == 0:  # a short last batch: this rank still joins DDP's all-reduce, with weight 0
+        mine, weight = np.array([0]), 0.0
+    ids_r, mask_r, labels_r = (t[mine].to(dist.device) for t in (ids, mask, labels))
+    if run.hooks is not None:
+        run.hooks.set_rows([run.row_seq_ids[batch_idx[i]] for i in mine])
+    for g in run.opt.param_groups:
+        g["lr"] = run.lr_at(run.step)
+    with run.autocast:
+        logits = run.net(input_ids=ids_r, attention_mask=mask_r).logits
+    loss_sum = _loss_sum(logits, labels_r) * weight
+    # this rank's share of the global mean; DDP averages over ranks, hence * world
+    loss = loss_sum * (dist.world / max(1, n_kept))
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.opt.step()
+    step_loss = dist.sum(float(loss_sum.detach())) / max(1, n_kept)
+    counts["epoch_loss"] += step_loss * n_kept
+    counts["epoch_tokens"] += n_kept
+    run.step += 1
+    advance(1, description=f"train {cfg.objective} loss {step_loss:.3f}")
+    if dist.main and cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step < run.total_steps:
+        _save_checkpoint(run)
+
+
+def _labels(run: _Run, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The step's targets: every real next token, less goldfish's dropped ones (counted for the dropped rate)."""
+    cfg = run.cfg
+    labels = standard_labels(ids, mask)
+    if cfg.objective == "goldfish":
+        drop = goldfish_drop_mask(ids, cfg.goldfish_mode, cfg.goldfish_k, cfg.goldfish_h, cfg.seed, run.step)
+        real = labels[:, 1:] != IGNORE
+        run.counts["dropped"] += int((drop[:, 1:] & real).sum())
+        run.counts["targets"] += int(real.sum())
+        labels = labels.masked_fill(drop, IGNORE)
+    return labels
+
+
+def _log_epoch(run: _Run, epoch: int, t0: float) -> None:
+    """One training_log.csv row for a finished epoch (validation by rank 0 alone); the epoch's loss restarts."""
+    counts = run.counts
+    val = _val_loss(run) if run.dist.main else None
+    run.log_rows.append({"epoch": epoch + 1, "step": run.step,
+                         "train_loss": counts["epoch_loss"] / max(1, counts["epoch_tokens"]),
+                         "val_loss": val, "lr": run.lr_at(run.step - 1),
+                         "dropped_fraction": run.dropped_fraction(),
+                         "seconds": round(time.time() - t0, 2)})
+    counts["epoch_loss"], counts["epoch_tokens"] = 0.0, 0
+
+
+def _val_loss(run: _Run) -> float | None:
+    if not run.val_rows:
+        return None
+    if run.hooks is not None:
+        run.hooks.set_dropped()  # sinks: validate the model as it will be released
+    loss = evaluate(run.model, run.val_rows, run.pad, run.cfg.batch_size, run.dist.device)
+    if run.hooks is not None:
+        run.hooks.set_all_on()
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------- save
+
+def _finish(run: _Run) -> TrainResult:
+    """Save the model directory (rank 0), or under --stop-after the checkpoint to --resume from."""
+    if run.hooks is not None:
+        run.hooks.set_all_on()
+    finished = run.step >= run.total_steps
+    if run.dist.main:
+        if finished:
+            _save_model_dir_or_fail(run)
+        else:  # --stop-after: leave a checkpoint to --resume from
+            _save_checkpoint(run)
+    run.dist.barrier()
+    last = run.log_rows[-1] if finished and run.log_rows else {}
+    return TrainResult(out=Path(run.cfg.out), steps=run.step, train_loss=last.get("train_loss") or float("nan"),
+                       val_loss=last.get("val_loss"), n_train=len(run.train_rows), n_val=len(run.val_rows),
+                       parameters=count_parameters(run.model),
+                       dropped_fraction=run.dropped_fraction() if finished else None, finished=finished)
+
+
+def _save_model_dir_or_fail(run: _Run) -> None:
     """A write refused by the system (full disk, permissions) is one line, with where the model stopped."""
     try:
-        _save_model_dir(owned, *args)
+        _save_model_dir(run)
     except Exception as exc:
         if not isinstance(exc, OSError) and "No space left" not in str(exc):
             raise
-        raise MemauditError(f"cannot write the model into {owned.path}: {str(exc).splitlines()[0][:160]} (the last "
-                            "checkpoint, if any, is kept for --resume)") from None
+        raise MemauditError(f"cannot write the model into {run.owned.path}: {str(exc).splitlines()[0][:160]} (the "
+                            "last checkpoint, if any, is kept for --resume)") from None
 
 
-def _save_model_dir(owned: Owned, cfg, model, tok, log_rows, docs, train_idx, val_ids, step, dropped, canaries,
-                    spec) -> None:
+def _save_model_dir(run: _Run) -> None:
     """Write the model directory through a staging folder inside it, so each file memaudit did not name itself
     (save_pretrained's) is listed as written by `train` before it lands."""
+    # lazy: transformers is not imported at all by `import memaudit` (the CLI stays fast)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bars only
+    owned = run.owned
     stage = owned.path / _STAGING
     if stage.exists():
         shutil.rmtree(stage)
     stage.mkdir(parents=True)
-    model.save_pretrained(stage, safe_serialization=True)
-    tok.save_pretrained(stage)
+    run.model.save_pretrained(stage, safe_serialization=True)
+    run.tok.save_pretrained(stage)
     with open(stage / "training_log.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(log_rows[0]))
+        w = csv.DictWriter(fh, fieldnames=list(run.log_rows[0]))
         w.writeheader()
-        w.writerows(log_rows)
-    meta = asdict(cfg) | {"rows": "per-document (BOS + first seq_len-1 tokens, not packed)",
-                          "train_ids": docs["id"].iloc[train_idx].tolist(), "val_ids": list(val_ids),
-                          "steps": step}
-    if cfg.objective == "goldfish":
-        meta["goldfish_dropped_fraction"] = dropped
-        meta["goldfish_expected_fraction"] = 1.0 / cfg.goldfish_k
-    if canaries:
-        write_canaries(default_canary_file(stage), canaries)
-        meta["canaries_file"] = CANARY_FILE
-    if spec is not None:
-        write_sink_spec(stage, spec)
-        meta["sinks"] = asdict(spec) | {"dropped_scale": spec.dropped_scale}
-        if cfg.release:
-            release_from_model(model, tok, spec, stage / RELEASE_DIR)
-            meta["release_dir"] = RELEASE_DIR
+        w.writerows(run.log_rows)
+    meta = _train_meta(run) | _save_extras(run, stage)
     (stage / "train_config.json").write_text(json.dumps(meta, indent=2))
     owned.adopt(stage)
-    if (owned.path / ".tokenizer").exists():
-        shutil.rmtree(owned.path / ".tokenizer")
+    if (owned.path / _SHARED_TOKENIZER).exists():
+        shutil.rmtree(owned.path / _SHARED_TOKENIZER)
+
+
+def _train_meta(run: _Run) -> dict:
+    """train_config.json's settings and what the run found (ids trained on and validated on, steps, goldfish)."""
+    cfg, docs = run.cfg, run.docs
+    meta = asdict(cfg) | {"rows": "per-document (BOS + first seq_len-1 tokens, not packed)",
+                          "train_ids": docs.docs["id"].iloc[docs.train_idx].tolist(), "val_ids": list(docs.val_ids),
+                          "steps": run.step}
+    if cfg.objective == "goldfish":
+        meta["goldfish_dropped_fraction"] = run.dropped_fraction()
+        meta["goldfish_expected_fraction"] = 1.0 / cfg.goldfish_k
+    return meta
+
+
+def _save_extras(run: _Run, stage: Path) -> dict:
+    """canaries.jsonl, sinks.json and the release model, as the run has them; their train_config.json entries."""
+    meta: dict = {}
+    if run.canaries:
+        write_canaries(default_canary_file(stage), run.canaries)
+        meta["canaries_file"] = CANARY_FILE
+    if run.hooks is not None:
+        spec = run.hooks.spec
+        write_sink_spec(stage, spec)
+        meta["sinks"] = asdict(spec) | {"dropped_scale": spec.dropped_scale}
+        if run.cfg.release:
+            release_from_model(run.model, run.tok, spec, stage / RELEASE_DIR)
+            meta["release_dir"] = RELEASE_DIR
+    return meta
