@@ -167,15 +167,42 @@ def test_capacity_cli_tiny_grid_reports_lower_bound(tmp_path):
 
 
 def test_capacity_bad_input_one_line(tmp_path):
-    from memaudit.capacity import RandomGridConfig
+    from memaudit.capacity import CapacitySettings
     from memaudit.errors import MemauditError
 
     r = _cli("capacity", "--widths", "a,b", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "--widths" in r.stderr and "Traceback" not in r.stderr
     for kwargs, words in (({"dtype": "float16"}, "--dtype"), ({"sizes": ["zz"]}, "dataset size"),
-                          ({"vocab": 1}, "--vocab"), ({"plateau_epochs": 0}, "--plateau-epochs")):
+                          ({"vocab": 1}, "--vocab"), ({"plateau_epochs": 0}, "--plateau-epochs"),
+                          ({"text": str(tmp_path / "none.jsonl")}, "--text file"),
+                          ({"text": __file__, "text_steps": 0}, "text_steps")):
         with pytest.raises(MemauditError, match=words):
-            RandomGridConfig(**kwargs).validate()
+            CapacitySettings(**kwargs).validate()
+    CapacitySettings(vocab=1, paper_grid=True).validate()  # checked as it runs: the paper's V=2048
+    CapacitySettings(vocab=1, text=__file__).validate()  # the text experiment has no random tokens
+
+
+def test_capacity_python_api_returns_what_it_wrote(tmp_path):
+    """capacity(): settings or keywords (not both); the returned summary is summary.json, the table results.csv,
+    and config.json records the grid as RandomGridConfig's dict (what --resume compares)."""
+    from memaudit.capacity import CapacitySettings, capacity
+    from memaudit.rundir import read_summary
+
+    kw = dict(widths=[8], vocab=16, seq_len=8, sizes=["4", 6], max_steps=4, batch_size=2, warmup_steps=1,
+              eval_every=2, plateau_window=2, torch_compile="off", threads=1, out=tmp_path / "api")
+    with pytest.raises(TypeError, match="not both"):
+        capacity(CapacitySettings(), vocab=16)
+    res = capacity(**kw)
+    assert res.path == tmp_path / "api"
+    assert res.summary == read_summary(res.path) and res.summary["command"] == "capacity"
+    assert res.results.to_csv(index=False) == (res.path / "results.csv").read_text()
+    settings = json.loads((res.path / "config.json").read_text())["settings"]
+    assert list(settings) == ["layers", "widths", "vocab", "seq_len", "sizes", "seeds", "max_steps", "batch_size",
+                              "lr", "warmup_steps", "eval_every", "plateau_window", "plateau_tol", "anneal_fraction",
+                              "plateau_epochs", "head_dim", "dtype", "threads", "data_seed", "torch_compile"]
+    assert settings["sizes"] == ["4", "6"] and settings["vocab"] == 16
+    again = capacity(CapacitySettings(**{**kw, "resume": True}))  # finished: refit and redraw only
+    assert again.summary == res.summary
 
 
 def test_fit_through_origin_and_bootstrap():
@@ -350,9 +377,9 @@ def test_text_mode_end_to_end(tmp_path):
     corpus = write_documents(tmp_path / "docs.jsonl", stdlib_docstrings(min_chars=200, max_chars=20000))
     args = ["capacity", "--text", str(corpus), "--widths", "16", "--threads", "1", "--out", str(tmp_path / "t")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MEMAUDIT_NO_PROGRESS": "1"}
-    code = ("import sys; from memaudit.capacity import TextCapacityConfig as C, run_text_capacity as r; "
-            "r(C(text=sys.argv[1], widths=[16], sizes=[8, 32, 512], n_test=64, steps=400, lr=1e-2, threads=1), "
-            "sys.argv[2])")
+    code = ("import sys; from memaudit.capacity import capacity; "
+            "capacity(text=sys.argv[1], widths=[16], text_sizes=[8, 32, 512], text_test_windows=64, text_steps=400, "
+            "text_lr=1e-2, threads=1, out=sys.argv[2])")
     subprocess.run([sys.executable, "-c", code, str(corpus), str(tmp_path / "t")], check=True, env=env)
     res = pd.read_csv(tmp_path / "t" / "text_results.csv").sort_values("n_sequences")
     small, large = res.iloc[0], res.iloc[-1]

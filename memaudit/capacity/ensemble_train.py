@@ -113,96 +113,145 @@ def train_ensemble(shape: GPTShape, datasets: Sequence[np.ndarray], seeds: Seque
     S = datasets[0].shape[1]
     if any(d.shape[1] != S for d in datasets) or S > shape.positions:
         raise MemauditError(f"every dataset needs rows of {S} tokens, at most the model's {shape.positions} positions")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.compute_dtype]
-    model = EnsembleGPT(shape, seeds, compute_dtype=dtype)
-    model.compiled = use_compile(cfg)
-    n_max = max(len(d) for d in datasets)
-    targets = torch.zeros(len(datasets), n_max, S, dtype=torch.long)
-    for m, d in enumerate(datasets):
-        targets[m, : len(d)] = torch.as_tensor(d, dtype=torch.long)
-    bos = torch.full((len(datasets), n_max, 1), bos_id, dtype=torch.long)
-    inputs = torch.cat([bos, targets[:, :, :-1]], dim=2)
-    sizes = [len(d) for d in datasets]
-    records = [ModelRecord(index=m, seed=int(s), n_rows=sizes[m]) for m, s in enumerate(seeds)]
-    active = list(range(len(datasets)))  # record index of each ensemble slot
-    gens = [np.random.default_rng(int(s) + 7919) for s in seeds]
-    orders: list[list[int]] = [[] for _ in datasets]
-
-    def next_batch(m: int) -> np.ndarray:
-        n, b = sizes[m], cfg.batch_size  # a dataset smaller than a batch repeats within it (= full batch)
-        out = []
-        while len(out) < b:  # epochs of fresh permutations, so every row is seen once per epoch
-            if not orders[m]:
-                orders[m] = gens[m].permutation(n).tolist()
-            take = min(b - len(out), len(orders[m]))
-            out += orders[m][:take]
-            del orders[m][:take]
-        return np.asarray(out)
-
-    opt = StackedAdam(model, betas=cfg.betas, eps=cfg.eps)
-    anneal: dict[int, tuple[int, int]] = {}  # record -> (first annealing step, annealing steps)
+    run = _EnsembleTraining(shape, datasets, seeds, cfg, bos_id=bos_id, data_bits=data_bits, lr_scales=lr_scales)
     start, t0 = 0, time.time()
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
         key = _fingerprint(shape, datasets, seeds, cfg, bos_id, data_bits, lr_scales)
         if checkpoint.is_file():
-            start, active, anneal = _load_checkpoint(checkpoint, key, model, opt, records, gens, orders)
-            t0 -= max(r.seconds for r in records)
-            if not active:
-                return records
+            start = run.load(checkpoint, key)
+            t0 -= max(r.seconds for r in run.records)
+            if not run.active:
+                return run.records
     for step in range(start + 1, cfg.max_steps + 1):
-        lrs = []
-        for m in active:  # warmup, constant, then (after its plateau) a linear decay to 0 for this model only
-            lr = cfg.lr * (lr_scales[m] if lr_scales is not None else 1.0) * min(1.0, step / max(1, cfg.warmup_steps))
-            if m in anneal:
-                start, length = anneal[m]
+        per_model = run.train_step(step)
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            done = run.evaluate(step, per_model, t0)
+            if on_eval is not None:
+                on_eval(step, run.records)
+            if done and cfg.drop_converged and not run.drop(done):
+                break  # every model has converged and left
+            if checkpoint is not None and step < cfg.max_steps:
+                run.save(checkpoint, key, step)
+    run.keep_final_states()
+    return run.records
+
+
+class _EnsembleTraining:
+    """The state of one `train_ensemble` call: the ensemble, its optimizer, each model's record and batch order.
+
+    `active[slot]` is the record index of ensemble slot `slot`: models leave the ensemble as they converge.
+    """
+
+    def __init__(self, shape: GPTShape, datasets: Sequence[np.ndarray], seeds: Sequence[int], cfg: EnsembleConfig,
+                 *, bos_id: int, data_bits: Sequence[float] | None, lr_scales: Sequence[float] | None):
+        self.cfg, self.data_bits, self.lr_scales = cfg, data_bits, lr_scales
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.compute_dtype]
+        self.model = EnsembleGPT(shape, seeds, compute_dtype=dtype)
+        self.model.compiled = use_compile(cfg)
+        self.inputs, self.targets = _stacked_rows(datasets, bos_id)
+        self.sizes = [len(d) for d in datasets]
+        self.records = [ModelRecord(index=m, seed=int(s), n_rows=self.sizes[m]) for m, s in enumerate(seeds)]
+        self.active = list(range(len(datasets)))
+        self.gens = [np.random.default_rng(int(s) + 7919) for s in seeds]
+        self.orders: list[list[int]] = [[] for _ in datasets]
+        self.opt = StackedAdam(self.model, betas=cfg.betas, eps=cfg.eps)
+        self.anneal: dict[int, tuple[int, int]] = {}  # record -> (first annealing step, annealing steps)
+
+    def next_batch(self, m: int) -> np.ndarray:
+        n, b = self.sizes[m], self.cfg.batch_size  # a dataset smaller than a batch repeats within it (= full batch)
+        out = []
+        while len(out) < b:  # epochs of fresh permutations, so every row is seen once per epoch
+            if not self.orders[m]:
+                self.orders[m] = self.gens[m].permutation(n).tolist()
+            take = min(b - len(out), len(self.orders[m]))
+            out += self.orders[m][:take]
+            del self.orders[m][:take]
+        return np.asarray(out)
+
+    def learning_rates(self, step: int) -> list[float]:
+        """Warmup, constant, then (after its plateau) a linear decay to 0 for each model on its own."""
+        cfg, scales, lrs = self.cfg, self.lr_scales, []
+        for m in self.active:
+            lr = cfg.lr * (scales[m] if scales is not None else 1.0) * min(1.0, step / max(1, cfg.warmup_steps))
+            if m in self.anneal:
+                start, length = self.anneal[m]
                 lr *= max(0.0, 1.0 - (step - start) / length)
             lrs.append(lr)
-        b = cfg.batch_size
-        rows = torch.as_tensor(np.stack([next_batch(m) for m in active]))  # [A, b]
-        slots = torch.as_tensor(active)[:, None]
-        idx_in, idx_tg = inputs[slots, rows], targets[slots, rows]  # [A, b, S], no copy of whole datasets
-        per_model = _loss_and_backward(model, idx_in, idx_tg)
-        if cfg.grad_clip > 0:
-            _clip_per_model(model, cfg.grad_clip)
-        opt.step(torch.tensor(lrs))
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            bits = code_lengths_bits(model, inputs[active], targets[active], [sizes[m] for m in active])
-            done = []
-            for slot, m in enumerate(active):
-                rec = records[m]
-                rec.steps, rec.seconds = step, time.time() - t0
-                rec.history.append((step, float(per_model[slot].detach()), float(bits[slot])))
-                hb = data_bits[m] if data_bits is not None else None
-                if m in anneal:
-                    if step >= anneal[m][0] + anneal[m][1]:
-                        rec.converged, rec.converged_step = True, step
-                        done.append(slot)
-                elif hb is not None and hb - rec.history[-1][2] >= cfg.full_fraction * hb:
-                    rec.converged, rec.converged_step = True, step  # memorised (nearly) all of its data
+        return lrs
+
+    def train_step(self, step: int) -> torch.Tensor:
+        """One optimizer step of every active model; returns their losses on the batch."""
+        lrs = self.learning_rates(step)
+        rows = torch.as_tensor(np.stack([self.next_batch(m) for m in self.active]))  # [A, b]
+        slots = torch.as_tensor(self.active)[:, None]
+        idx_in, idx_tg = self.inputs[slots, rows], self.targets[slots, rows]  # [A, b, S], no copy of whole datasets
+        per_model = _loss_and_backward(self.model, idx_in, idx_tg)
+        if self.cfg.grad_clip > 0:
+            _clip_per_model(self.model, self.cfg.grad_clip)
+        self.opt.step(torch.tensor(lrs))
+        return per_model
+
+    def evaluate(self, step: int, per_model: torch.Tensor, t0: float) -> list[int]:
+        """Record every active model's bits on its data and apply the stopping rules; returns the converged slots."""
+        cfg, active = self.cfg, self.active
+        bits = code_lengths_bits(self.model, self.inputs[active], self.targets[active], [self.sizes[m] for m in active])
+        done = []
+        for slot, m in enumerate(active):
+            rec = self.records[m]
+            rec.steps, rec.seconds = step, time.time() - t0
+            rec.history.append((step, float(per_model[slot].detach()), float(bits[slot])))
+            hb = self.data_bits[m] if self.data_bits is not None else None
+            if m in self.anneal:
+                if step >= self.anneal[m][0] + self.anneal[m][1]:
+                    rec.converged, rec.converged_step = True, step
                     done.append(slot)
-                elif _plateaued(rec, cfg, hb):
-                    length = max(cfg.eval_every, int(cfg.anneal_fraction * step))
-                    anneal[m] = (step, length)
-                    rec.anneal_start = step
-            if on_eval is not None:
-                on_eval(step, records)
-            if done and cfg.drop_converged:
-                for slot in done:
-                    records[active[slot]].final_state = _slice_state(model, slot)
-                keep = [s for s in range(len(active)) if s not in done]
-                if not keep:
-                    active = []
-                    break
-                opt.keep(keep)
-                model.keep(keep)
-                opt.rebind(model)
-                active = [active[s] for s in keep]
-            if checkpoint is not None and step < cfg.max_steps:
-                _save_checkpoint(checkpoint, key, step, model, opt, records, active, anneal, gens, orders)
-    for slot, m in enumerate(active):
-        records[m].final_state = _slice_state(model, slot)
-    return records
+            elif hb is not None and hb - rec.history[-1][2] >= cfg.full_fraction * hb:
+                rec.converged, rec.converged_step = True, step  # memorised (nearly) all of its data
+                done.append(slot)
+            elif _plateaued(rec, cfg, hb):
+                length = max(cfg.eval_every, int(cfg.anneal_fraction * step))
+                self.anneal[m] = (step, length)
+                rec.anneal_start = step
+        return done
+
+    def drop(self, done: list[int]) -> bool:
+        """Converged slots leave the ensemble with their final weights; False when none is left."""
+        for slot in done:
+            self.records[self.active[slot]].final_state = _slice_state(self.model, slot)
+        keep = [s for s in range(len(self.active)) if s not in done]
+        if not keep:
+            self.active = []
+            return False
+        self.opt.keep(keep)
+        self.model.keep(keep)
+        self.opt.rebind(self.model)
+        self.active = [self.active[s] for s in keep]
+        return True
+
+    def keep_final_states(self) -> None:
+        for slot, m in enumerate(self.active):
+            self.records[m].final_state = _slice_state(self.model, slot)
+
+    def save(self, path: Path, key: str, step: int) -> None:
+        _save_checkpoint(path, key, step, self.model, self.opt, self.records, self.active, self.anneal, self.gens,
+                         self.orders)
+
+    def load(self, path: Path, key: str) -> int:
+        """Continue from a checkpoint; returns the step it was written at."""
+        step, self.active, self.anneal = _load_checkpoint(path, key, self.model, self.opt, self.records, self.gens,
+                                                          self.orders)
+        return step
+
+
+def _stacked_rows(datasets: Sequence[np.ndarray], bos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs (BOS + row[:-1]) and targets (the row) of every dataset, zero-padded to the largest: [M, N_max, S]."""
+    n_max, S = max(len(d) for d in datasets), datasets[0].shape[1]
+    targets = torch.zeros(len(datasets), n_max, S, dtype=torch.long)
+    for m, d in enumerate(datasets):
+        targets[m, : len(d)] = torch.as_tensor(d, dtype=torch.long)
+    bos = torch.full((len(datasets), n_max, 1), bos_id, dtype=torch.long)
+    return torch.cat([bos, targets[:, :, :-1]], dim=2), targets
 
 
 def compile_unavailable() -> str | None:

@@ -17,20 +17,22 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypedDict
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .. import checks
 from ..data import file_hash, read_documents, tokenize, train_tokenizer
 from ..errors import MemauditError
-from ..rundir import RunDir, check_output
+from ..rundir import RunDir, check_output, summary_header
 from ..samples import tiles
 from ..scoring import score
 from .ensemble_model import EnsembleGPT, GPTShape
-from .ensemble_train import EnsembleConfig, check_compile_setting, train_ensemble
+from .ensemble_train import EnsembleConfig, ModelRecord, train_ensemble
 from .laws import PUBLISHED_ALPHA, PUBLISHED_CONSTANTS, fit_mia_law, mia_law
 
 WINDOW = 64
@@ -38,31 +40,55 @@ WINDOW = 64
 
 @dataclass
 class TextCapacityConfig:
+    """The text experiment as it runs, made by `CapacitySettings.text_config` (which holds every default and check).
+    config.json records it as the run's settings; --resume compares the recorded dict, so these fields, their
+    names and their order stay."""
     text: str
-    widths: list[int] = field(default_factory=lambda: [16])
-    layers: int = 1
-    vocab_size: int = 512
-    sizes: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128, 256, 512, 1024])
-    n_test: int = 256
-    steps: int = 2000
-    batch_size: int = 32
-    lr: float = 5e-3
-    warmup_steps: int = 100
-    seed: int = 0
-    threads: int | None = None
-    text_field: str = "text"
-    torch_compile: str | None = None  # on, off, or unset: auto (see EnsembleConfig.torch_compile)
+    widths: list[int]
+    layers: int
+    vocab_size: int
+    sizes: list[int]
+    n_test: int
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    seed: int
+    threads: int | None
+    text_field: str
+    torch_compile: str | None  # on, off, or unset: auto (see EnsembleConfig.torch_compile)
 
-    def validate(self) -> None:
-        if not self.widths:
-            raise MemauditError("--widths needs positive integers")
-        for w in self.widths:
-            checks.integer("--widths", w, high=16_384)
-        checks.integer("--layers", self.layers, high=256)
-        checks.integer("--threads", self.threads, high=1024)
-        checks.seed(self.seed)
-        check_compile_setting(self.torch_compile)
-        checks.readable_file(self.text, "--text file")
+
+class TextCapacitySummary(TypedDict, total=False):
+    """summary.json of `memaudit capacity --text` (schema rundir.SUMMARY_SCHEMA_VERSION)."""
+    schema_version: int
+    command: str  # "capacity-text"
+    method: str  # the first paragraph of this module's docstring
+    tokenizer_vocab: int  # tokens of the tokenizer trained on the text
+    n_windows_pool: int  # training windows the dataset sizes are cut from
+    n_test_windows: int  # held-out windows
+    capacity_alpha_for_x_axis: float  # bits/param behind the dataset bits / capacity axis
+    mia_law_fit: dict[str, Any]  # the MIA law fitted to (N/P, F1): c1, c2, c3, ... or {"error": why not}
+    mia_law_published: dict[str, Any]  # the published constants, named
+    mia_f1_rmse_vs_published_law: float
+    results: list[dict[str, Any]]  # text_results.csv as records
+    test_loss_peak_at_data_over_capacity: list[dict[str, Any]]  # per width: where the test loss peaks
+    measured_capacity: list[dict[str, Any]]  # per width: the most total mem_U of any dataset size
+    message: str  # the headline the CLI prints
+
+
+@dataclass
+class _Corpus:
+    """The text cut into windows: held-out test windows and the pool the dataset sizes take their first N of."""
+    test: np.ndarray
+    pool: np.ndarray
+    sizes: list[int]  # the dataset sizes the pool holds
+    bos: int
+    vocab: int  # the tokenizer's
+
+    def info(self) -> dict[str, int]:
+        return {"tokenizer_vocab": self.vocab, "n_windows_pool": int(len(self.pool)),
+                "n_test_windows": int(len(self.test))}
 
 
 def text_windows(texts: list[str], tokenizer, window: int = WINDOW) -> np.ndarray:
@@ -87,8 +113,11 @@ def best_f1(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> float:
     return float(f1.max())
 
 
-def run_text_capacity(cfg: TextCapacityConfig, out=None, *, resume: bool = False, overwrite: bool = False) -> dict:
-    cfg.validate()
+def run_text(cfg: TextCapacityConfig, out: str | os.PathLike | None = None, *, resume: bool = False,
+             overwrite: bool = False) -> tuple[TextCapacitySummary, Path, pd.DataFrame]:
+    """Double descent and the MIA law on real text; writes text_results.csv, summary.json, figures.
+
+    Returns the summary, the run directory and the results table."""
     out = out or RunDir.default_out("capacity-text")
     check_output(out, "capacity-text", inputs=[cfg.text], resume=resume, overwrite=overwrite)
     texts = read_documents(cfg.text, text_field=cfg.text_field)["text"].tolist()
@@ -96,6 +125,13 @@ def run_text_capacity(cfg: TextCapacityConfig, out=None, *, resume: bool = False
                  inputs={"text": cfg.text, "text_sha256": file_hash(cfg.text)}, resume=resume, overwrite=overwrite)
     if resume and (run.path / "text_results.csv").exists():  # a finished run: refit and redraw only
         return _finish_text(run, pd.read_csv(run.path / "text_results.csv"), {})
+    corpus = _corpus(cfg, texts)
+    results = pd.concat([_width_results(run, cfg, corpus, width) for width in cfg.widths], ignore_index=True)
+    return _finish_text(run, results, corpus.info())
+
+
+def _corpus(cfg: TextCapacityConfig, texts: list[str]) -> _Corpus:
+    """A tokenizer trained on the text, its windows shuffled and split into test windows and the training pool."""
     tok = train_tokenizer(texts, vocab_size=cfg.vocab_size)
     windows = text_windows(texts, tok)
     rng = np.random.default_rng(cfg.seed)
@@ -105,61 +141,68 @@ def run_text_capacity(cfg: TextCapacityConfig, out=None, *, resume: bool = False
     sizes = sorted({n for n in cfg.sizes if n <= len(pool)})
     if len(sizes) < 3:
         raise MemauditError(f"only {len(pool)} training windows of {WINDOW} tokens: too few for 3 dataset sizes")
-    bos = tok.bos_token_id
-    V = len(tok)
+    return _Corpus(test=test, pool=pool, sizes=sizes, bos=tok.bos_token_id, vocab=len(tok))
+
+
+def _width_results(run: RunDir, cfg: TextCapacityConfig, corpus: _Corpus, width: int) -> pd.DataFrame:
+    """One width's rows: its models trained (one per dataset size, and the reference) and measured, saved as a
+    partial result; a width saved before (--resume) is read back."""
+    done = [d for d in run.load_partials() if len(d) and d["width"].iloc[0] == width]
+    if done:
+        return done[0]
+    shape = GPTShape(layers=cfg.layers, width=width, heads=max(1, width // 16), vocab=corpus.vocab,
+                     positions=WINDOW)
+    pool, sizes = corpus.pool, corpus.sizes
+    datasets = [pool[:n] for n in sizes] + [pool]  # the last one is the reference (whole corpus pool)
+    ecfg = EnsembleConfig(max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                          warmup_steps=cfg.warmup_steps, eval_every=cfg.steps, drop_converged=False,
+                          threads=cfg.threads, torch_compile=cfg.torch_compile)
+    recs = train_ensemble(shape, datasets, [cfg.seed * 100 + i for i in range(len(datasets))], ecfg,
+                          bos_id=corpus.bos)
+    df = pd.DataFrame(_measure(shape, recs, corpus))
+    run.save_partial(f"text-W{width}", df)
+    return df
+
+
+def _measure(shape: GPTShape, recs: list[ModelRecord], corpus: _Corpus) -> list[dict[str, Any]]:
+    """Per dataset size: train and test loss, mem_U against the reference (the last record), the loss attack's F1."""
+    one = EnsembleGPT(shape, [0])
+    test, pool, P = corpus.test, corpus.pool, shape.parameters
+
+    def bits_of(rec: ModelRecord, data: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            for k, v in rec.final_state.items():
+                one.params[k].copy_(v[None])
+        stats = score(one.to_hf(0, bos_id=corpus.bos), data.tolist(), batch_size=128, bos_id=corpus.bos,
+                      pad_id=corpus.bos)
+        return np.array([s.bits for s in stats])
+
+    ref = recs[-1]
+    ref_test = bits_of(ref, test)
+    ref_pool = bits_of(ref, pool[:max(corpus.sizes)])
     rows = []
-    for width in cfg.widths:
-        heads = max(1, width // 16)
-        shape = GPTShape(layers=cfg.layers, width=width, heads=heads, vocab=V, positions=WINDOW)
-        P = shape.parameters
-        key = f"text-W{width}"
-        done = [d for d in run.load_partials() if len(d) and d["width"].iloc[0] == width]
-        if done:
-            rows.append(done[0])
-            continue
-        datasets = [pool[:n] for n in sizes] + [pool]  # the last one is the reference (whole corpus pool)
-        ecfg = EnsembleConfig(max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                              warmup_steps=cfg.warmup_steps, eval_every=cfg.steps, drop_converged=False,
-                              threads=cfg.threads, torch_compile=cfg.torch_compile)
-        recs = train_ensemble(shape, datasets, [cfg.seed * 100 + i for i in range(len(datasets))], ecfg,
-                              bos_id=bos)
-        one = EnsembleGPT(shape, [0])
-
-        def bits_of(rec, data):
-            with torch.no_grad():
-                for k, v in rec.final_state.items():
-                    one.params[k].copy_(v[None])
-            stats = score(one.to_hf(0, bos_id=bos), data.tolist(), batch_size=128, bos_id=bos, pad_id=bos)
-            return np.array([s.bits for s in stats])
-
-        ref = recs[-1]
-        ref_test = bits_of(ref, test)
-        ref_pool = bits_of(ref, pool[:max(sizes)])
-        df_rows = []
-        for n, rec in zip(sizes, recs[:-1]):
-            train_bits = bits_of(rec, pool[:n])
-            test_bits = bits_of(rec, test)
-            mem = np.maximum(0.0, ref_pool[:n] - train_bits)
-            k = min(n, len(test))
-            f1 = best_f1(-train_bits[:k], -test_bits[:k])  # loss attack: lower loss = member
-            data_bits = float(ref_pool[:n].sum())
-            df_rows.append({"width": width, "layers": cfg.layers, "params": P, "n_sequences": n,
-                            "n_over_p": n / P, "dataset_bits_ref": data_bits,
-                            "data_over_capacity": data_bits / (PUBLISHED_ALPHA * P),
-                            "train_loss_nats": float(train_bits.sum() * math.log(2) / (n * WINDOW)),
-                            "test_loss_nats": float(test_bits.sum() * math.log(2) / (len(test) * WINDOW)),
-                            "ref_test_loss_nats": float(ref_test.sum() * math.log(2) / (len(test) * WINDOW)),
-                            "mem_u_bits_total": float(mem.sum()), "mem_u_bits_per_sample": float(mem.mean()),
-                            "mia_f1": f1, "mia_pairs": k, "steps": rec.steps})
-        df = pd.DataFrame(df_rows)
-        run.save_partial(key, df)
-        rows.append(df)
-    results = pd.concat(rows, ignore_index=True)
-    return _finish_text(run, results, {"tokenizer_vocab": V, "n_windows_pool": int(len(pool)),
-                                       "n_test_windows": int(n_test)})
+    for n, rec in zip(corpus.sizes, recs[:-1]):
+        train_bits = bits_of(rec, pool[:n])
+        test_bits = bits_of(rec, test)
+        mem = np.maximum(0.0, ref_pool[:n] - train_bits)
+        k = min(n, len(test))
+        f1 = best_f1(-train_bits[:k], -test_bits[:k])  # loss attack: lower loss = member
+        data_bits = float(ref_pool[:n].sum())
+        rows.append({"width": shape.width, "layers": shape.layers, "params": P, "n_sequences": n,
+                     "n_over_p": n / P, "dataset_bits_ref": data_bits,
+                     "data_over_capacity": data_bits / (PUBLISHED_ALPHA * P),
+                     "train_loss_nats": float(train_bits.sum() * math.log(2) / (n * WINDOW)),
+                     "test_loss_nats": float(test_bits.sum() * math.log(2) / (len(test) * WINDOW)),
+                     "ref_test_loss_nats": float(ref_test.sum() * math.log(2) / (len(test) * WINDOW)),
+                     "mem_u_bits_total": float(mem.sum()), "mem_u_bits_per_sample": float(mem.mean()),
+                     "mia_f1": f1, "mia_pairs": k, "steps": rec.steps})
+    return rows
 
 
-def _finish_text(run, results: pd.DataFrame, info: dict) -> dict:
+def _finish_text(run: RunDir, results: pd.DataFrame,
+                 info: dict[str, int]) -> tuple[TextCapacitySummary, Path, pd.DataFrame]:
+    """Fit and write: text_results.csv, summary.json, figures. `info` empty: a refit, which keeps the corpus
+    figures of the recorded summary."""
     old = run.path / "summary.json"
     if not info and old.exists():
         prev = json.loads(old.read_text())
@@ -174,10 +217,12 @@ def _finish_text(run, results: pd.DataFrame, info: dict) -> dict:
     except MemauditError as exc:
         fit = {"error": str(exc)}
     pub = mia_law(results["n_over_p"], **PUBLISHED_CONSTANTS)
-    summary = {"method": __doc__.split("\n\n")[0], **info, "capacity_alpha_for_x_axis": PUBLISHED_ALPHA,
-               "mia_law_fit": fit, "mia_law_published": {"name": "morris2025", **PUBLISHED_CONSTANTS},
-               "mia_f1_rmse_vs_published_law": float(np.sqrt(np.mean((results["mia_f1"] - pub) ** 2))),
-               "results": results.to_dict(orient="records")}
+    summary: TextCapacitySummary = {
+        **summary_header("capacity-text"), "method": __doc__.split("\n\n")[0], **info,
+        "capacity_alpha_for_x_axis": PUBLISHED_ALPHA,
+        "mia_law_fit": fit, "mia_law_published": {"name": "morris2025", **PUBLISHED_CONSTANTS},
+        "mia_f1_rmse_vs_published_law": float(np.sqrt(np.mean((results["mia_f1"] - pub) ** 2))),
+        "results": results.to_dict(orient="records")}
     peak = results.loc[results.groupby("width")["test_loss_nats"].idxmax()]
     summary["test_loss_peak_at_data_over_capacity"] = peak[
         ["width", "n_sequences", "data_over_capacity", "data_over_measured_capacity"]].to_dict(orient="records")
@@ -193,8 +238,7 @@ def _finish_text(run, results: pd.DataFrame, info: dict) -> dict:
     for name, fig in text_figures(results, fit).items():
         run.save_figure(fig, name)
     run.finish()
-    summary["out"] = str(run.path)
-    return summary
+    return summary, run.path, results
 
 
 def text_figures(results: pd.DataFrame, fit: dict) -> dict:
