@@ -23,19 +23,17 @@ both sides do the same decoding work; memaudit saves the per-step overhead of `g
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from memaudit import extract, load_model, make_windows, read_documents, tokenize, write_documents
 from memaudit.corpus import demo_corpus
 from memaudit.extraction import sample_metrics
 from memaudit.metrics import rouge_l_text
-from memaudit.training import TrainConfig, train
+from memaudit.training import train_or_reuse
 
 PREFIX, SUFFIX = 32, 32
 
@@ -46,11 +44,8 @@ def trained_model(cache: Path) -> tuple[Path, Path, Path]:
     train_file = write_documents(cache / "train.jsonl", members)
     heldout_file = write_documents(cache / "heldout.jsonl", heldout)
     model_dir = cache / "model"
-    stamp = {"epochs": 60, "lr": 3e-3, "seq_len": 72, "seed": 0}
-    if not (model_dir / "stamp.json").exists() or json.loads((model_dir / "stamp.json").read_text()) != stamp:
-        train(TrainConfig(data=str(train_file), out=str(model_dir), epochs=60, lr=3e-3, batch_size=16, seq_len=72,
-                          val_fraction=0.0, seed=0, device="cpu"))
-        (model_dir / "stamp.json").write_text(json.dumps(stamp))
+    train_or_reuse(data=train_file, out=model_dir, epochs=60, lr=3e-3, batch_size=16, seq_len=72, val_fraction=0.0,
+                   seed=0, device="cpu", overwrite=True)
     return model_dir, train_file, heldout_file
 
 

@@ -145,3 +145,19 @@ def test_too_small_to_split_through_the_cli(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: the data file has 1 documents: too few to split off a "
                                                 "validation set"]
+
+
+def test_train_or_reuse_reuses_only_the_same_settings_and_inputs(docs, tmp_path):
+    from memaudit.training import train_or_reuse
+
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(docs.read_bytes())
+    cfg = TrainConfig(data=data, out=tmp_path / "m", val_fraction=0.2, overwrite=True, **TINY)
+    first = train_or_reuse(cfg)
+    again = train_or_reuse(cfg)
+    assert not first.reused and again.reused
+    assert {**vars(again), "reused": False} == vars(first)  # the same result, read back from the model directory
+    assert not train_or_reuse(TrainConfig(**{**vars(cfg), "lr": 1e-3})).reused  # another setting: trained again
+    with data.open("a") as f:
+        f.write('{"text": "one more document"}\n')
+    assert not train_or_reuse(cfg).reused  # the same settings on changed data: trained again

@@ -181,6 +181,7 @@ class TrainResult:
     parameters: int
     dropped_fraction: float | None = None  # goldfish: the fraction of real targets excluded from the loss
     finished: bool = True  # False when --stop-after ended the run early
+    reused: bool = False  # train_or_reuse found this model already trained with these settings and inputs
 
 
 def _inputs(cfg: TrainConfig) -> list[str]:
@@ -620,7 +621,8 @@ def _train_meta(run: _Run) -> dict:
     cfg, docs = run.cfg, run.docs
     meta = asdict(cfg) | {"rows": "per-document (BOS + first seq_len-1 tokens, not packed)",
                           "train_ids": docs.docs["id"].iloc[docs.train_idx].tolist(), "val_ids": list(docs.val_ids),
-                          "steps": run.step}
+                          "steps": run.step, "parameters": count_parameters(run.model),
+                          "inputs_sha256": input_hashes(cfg)}
     if cfg.objective == "goldfish":
         meta["goldfish_dropped_fraction"] = run.dropped_fraction()
         meta["goldfish_expected_fraction"] = 1.0 / cfg.goldfish_k
@@ -641,3 +643,45 @@ def _save_extras(run: _Run, stage: Path) -> dict:
             release_from_model(run.model, run.tok, spec, stage / RELEASE_DIR)
             meta["release_dir"] = RELEASE_DIR
     return meta
+
+
+# ---------------------------------------------------------------------------------------------- reuse
+
+# Settings that say how a run is driven, not what it trains: a finished model answers to any of them.
+_DRIVING = ("resume", "overwrite", "stop_after", "checkpoint_every")
+
+
+def input_hashes(cfg: TrainConfig) -> dict[str, str]:
+    """sha256 of every file the run reads (data, validation data, tokenizer, a model it continues from)."""
+    hashes = {}
+    for p in map(Path, _inputs(cfg)):
+        for f in sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]:
+            hashes[str(f)] = file_hash(f)
+    return hashes
+
+
+def train_or_reuse(settings: TrainConfig | None = None, /, **options: Any) -> TrainResult:
+    """`train`, unless `out` already holds a finished model that `train` wrote with these settings from these
+    inputs (byte for byte): then that model's result, with `reused=True`. For experiments rerun in a work folder:
+    the demo, the benchmarks and the reproduction scripts."""
+    cfg = settings_from(TrainConfig, settings, options)
+    done = _finished(cfg)
+    return done if done is not None else train(cfg)
+
+
+def _finished(cfg: TrainConfig) -> TrainResult | None:
+    out = Path(cfg.out)
+    meta_file, log_file = out / "train_config.json", out / "training_log.csv"
+    if not (meta_file.is_file() and log_file.is_file()):
+        return None
+    meta = json.loads(meta_file.read_text())
+    wanted = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in _DRIVING}))
+    if any(meta.get(k) != v for k, v in wanted.items()) or meta.get("inputs_sha256") != input_hashes(cfg):
+        return None
+    last = pd.read_csv(log_file).iloc[-1]
+    val = last.get("val_loss")
+    return TrainResult(out=out, steps=meta["steps"], train_loss=float(last["train_loss"]),
+                       val_loss=None if val is None or pd.isna(val) else float(val), n_train=len(meta["train_ids"]),
+                       n_val=len(meta["val_ids"]), parameters=meta["parameters"],
+                       dropped_fraction=meta.get("goldfish_dropped_fraction"), reused=True)
+

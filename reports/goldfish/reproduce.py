@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
-from types import SimpleNamespace
 from pathlib import Path
 
 import pandas as pd
@@ -23,7 +21,7 @@ import pandas as pd
 from memaudit.corpus import demo_corpus
 from memaudit.data import write_documents
 from memaudit.extraction import extract
-from memaudit.training import TrainConfig, train
+from memaudit.training import TrainConfig, train_or_reuse
 
 HERE = Path(__file__).resolve().parent
 PREFIX, SUFFIX = 32, 32
@@ -86,13 +84,7 @@ def run_one(name: str, mode: str, k: int | None, work: Path, epochs: int, config
     cfg = TrainConfig(data=str(work / "train.jsonl"), val_data=str(work / "val.jsonl"), out=str(work / name),
                       config=config, epochs=epochs, lr=3e-3, batch_size=16, seq_len=SEQ_LEN, warmup_steps=20,
                       seed=0, device="cpu", **extra)
-    done = work / name / "train_config.json"
-    if done.is_file() and all(json.loads(done.read_text()).get(f) == v for f, v in asdict(cfg).items()):
-        meta = json.loads(done.read_text())  # already trained with these settings (work dir reused)
-        last = pd.read_csv(work / name / "training_log.csv").iloc[-1]
-        res = SimpleNamespace(dropped_fraction=meta.get("goldfish_dropped_fraction"), val_loss=float(last.val_loss))
-    else:
-        res = train(cfg)
+    res = train_or_reuse(cfg)  # a model trained before with these settings and inputs is reused
     ex = extraction(work / name, work / "train.jsonl")
     # drop rate among eligible targets: random redraws every step and can drop any target, so its logged
     # fraction already is that rate; the deterministic masks are recomputed and checked against the log

@@ -36,7 +36,7 @@ import pandas as pd
 from memaudit.data import read_documents, tokenize, train_tokenizer, write_documents
 from memaudit.models import load_model
 from memaudit.scoring import score
-from memaudit.training import TrainConfig, train
+from memaudit.training import TrainConfig, train_or_reuse
 
 HERE = Path(__file__).resolve().parent
 RUN_NAMES = ("standard", "sinks", "never-saw")
@@ -86,27 +86,16 @@ def write_if_changed(path: Path, texts: list[str]) -> Path:
 
 def run_one(name: str, kw: dict, common: dict, work: Path, files: dict) -> list[dict]:
     """Train (or reuse: same settings and same input files) one model and measure it."""
-    import hashlib
-    from dataclasses import asdict
-
     import torch
 
     torch.set_num_threads(1)  # runs go in parallel processes, one core each
     is_sinks = kw.get("objective") == "sinks"
     out = work / (f"sinks-s{kw['sink_fraction']}-p{kw['sink_density']}" if is_sinks else name)
-    cfg = TrainConfig(out=str(out), **common, **kw)
-    inputs = [cfg.data, cfg.val_data] + sorted(str(p) for p in Path(cfg.tokenizer).iterdir())
-    stamp = json.dumps({"config": asdict(cfg), "inputs": [hashlib.sha256(Path(p).read_bytes()).hexdigest()
-                                                         for p in inputs]}, sort_keys=True)
-    log = out / "training_log.csv"
-    if (out / "reuse_stamp.json").is_file() and (out / "reuse_stamp.json").read_text() == stamp and log.is_file():
-        seconds = float(pd.read_csv(log)["seconds"].iloc[-1])  # trained before with these settings and inputs
-        steps = int(pd.read_csv(log)["step"].iloc[-1])
-    else:
-        t0 = time.time()
-        steps = train(cfg).steps
-        seconds = round(time.time() - t0, 1)
-        (out / "reuse_stamp.json").write_text(stamp)
+    t0 = time.time()
+    res = train_or_reuse(TrainConfig(out=str(out), **common, **kw))  # same settings and inputs: reused
+    steps = res.steps
+    seconds = float(pd.read_csv(out / "training_log.csv")["seconds"].iloc[-1]) if res.reused else \
+        round(time.time() - t0, 1)
     model_dir = out / ("release" if is_sinks else "")
     seq = common["seq_len"]
     rows = [{"model": name + (" (sinks dropped)" if is_sinks else ""),
