@@ -1,28 +1,41 @@
 """memaudit: audit and measure what language models memorize.
 
-The public Python API. Every CLI command is a thin shell over one of these functions.
+The commands' Python functions live in `memaudit.api` (one per command: extract, mia, memorization, exposure,
+capacity, train, risk, report). This package also offers the building blocks below; they are imported on first
+use, so `memaudit --help` and a usage error do not wait seconds for torch and transformers to load.
 """
-from .version import __version__  # noqa: E402
+from __future__ import annotations
 
-from .data import read_documents, tokenize, train_tokenizer, write_documents  # noqa: E402
-from .samples import make_windows  # noqa: E402
-from .errors import MemauditError  # noqa: E402
-from .models import LoadedModel, build_config, load_model  # noqa: E402
-from .scoring import TokenStats, iter_scored_batches, score  # noqa: E402
-from .training import TrainConfig, TrainResult, train  # noqa: E402
-from .training import export_release_model  # noqa: E402
-from .canaries import read_canaries  # noqa: E402
+import importlib
+from typing import Any
 
-__all__ = [
-    "__version__", "MemauditError", "LoadedModel", "load_model", "build_config", "read_documents",
-    "write_documents", "tokenize", "make_windows", "train_tokenizer", "TokenStats", "score",
-    "iter_scored_batches", "TrainConfig", "TrainResult", "train",
-]
-__all__ += ["export_release_model", "read_canaries"]
-from .membership import MiaResult, mia  # noqa: E402
-from .attacks import ATTACKS  # noqa: E402
+from .errors import MemauditError
+from .version import __version__
 
-__all__ += ["mia", "MiaResult", "ATTACKS"]
-from .extraction import extract, extract_windows  # noqa: E402
+# name -> the module that defines it (PEP 562 lazy attributes)
+_EXPORTS = {
+    "extract": "extraction", "ExtractSettings": "extraction", "ExtractResult": "extraction",
+    "extract_windows": "extraction",
+    "mia": "membership", "MiaSettings": "membership", "MiaResult": "membership", "ATTACKS": "attacks",
+    "train": "training", "TrainConfig": "training", "TrainResult": "training",
+    "export_release_model": "training",
+    "LoadedModel": "models", "load_model": "models", "build_config": "models",
+    "read_documents": "data", "write_documents": "data", "tokenize": "data", "train_tokenizer": "data",
+    "make_windows": "samples",
+    "TokenStats": "scoring", "score": "scoring", "iter_scored_batches": "scoring",
+    "read_canaries": "canaries",
+}
 
-__all__ += ["extract", "extract_windows"]
+__all__ = ["__version__", "MemauditError", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'memaudit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -10,8 +10,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import checks, distributed
+from . import checks
 from .errors import MemauditError
+from .gate import GATEABLE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Audit and measure what language models memorize.")
@@ -49,7 +50,7 @@ def _root(version: bool = typer.Option(False, "--version", is_eager=True, callba
 
 def _print_version(value: bool) -> None:
     if value:
-        from . import __version__
+        from .version import __version__
 
         typer.echo(f"memaudit {__version__}")
         raise typer.Exit()
@@ -112,20 +113,21 @@ def train(
     """Train a causal LM on documents and save a model directory (with training_log.csv).
 
     Runs data-parallel under `torchrun --nproc-per-node N -m memaudit train ...` (--batch-size is global)."""
+    from .distributed import env_rank
     from .training import TrainConfig, train as run_train
 
-    res = run_train(TrainConfig(data=str(data), out=str(out), objective=objective, config=config, family=family,
-                                epochs=epochs, lr=lr, batch_size=batch_size, seq_len=seq_len, vocab_size=vocab_size,
-                                val_fraction=val_fraction, seed=seed, device=device, dtype=dtype,
-                                text_field=text_field, id_field=id_field, limit=limit, allow_pickle=allow_pickle,
-                                val_data=str(val_data) if val_data else None, warmup_steps=warmup_steps,
-                                weight_decay=weight_decay, grad_clip=grad_clip, goldfish_mode=goldfish_mode,
-                                goldfish_k=goldfish_k, goldfish_h=goldfish_h, sink_fraction=sink_fraction,
-                                sink_density=sink_density, release=release, canaries=canaries,
-                                canary_repeats=canary_repeats, checkpoint_every=checkpoint_every, resume=resume,
-                                overwrite=overwrite,
-                                stop_after=stop_after, tokenizer=str(tokenizer) if tokenizer else None))
-    if distributed.env_rank() != 0:  # under torchrun rank 0 reports
+    settings = TrainConfig(data=data, out=out, objective=objective, config=config, family=family,
+                           tokenizer=tokenizer, epochs=epochs, lr=lr, batch_size=batch_size, seq_len=seq_len,
+                           vocab_size=vocab_size, seed=seed, val_fraction=val_fraction, val_data=val_data,
+                           warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip,
+                           device=device, dtype=dtype, text_field=text_field, id_field=id_field, limit=limit,
+                           allow_pickle=allow_pickle, goldfish_mode=goldfish_mode, goldfish_k=goldfish_k,
+                           goldfish_h=goldfish_h, sink_fraction=sink_fraction, sink_density=sink_density,
+                           release=release, canaries=canaries, canary_repeats=canary_repeats,
+                           checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite,
+                           stop_after=stop_after)
+    res = run_train(settings)
+    if env_rank() != 0:  # under torchrun rank 0 reports
         return
     if not res.finished:
         typer.echo(f"stopped after {res.steps} steps; continue with --resume -> {res.out}/checkpoint")
@@ -172,18 +174,16 @@ def extract(
     seed: int = typer.Option(0, help="Seed for sampled decoding."),
 ):
     """Extraction: prompt with each document's prefix and measure how much of the true suffix comes back."""
-    from .extraction import extract as run_extract, format_summary
-    from .rundir import RunDir
+    from .extraction import ExtractSettings, extract as run_extract, format_summary  # lazy: fast CLI start-up
 
-    out = out if out is not None else RunDir.default_out("extract")
-    df = run_extract(model_dir, data, prefix=prefix, suffix=suffix, offset=offset, decoding=decoding,
-                     num_beams=num_beams, num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p,
-                     np_threshold=np_threshold, batch_size=_batch_size(batch_size), device=device, dtype=dtype,
-                     limit=limit, text_field=text_field, id_field=id_field, bos=bos, shortcut=shortcut, out=out,
-                     resume=resume, overwrite=overwrite, allow_pickle=allow_pickle,
-                     trust_remote_code=trust_remote_code, seed=seed)
-    typer.echo(format_summary(df.attrs["summary"]))
-    typer.echo(f"-> {df.attrs['run_dir']}")
+    res = run_extract(ExtractSettings(
+        model_dir=model_dir, data=data, prefix=prefix, suffix=suffix, offset=offset, decoding=decoding,
+        num_beams=num_beams, num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p,
+        np_threshold=np_threshold, bos=bos, shortcut=shortcut, batch_size=_batch_size(batch_size), device=device,
+        dtype=dtype, limit=limit, text_field=text_field, id_field=id_field, out=out, resume=resume,
+        overwrite=overwrite, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, seed=seed))
+    typer.echo(format_summary(res.summary))
+    typer.echo(f"-> {res.path}")
 
 
 @app.command()
@@ -229,15 +229,16 @@ def memorization(
     overwrite: Overwrite = False,
 ):
     """Unintended memorization in bits per sample: max(0, bits under the reference - bits under the model)."""
-    from .memorization import measure_memorization
+    from .memorization import MemorizationSettings, memorization as run_memorization  # lazy: fast CLI start-up
 
-    s = measure_memorization(model_dir, data, reference, out=out, zstd_level=zstd_level,
-                             zstd_dict_from=zstd_dict_from, batch_size=_batch_size(batch_size), device=device,
-                             dtype=dtype, text_field=text_field, id_field=id_field, limit=limit, top_k=top_k,
-                             allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, resume=resume,
-                             overwrite=overwrite)
+    res = run_memorization(MemorizationSettings(
+        model_dir=model_dir, data=data, reference=reference, zstd_level=zstd_level, zstd_dict_from=zstd_dict_from,
+        top_k=top_k, out=out, batch_size=_batch_size(batch_size), device=device, dtype=dtype, text_field=text_field,
+        id_field=id_field, limit=limit, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+        resume=resume, overwrite=overwrite))
+    s = res.summary
     typer.echo(f"{s['n_samples']} samples: {s['total_mem_u_bits']:.1f} bits of unintended memorization against "
-               f"{s['reference']} ({s['fraction_samples_with_mem_u']:.1%} of samples > 0) -> {s['out']}")
+               f"{s['reference']} ({s['fraction_samples_with_mem_u']:.1%} of samples > 0) -> {res.path}")
 
 
 @app.command()
@@ -277,33 +278,17 @@ def capacity(
     A grid checkpoints each shape at every evaluation: --resume continues an interrupted grid from there, \
 ending exactly as an uninterrupted run would (same --threads).
     """
-    from .capacity import (PAPER_GRID, RandomGridConfig, TextCapacityConfig, check_compile_setting,
-                           run_random_capacity, run_text_capacity)
+    from .capacity import CapacitySettings, capacity as run_capacity  # lazy: fast CLI start-up
 
-    check_compile_setting(torch_compile)
-
-    def ints(name: str, value: str) -> list[int]:
-        return checks.int_list(f"--{name}", value)
-
-    if text is not None:
-        s = run_text_capacity(TextCapacityConfig(text=str(text), widths=ints("widths", widths),
-                                                 layers=ints("layers", layers)[0], threads=threads,
-                                                 torch_compile=torch_compile),
-                              out, resume=resume, overwrite=overwrite)
-        typer.echo(s["message"] + f" -> {s['out']}")
-        return
-    cfg = RandomGridConfig(layers=ints("layers", layers), widths=ints("widths", widths), vocab=vocab, seq_len=seq_len,
-                           sizes=[v.strip() for v in sizes.split(",") if v.strip()], seeds=seeds, max_steps=max_steps,
-                           batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, eval_every=eval_every,
-                           plateau_window=plateau_window,
-                           plateau_tol=plateau_tol, anneal_fraction=anneal_fraction, plateau_epochs=plateau_epochs,
-                           dtype=dtype, threads=threads, torch_compile=torch_compile)
-    if paper_grid:
-        for k, v in PAPER_GRID.items():
-            setattr(cfg, k, v)
-    s = run_random_capacity(cfg, out, resume=resume, overwrite=overwrite)
-    if "message" in s:
-        typer.echo(s["message"] + f" -> {s['out']}")
+    res = run_capacity(CapacitySettings(
+        layers=checks.int_list("--layers", layers), widths=checks.int_list("--widths", widths), vocab=vocab,
+        seq_len=seq_len, sizes=[v.strip() for v in sizes.split(",") if v.strip()], seeds=seeds, max_steps=max_steps,
+        batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, eval_every=eval_every, plateau_window=plateau_window,
+        plateau_tol=plateau_tol, anneal_fraction=anneal_fraction, plateau_epochs=plateau_epochs, dtype=dtype,
+        paper_grid=paper_grid, text=text, threads=threads, torch_compile=torch_compile, out=out, resume=resume,
+        overwrite=overwrite))
+    if "message" in res.summary:  # torchrun ranks other than 0 have none
+        typer.echo(res.summary["message"] + f" -> {res.path}")
 
 
 @app.command()
@@ -341,23 +326,17 @@ def mia(
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Membership inference: how well each attack tells members from non-members (AUC, TPR at low FPR)."""
-    from .membership import mia as run_mia
+    from .membership import MiaSettings, format_summary, mia as run_mia  # lazy: fast CLI start-up
 
-    res = run_mia(model_dir, members, nonmembers, reference=reference, attacks=attacks, k=k, window=window, bos=bos,
-                  recall_shots=recall_shots, dcpdd_corpus=dcpdd_corpus, bootstrap=bootstrap,
-                  calibration_fraction=calibration_fraction, seed=seed, batch_size=_batch_size(batch_size),
-                  device=device, dtype=dtype, text_field=text_field, id_field=id_field, limit=limit, out=out,
-                  resume=resume, overwrite=overwrite, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    res = run_mia(MiaSettings(
+        model_dir=model_dir, members=members, nonmembers=nonmembers, reference=reference, attacks=attacks, k=k,
+        window=window, bos=bos, recall_shots=recall_shots, dcpdd_corpus=dcpdd_corpus, bootstrap=bootstrap,
+        calibration_fraction=calibration_fraction, seed=seed, batch_size=_batch_size(batch_size), device=device,
+        dtype=dtype, text_field=text_field, id_field=id_field, limit=limit, out=out, resume=resume,
+        overwrite=overwrite, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
     if res is None:  # a non-zero rank under torchrun: rank 0 reports
         return
-    s = res.summary
-    typer.echo(f"{s['n_members']} members vs {s['n_nonmembers']} non-members")
-    for c, m in s["attacks"].items():
-        ci = m.get("auc_ci95")
-        ci_s = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
-        cal = m["calibrated"].get("at_fpr_0.01", {})
-        cal_s = f"; calibrated TPR {cal['tpr']:.3f} at FPR {cal['fpr']:.3f}" if cal else ""
-        typer.echo(f"  {c:<14} AUC {m['auc']:.3f}{ci_s}  TPR@1%FPR {m['oracle']['tpr_at_fpr_0.01']:.3f}{cal_s}")
+    typer.echo(format_summary(res.summary))
     typer.echo(f"-> {res.path}")
 
 
@@ -383,16 +362,17 @@ def exposure(
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Canary exposure (Carlini et al. 2019): log2 |R| - log2 rank of each secret among all candidates."""
-    from .exposure import run_exposure
+    from .exposure import ExposureSettings, exposure as run_exposure  # lazy: fast CLI start-up
 
-    s = run_exposure(model_dir, canaries=canaries, out=out, controls=controls, exact_limit=exact_limit,
-                     sample_size=sample_size, estimator=estimator, seed=seed, batch_size=_batch_size(batch_size),
-                     device=device, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                     overwrite=overwrite)
+    res = run_exposure(ExposureSettings(
+        model_dir=model_dir, canaries=canaries, controls=controls, exact_limit=exact_limit, sample_size=sample_size,
+        estimator=estimator, seed=seed, batch_size=_batch_size(batch_size), device=device, dtype=dtype, out=out,
+        overwrite=overwrite, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
+    s = res.summary
     ctrl = f"{s['mean_control_exposure_bits']:.2f}" if s["mean_control_exposure_bits"] is not None else "n/a"
     typer.echo(f"exposure of {s['n_canaries']} canaries: mean {s['mean_exposure_bits']:.2f} bits, max "
                f"{s['max_exposure_bits']:.2f} of {s['max_possible_exposure_bits']:.2f} possible; unseen controls "
-               f"{ctrl} bits -> {s['out']}")
+               f"{ctrl} bits -> {res.path}")
 
 
 @app.command()
@@ -406,16 +386,10 @@ def report(
     top: int = typer.Option(5, help="Most memorized samples listed per run."),
 ):
     """One Markdown + self-contained HTML report from any mix of run directories, runs of a kind side by side."""
-    from .report import build_report
+    from .report import ReportSettings, report as write_report
 
-    res = build_report(run_dirs, out, labels=label, title=title, top=top)
-    typer.echo(f"report of {len(res['runs'])} runs with {res['figures']} figures -> {res['markdown']}, {res['html']}")
-
-
-def _risk_gateable() -> list[str]:
-    from .risk import GATEABLE
-
-    return list(GATEABLE)
+    res = write_report(ReportSettings(run_dirs=run_dirs, out=out, labels=label, title=title, top=top))
+    typer.echo(f"report of {len(res.runs)} runs with {res.figures} figures -> {res.markdown}, {res.html}")
 
 
 @app.command()
@@ -436,7 +410,7 @@ def risk(
     canaries: Optional[Path] = typer.Option(None, help="Canaries .jsonl (default: MODEL/canaries.jsonl if there)."),
     fail_above: Optional[str] = typer.Option(None, help="Exit 3 when a figure exceeds its limit, e.g. "
                                                         "exact_rate=0.01,mia_auc=0.6 (names: " +
-                                                        ", ".join(_risk_gateable()) + ")."),
+                                                        ", ".join(GATEABLE) + ")."),
     laws_dir: Optional[Path] = typer.Option(None, help="A folder searched for MIA laws fitted by `memaudit capacity` "
                                             "(e.g. reports/capacity), reported beside the published law."),
     prefix: int = typer.Option(32, help="Extraction prompt tokens."),
@@ -453,17 +427,18 @@ def risk(
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Pre-release risk: predicted capacity, regime and MIA F1; after training, measured figures and a verdict."""
-    from .risk import run_risk
+    from .risk import RiskSettings, risk as run_risk
 
-    s = run_risk(out=out, params=params, train_sequences=train_sequences, train_tokens=train_tokens, window=window,
-                 precision=precision, bits_per_token=bits_per_token, random_vocab=random_vocab, model=model,
-                 data=data, nonmembers=nonmembers, canaries=canaries, fail_above=fail_above, laws_dir=laws_dir,
-                 prefix=prefix, suffix=suffix, batch_size=_batch_size(batch_size), device=device, dtype=dtype,
-                 limit=limit, text_field=text_field, id_field=id_field, allow_pickle=allow_pickle,
-                 trust_remote_code=trust_remote_code, overwrite=overwrite, echo=typer.echo)
-    typer.echo(f"-> {s['out']}")
-    if s["exit_code"]:
-        raise typer.Exit(s["exit_code"])
+    res = run_risk(RiskSettings(
+        out=out, params=params, train_sequences=train_sequences, train_tokens=train_tokens, window=window,
+        precision=precision, bits_per_token=bits_per_token, random_vocab=random_vocab, model=model, data=data,
+        nonmembers=nonmembers, canaries=canaries, fail_above=fail_above, laws_dir=laws_dir, prefix=prefix,
+        suffix=suffix, batch_size=_batch_size(batch_size), device=device, dtype=dtype, limit=limit,
+        text_field=text_field, id_field=id_field, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+        overwrite=overwrite), echo=typer.echo)
+    typer.echo(f"-> {res.path}")
+    if res.exit_code:
+        raise typer.Exit(res.exit_code)
 
 
 # The base of the usage errors typer raises (typer vendors click in newer releases, so it is found, not imported).

@@ -25,8 +25,11 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from . import checks
 from .errors import MemauditError
+from .membership import mia_headline
 from .rundir import Owned, check_output, read_json, read_summary
+from .settings import settings_from
 
 # Headline fields per kind, in display order (dotted paths into summary.json); missing ones are skipped.
 HEADLINE = {
@@ -165,7 +168,7 @@ def _scalars(d: dict, prefix: str = "", depth: int = 0) -> dict[str, Any]:
 def headline(run: Run) -> dict[str, Any]:
     """The figures that go in the run kind's comparison table, in order."""
     if run.kind == "mia":
-        return _mia_headline(run.summary)
+        return mia_headline(run.summary)
     if run.kind == "train":
         return dict(run.summary)
     keys = HEADLINE.get(run.kind)
@@ -173,24 +176,6 @@ def headline(run: Run) -> dict[str, Any]:
         return {k: _get(run.summary, k) for k in keys if _get(run.summary, k) is not None}
     flat = _scalars(run.summary)
     return dict(list(flat.items())[:14])
-
-
-def _mia_headline(summary: dict) -> dict[str, Any]:
-    attacks = summary.get("attacks") or {}
-    out: dict[str, Any] = {k: summary.get(k) for k in ("n_members", "n_nonmembers") if k in summary}
-    aucs = {a: m.get("auc") for a, m in attacks.items() if isinstance(m, dict) and m.get("auc") is not None}
-    if aucs:
-        best = max(aucs, key=lambda a: aucs[a])
-        out["best_attack"], out["best_auc"] = best, aucs[best]
-    loss = attacks.get("loss") or {}
-    if "auc" in loss:
-        out["loss_auc"] = loss["auc"]
-    tpr = _get(loss, "oracle.tpr_at_fpr_0.01") if isinstance(loss, dict) else None
-    if tpr is None and isinstance(loss.get("oracle"), dict):
-        tpr = loss["oracle"].get("tpr_at_fpr_0.01")
-    if tpr is not None:
-        out["loss_tpr_at_1pct_fpr"] = tpr
-    return out
 
 
 def mia_auc_table(runs: Sequence[Run]) -> tuple[list[str], list[list[Any]]]:
@@ -524,35 +509,60 @@ def _unique_figure_names(blocks: list[Block]) -> list[Block]:
     return blocks
 
 
-def build_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
-                 labels: Sequence[str] | None = None, title: str = "memaudit report", top: int = 5,
-                 ) -> dict[str, Any]:
-    """Write OUT/report.md, OUT/report.html (self-contained) and OUT/figures/*.png; return their paths."""
-    if not run_dirs:
-        raise MemauditError("give at least one run directory")
-    if labels and len(labels) != len(run_dirs):
-        raise MemauditError(f"--label was given {len(labels)} times for {len(run_dirs)} run directories: "
-                            "give one label per run directory, in the same order")
-    if top < 0:
-        raise MemauditError("--top must be >= 0")
-    out = Path(out)
-    check_output(out, "report", inputs=run_dirs, reuse=True)
-    runs = [load_run(d, labels[i] if labels else None) for i, d in enumerate(run_dirs)]
-    if labels:
-        kinds_labels = [(r.kind, r.label) for r in runs]
-        if dup := next((kl for i, kl in enumerate(kinds_labels) if kl in kinds_labels[:i]), None):
-            raise MemauditError(f"--label {dup[1]!r} names two {dup[0]} runs: give runs of a kind distinct labels")
-    else:
-        _unique_labels(runs)
-    blocks = build_blocks(runs, title, top)
-    owned = Owned(out, "report", inputs=run_dirs, reuse=True)
+@dataclass(kw_only=True)
+class ReportSettings:
+    """Every option of `memaudit report`."""
+    run_dirs: Sequence[str | os.PathLike]  # run directories and/or trained model directories
+    out: str | os.PathLike = "reports/report"  # folder for report.md, report.html and figures/
+    labels: Sequence[str] | None = None  # one per run directory, in order; default: the model's directory name
+    title: str = "memaudit report"
+    top: int = 5  # most memorized samples listed per run
+
+    def validate(self) -> None:
+        if not self.run_dirs:
+            raise MemauditError("give at least one run directory")
+        if self.labels and len(self.labels) != len(self.run_dirs):
+            raise MemauditError(f"--label was given {len(self.labels)} times for {len(self.run_dirs)} run "
+                                "directories: give one label per run directory, in the same order")
+        checks.integer("--top", self.top, low=0)
+
+
+@dataclass
+class ReportResult:
+    path: Path  # the report folder
+    markdown: Path
+    html: Path
+    figures: int
+    runs: list[tuple[str, str, str]]  # (label, kind, run directory) per run, in order
+
+
+def report(settings: ReportSettings | None = None, /, **options: Any) -> ReportResult:
+    """Write OUT/report.md, OUT/report.html (self-contained) and OUT/figures/*.png from run directories."""
+    s = settings_from(ReportSettings, settings, options)
+    s.validate()
+    out = Path(s.out)
+    check_output(out, "report", inputs=s.run_dirs, reuse=True)
+    runs = _load_runs(s)
+    blocks = build_blocks(runs, s.title, s.top)
+    owned = Owned(out, "report", inputs=s.run_dirs, reuse=True)
     if (out / "figures").is_dir():  # the previous report's figures (a folder this command owns)
         shutil.rmtree(out / "figures")
     for b in blocks:
         if b.kind == "figure":
             owned.write_bytes(f"figures/{b.name}", b.png)
     owned.write_bytes("report.md", render_markdown(blocks).encode("utf-8"))
-    owned.write_bytes("report.html", render_html(blocks, title).encode("utf-8"))
-    n_fig = sum(b.kind == "figure" for b in blocks)
-    return {"markdown": str(out / "report.md"), "html": str(out / "report.html"), "figures": n_fig,
-            "runs": [(r.label, r.kind, str(r.path)) for r in runs]}
+    owned.write_bytes("report.html", render_html(blocks, s.title).encode("utf-8"))
+    return ReportResult(path=out, markdown=out / "report.md", html=out / "report.html",
+                        figures=sum(b.kind == "figure" for b in blocks),
+                        runs=[(r.label, r.kind, str(r.path)) for r in runs])
+
+
+def _load_runs(s: ReportSettings) -> list[Run]:
+    runs = [load_run(d, s.labels[i] if s.labels else None) for i, d in enumerate(s.run_dirs)]
+    if s.labels:
+        kinds_labels = [(r.kind, r.label) for r in runs]
+        if dup := next((kl for i, kl in enumerate(kinds_labels) if kl in kinds_labels[:i]), None):
+            raise MemauditError(f"--label {dup[1]!r} names two {dup[0]} runs: give runs of a kind distinct labels")
+    else:
+        _unique_labels(runs)
+    return runs

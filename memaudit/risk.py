@@ -10,10 +10,10 @@ Before training (from the parameter count P and the number N of training sequenc
   `memaudit memorization --reference zstd`, whose bits_reference per token is an upper bound).
 - regime: "memorizing" while data_bits / capacity_bits < 1 (the model can store the data), else "generalizing"
   (double descent sits at a ratio of ~1; past it per-sample unintended memorization falls).
-- predicted_memorization_bits = min(capacity_bits, data_bits) (METHODS.md section 3).
+- predicted_memorization_bits = min(capacity_bits, data_bits) (docs/methods.md, unintended memorization).
 - predicted_mia_f1 from the MIA scaling law (memaudit.capacity.laws.predict_mia_f1): the published one
-  ("morris2025"), and beside it METHODS.md's transcription ("methods-md") and every law fitted by
-  `memaudit capacity` found in reports/capacity/*.json (key mia_law_fit).
+  ("morris2025"), and beside it the other transcription docs/methods.md discusses ("methods-md") and every law
+  fitted by `memaudit capacity` found under `laws_dir` (JSON files with a mia_law_fit key).
 After training, the measuring commands run on the model and their headline figures go beside the prediction;
 the verdict compares them with thresholds, and `fail_above` makes the command exit with FAIL_EXIT_CODE.
 """
@@ -22,56 +22,33 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, TypedDict
 
 from . import checks
+from .canaries import default_canary_file, read_canaries
 from .capacity.laws import (LAW_SOURCES, LAWS, PUBLISHED_ALPHA, PUBLISHED_ALPHA_BF16, PUBLISHED_ALPHA_FP32,
                             predict_mia_f1)
+from .data import file_hash, read_documents, tokenize
 from .errors import MemauditError
+from .gate import FAIL_EXIT_CODE, parse_thresholds, verdict
+from .exposure import exposure
+from .extraction import extract
+from .membership import mia, mia_headline
+from .memorization import memorization
+from .models import LoadedModel, count_parameters, load_model, weights_hash
+from .report import report as write_report
+from .rundir import RunDir, check_output, summary_header
+from .settings import settings_from
 
 ALPHA_BITS_PER_PARAM = {"published": PUBLISHED_ALPHA, "float32": PUBLISHED_ALPHA_FP32, "bfloat16": PUBLISHED_ALPHA_BF16}
 DEFAULT_TEXT_BITS_PER_TOKEN = 4.0
 MIA_LAW_WINDOW = 64  # the law was fitted on 64-token sequences
-FAIL_EXIT_CODE = 3
 MEASUREMENT_RUNS = ("extract", "mia", "memorization", "exposure")  # sub-folders of a post-training risk run
 MAX_COUNT = 1e18  # parameters, sequences, tokens: far beyond any model, and every product stays finite
-# What each gateable figure means, for --help and the report.
-GATEABLE = {
-    "predicted_mia_f1": "predicted loss-attack MIA F1 (0.5 = chance)",
-    "exact_rate": "fraction of samples whose suffix greedy decoding reproduces exactly",
-    "mean_rouge_l": "mean token ROUGE-L between generated and true suffix",
-    "mia_auc": "ROC AUC of the loss attack, members vs non-members",
-    "mia_best_auc": "highest ROC AUC over all attacks",
-    "mia_tpr_at_1pct_fpr": "loss attack TPR at 1% FPR (oracle threshold)",
-    "mem_u_bits_per_token": "unintended memorization per token against zstd",
-    "fraction_samples_with_mem_u": "fraction of samples with unintended memorization > 0",
-    "max_exposure_bits": "highest canary exposure (bits)",
-    "mean_exposure_bits": "mean canary exposure (bits)",
-}
-
-
-def parse_thresholds(text: str | None) -> dict[str, float]:
-    """`exact_rate=0.01,mia_auc=0.6` -> {"exact_rate": 0.01, "mia_auc": 0.6}."""
-    if not text:
-        return {}
-    out = {}
-    for part in text.split(","):
-        if not part.strip():
-            continue
-        name, sep, value = part.partition("=")
-        name = name.strip()
-        if not sep or name not in GATEABLE:
-            raise MemauditError(f"--fail-above takes name=value pairs with names among {', '.join(GATEABLE)}; "
-                                f"got {part.strip()!r}")
-        if name in out:
-            raise MemauditError(f"--fail-above names {name} twice")
-        try:
-            out[name] = float(value)
-        except ValueError:
-            raise MemauditError(f"--fail-above {name}: {value.strip()!r} is not a number") from None
-        checks.number(f"--fail-above {name}", out[name])
-    return out
+def _silent(line: str) -> None:
+    """The Python API's default `echo`: results come back in RiskResult, nothing is printed."""
 
 
 def fitted_laws(search: str | os.PathLike = "reports/capacity") -> list[Path]:
@@ -162,116 +139,206 @@ def predict(params: float, *, train_sequences: float | None = None, train_tokens
     }
 
 
-def verdict(figures: dict[str, float], limits: dict[str, float]) -> tuple[str, dict[str, tuple[float, float]]]:
-    """PASS/FAIL line against the user's limits (--fail-above); a figure strictly above its limit fails. With no
-    limit set there is no verdict: the figures are reported as they are."""
-    if not limits:
-        return "VERDICT: none (no limits set; gate a release with --fail-above, e.g. exact_rate=0.01,mia_auc=0.6)", {}
-    checked = {k: (float(v), limits[k]) for k, v in figures.items()
-               if k in limits and isinstance(v, (int, float)) and not math.isnan(v)}
-    exceeded = {k: vt for k, vt in checked.items() if vt[0] > vt[1]}
-    unmeasured = sorted(set(limits) - set(checked))
-    missing = f"; not measured: {', '.join(unmeasured)}" if unmeasured else ""
-    if exceeded:
-        what = "; ".join(f"{k} {v:.4g} > {t:g}" for k, (v, t) in exceeded.items())
-        return f"VERDICT: FAIL ({what}{missing})", exceeded
-    if not checked:
-        return f"VERDICT: NO CHECK (no limited figure was measured{missing})", {}
-    what = "; ".join(f"{k} {v:.4g} <= {t:g}" for k, (v, t) in checked.items())
-    return f"VERDICT: PASS ({what}{missing})", {}
-
-
-def _measured_extract(summary: dict) -> dict[str, float]:
+def _measured_extract(summary: Mapping[str, Any]) -> dict[str, float]:
     return {k: summary[k] for k in ("exact_rate", "mean_rouge_l", "mean_token_match") if k in summary}
 
 
-def _measured_mia(summary: dict) -> dict[str, float]:
-    attacks = summary.get("attacks") or {}
-    out = {}
-    loss = attacks.get("loss") or {}
-    if "auc" in loss:
-        out["mia_auc"] = loss["auc"]
-    tpr = (loss.get("oracle") or {}).get("tpr_at_fpr_0.01")
-    if tpr is not None:
-        out["mia_tpr_at_1pct_fpr"] = tpr
-    aucs = [m["auc"] for m in attacks.values() if isinstance(m, dict) and isinstance(m.get("auc"), (int, float))]
-    if aucs:
-        out["mia_best_auc"] = max(aucs)
-    return out
+def _measured_mia(summary: Mapping[str, Any]) -> dict[str, float]:
+    """The gateable MIA figures, named from the one MIA headline (membership.mia_headline)."""
+    head = mia_headline(summary)
+    names = {"loss_auc": "mia_auc", "loss_tpr_at_1pct_fpr": "mia_tpr_at_1pct_fpr", "best_auc": "mia_best_auc"}
+    return {gate: head[key] for key, gate in names.items() if key in head}
 
 
-def _measured_memorization(summary: dict) -> dict[str, float]:
+def _measured_memorization(summary: Mapping[str, Any]) -> dict[str, float]:
     return {k: summary[k] for k in ("mem_u_bits_per_token", "fraction_samples_with_mem_u", "total_mem_u_bits")
             if k in summary}
 
 
-def _measured_exposure(summary: dict) -> dict[str, float]:
+def _measured_exposure(summary: Mapping[str, Any]) -> dict[str, float]:
     return {k: summary[k] for k in ("max_exposure_bits", "mean_exposure_bits", "mean_control_exposure_bits")
             if summary.get(k) is not None}
 
 
-def run_risk(*, out: str | os.PathLike | None = None, params: float | None = None,
-             train_sequences: float | None = None, train_tokens: float | None = None, window: int = MIA_LAW_WINDOW,
-             precision: str = "published", bits_per_token: float | None = None, random_vocab: int | None = None,
-             model: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
-             nonmembers: str | os.PathLike | None = None, canaries: str | os.PathLike | None = None,
-             fail_above: str | None = None, laws_dir: str | os.PathLike | None = None,
-             prefix: int = 32, suffix: int = 32, batch_size: int | str = "auto", device: str = "auto",
-             dtype: str = "auto", limit: int | None = None, text_field: str = "text", id_field: str = "id",
-             allow_pickle: bool = False, trust_remote_code: bool = False, overwrite: bool = False,
-             report: bool = True, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """`memaudit risk`: prediction only (params + sequences/tokens) or prediction + measurements (model + data)."""
-    from .rundir import RunDir, check_output
+@dataclass(kw_only=True)
+class RiskSettings:
+    """Every option of `memaudit risk`. Pre-training: `params` with `train_sequences` or `train_tokens`.
+    Post-training: `model` and `data` (its training documents), optionally `nonmembers` and `canaries`."""
+    params: float | None = None
+    train_sequences: float | None = None
+    train_tokens: float | None = None
+    window: int = MIA_LAW_WINDOW
+    precision: str = "published"
+    bits_per_token: float | None = None
+    random_vocab: int | None = None
+    model: str | os.PathLike | None = None
+    data: str | os.PathLike | None = None
+    nonmembers: str | os.PathLike | None = None
+    canaries: str | os.PathLike | None = None
+    fail_above: str | None = None  # "name=limit,..." over GATEABLE
+    laws_dir: str | os.PathLike | None = None  # searched for laws fitted by `memaudit capacity`
+    prefix: int = 32
+    suffix: int = 32
+    batch_size: int | str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    limit: int | None = None
+    text_field: str = "text"
+    id_field: str = "id"
+    out: str | os.PathLike | None = None  # default: runs/risk-<time>
+    overwrite: bool = False
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    report: bool = True  # also write OUT/report (Markdown + HTML)
 
-    gate = parse_thresholds(fail_above)
-    if model is None and data is None:
-        mode = "pre-training"
-        if nonmembers is not None or canaries is not None:
-            raise MemauditError("--nonmembers and --canaries need --model and --data")
-        if params is None or (train_sequences is None and train_tokens is None):
-            raise MemauditError("give --params and --train-sequences (or --train-tokens), or --model and --data")
-        if measured := sorted(set(gate) - {"predicted_mia_f1"}):
-            raise MemauditError(f"--fail-above {', '.join(measured)}: measured only after training (give --model "
-                                "and --data); before it, only predicted_mia_f1 can be limited")
-        predict(params, train_sequences=train_sequences, train_tokens=train_tokens, window=window,
-                precision=precision, bits_per_token=bits_per_token, random_vocab=random_vocab, laws_dir=laws_dir)
-    elif model is None or data is None:
-        raise MemauditError("post-training risk needs both --model and --data")
-    else:
-        mode = "post-training"
-        _check_prediction_settings(train_sequences, train_tokens, window, precision, bits_per_token, random_vocab)
-        _check_measuring_inputs(model, data, nonmembers, canaries, gate, prefix=prefix, suffix=suffix, limit=limit,
-                                batch_size=batch_size, allow_pickle=allow_pickle)
-    checks.number("--params", params, low=1, high=MAX_COUNT)
-    out = out or RunDir.default_out("risk")
-    check_output(out, "risk", inputs=[p for p in (model, data, nonmembers, canaries) if p is not None],
-                 overwrite=overwrite)
-    inputs: dict[str, Any] = {}
-    loaded = None
-    if mode == "post-training":
-        from .data import file_hash, read_documents, tokenize
-        from .models import count_parameters, load_model, weights_hash
+    @property
+    def mode(self) -> str:
+        return "pre-training" if self.model is None and self.data is None else "post-training"
 
-        loaded = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle,
-                            trust_remote_code=trust_remote_code)
-        docs = read_documents(data, text_field=text_field, id_field=id_field, limit=limit)
-        lengths = [len(t) for t in tokenize(loaded.tokenizer, docs["text"].tolist())]
-        params = params or count_parameters(loaded.model)
-        if train_sequences is None and train_tokens is None:
-            train_tokens = float(sum(lengths))  # the data file as the training set, cut in windows
-        inputs = {"model": str(model), "model_weights_sha256": weights_hash(model), "data": str(data),
-                  "data_sha256": file_hash(data)}
-        if nonmembers is not None:
-            inputs |= {"nonmembers": str(nonmembers), "nonmembers_sha256": file_hash(nonmembers)}
-    prediction = predict(params, train_sequences=train_sequences, train_tokens=train_tokens, window=window,
-                         precision=precision, bits_per_token=bits_per_token, random_vocab=random_vocab,
-                         laws_dir=laws_dir)
-    settings = {"mode": mode, "params": params, "train_sequences": train_sequences, "train_tokens": train_tokens,
-                "window": window, "precision": precision, "bits_per_token": bits_per_token,
-                "random_vocab": random_vocab, "fail_above": gate, "prefix": prefix,
-                "suffix": suffix, "batch_size": batch_size, "device": device, "dtype": dtype, "limit": limit}
-    run = RunDir(out, "risk", settings, inputs=inputs, overwrite=overwrite)
+    def limits(self) -> dict[str, float]:
+        return parse_thresholds(self.fail_above)
+
+    def validate(self) -> None:
+        gate = self.limits()
+        if self.mode == "pre-training":
+            if self.nonmembers is not None or self.canaries is not None:
+                raise MemauditError("--nonmembers and --canaries need --model and --data")
+            if self.params is None or (self.train_sequences is None and self.train_tokens is None):
+                raise MemauditError("give --params and --train-sequences (or --train-tokens), or --model and --data")
+            if measured := sorted(set(gate) - {"predicted_mia_f1"}):
+                raise MemauditError(f"--fail-above {', '.join(measured)}: measured only after training (give "
+                                    "--model and --data); before it, only predicted_mia_f1 can be limited")
+            self.predict(self.params, self.train_sequences, self.train_tokens)
+        elif self.model is None or self.data is None:
+            raise MemauditError("post-training risk needs both --model and --data")
+        else:
+            _check_prediction_settings(self.train_sequences, self.train_tokens, self.window, self.precision,
+                                       self.bits_per_token, self.random_vocab)
+            self._check_measuring_inputs(gate)
+        checks.number("--params", self.params, low=1, high=MAX_COUNT)
+
+    def predict(self, params: float, train_sequences: float | None, train_tokens: float | None) -> dict[str, Any]:
+        return predict(params, train_sequences=train_sequences, train_tokens=train_tokens, window=self.window,
+                       precision=self.precision, bits_per_token=self.bits_per_token, random_vocab=self.random_vocab,
+                       laws_dir=self.laws_dir)
+
+    def canary_file(self) -> Path:
+        return Path(self.canaries) if self.canaries is not None else default_canary_file(self.model)
+
+    def _check_measuring_inputs(self, gate: dict[str, float]) -> None:
+        """Everything the measuring commands will read, checked before the first of them starts."""
+        checks.model_dir(self.model, allow_pickle=self.allow_pickle)
+        checks.readable_file(self.data)
+        checks.readable_file(self.nonmembers, "non-members file")
+        checks.integer("--prefix", self.prefix)
+        checks.integer("--suffix", self.suffix)
+        checks.limit(self.limit)
+        checks.batch_size(self.batch_size)
+        if self.canaries is not None or self.canary_file().is_file():
+            checks.readable_file(self.canary_file(), "canary file")
+            read_canaries(self.canary_file())
+        elif limited := sorted(k for k in gate if k.endswith("exposure_bits")):
+            raise MemauditError(f"--fail-above {', '.join(limited)}: no canaries to measure (--canaries FILE)")
+        if self.nonmembers is None and (limited := sorted(k for k in gate if k.startswith("mia_"))):
+            raise MemauditError(f"--fail-above {', '.join(limited)}: membership inference needs --nonmembers FILE")
+
+
+class RiskSummary(TypedDict, total=False):
+    """summary.json of `memaudit risk` (schema rundir.SUMMARY_SCHEMA_VERSION)."""
+    schema_version: int
+    command: str
+    mode: str  # pre-training or post-training
+    params: float
+    train_sequences: float
+    capacity_bits: float  # alpha * params
+    data_bits: float  # train_sequences * window * bits_per_token
+    data_to_capacity_ratio: float
+    regime: str  # memorizing (ratio < 1) or generalizing
+    predicted_mia_f1: float  # from the law named in mia_law
+    mia_law: str
+    mia_laws: list[dict[str, Any]]  # every law: name, predicted_mia_f1, uncapped_f1, source
+    prediction: dict[str, Any]  # everything `predict` returned but mia_laws
+    measured: dict[str, float]  # the gateable figures the measuring runs gave
+    thresholds: dict[str, float]  # --fail-above
+    gated: list[str]
+    exceeded: dict[str, float]  # figures above their limit
+    verdict: str  # the VERDICT line
+    runs: list[str]  # the measuring runs nested in this one
+    exit_code: int  # FAIL_EXIT_CODE when a limit was exceeded, else 0
+
+
+@dataclass
+class RiskResult:
+    summary: RiskSummary
+    path: Path  # the run directory
+    report: Path | None  # report.html, when written
+    exit_code: int  # what the CLI exits with
+
+
+@dataclass
+class _Target:
+    """Post-training: the loaded model, its input hashes, and the counts the prediction takes from the data."""
+    loaded: LoadedModel
+    inputs: dict[str, Any]
+    params: float
+    train_tokens: float | None
+
+
+def risk(settings: RiskSettings | None = None, /, *, echo: Callable[[str], None] = _silent,
+         **options: Any) -> RiskResult:
+    """`memaudit risk`: prediction only (params + sequences/tokens) or prediction + measurements (model + data).
+    `echo` receives the progress lines the command line prints."""
+    s = settings_from(RiskSettings, settings, options)
+    s.validate()
+    out = Path(s.out) if s.out is not None else RunDir.default_out("risk")
+    check_output(out, "risk", inputs=[p for p in (s.model, s.data, s.nonmembers, s.canaries) if p is not None],
+                 overwrite=s.overwrite)
+    target = _load_target(s) if s.mode == "post-training" else None
+    params = target.params if target else s.params
+    train_tokens = target.train_tokens if target else s.train_tokens
+    prediction = s.predict(params, s.train_sequences, train_tokens)
+    run = RunDir(out, "risk", _recorded_settings(s, params, train_tokens), inputs=target.inputs if target else {},
+                 overwrite=s.overwrite)
     run.owned.record(dirs=list(MEASUREMENT_RUNS) + ["report"])  # the runs it nests are its own
+    _echo_prediction(prediction, s.precision, echo)
+    measured, runs = _measure(run.path, target.loaded, s, echo) if target else ({}, [])
+    summary = _summary(s, prediction, measured, runs)
+    run.write_summary(summary)
+    run.finish()
+    echo(summary["verdict"])
+    report = None
+    if s.report:
+        res = write_report(run_dirs=[run.path] + runs, out=run.path / "report", title="memaudit pre-release risk")
+        report = res.html
+        echo(f"report -> {res.markdown}, {res.html}")
+    return RiskResult(summary=summary, path=run.path, report=report, exit_code=summary["exit_code"])
+
+
+def _load_target(s: RiskSettings) -> _Target:
+    loaded = load_model(s.model, device=s.device, dtype=s.dtype, allow_pickle=s.allow_pickle,
+                        trust_remote_code=s.trust_remote_code)
+    docs = read_documents(s.data, text_field=s.text_field, id_field=s.id_field, limit=s.limit)
+    lengths = [len(t) for t in tokenize(loaded.tokenizer, docs["text"].tolist())]
+    train_tokens = s.train_tokens
+    if s.train_sequences is None and s.train_tokens is None:
+        train_tokens = float(sum(lengths))  # the data file as the training set, cut in windows
+    inputs = {"model": str(s.model), "model_weights_sha256": weights_hash(s.model), "data": str(s.data),
+              "data_sha256": file_hash(s.data)}
+    if s.nonmembers is not None:
+        inputs |= {"nonmembers": str(s.nonmembers), "nonmembers_sha256": file_hash(s.nonmembers)}
+    return _Target(loaded=loaded, inputs=inputs, params=s.params or count_parameters(loaded.model),
+                   train_tokens=train_tokens)
+
+
+def _recorded_settings(s: RiskSettings, params: float, train_tokens: float | None) -> dict[str, Any]:
+    """config.json's settings (the keys runs have always recorded)."""
+    return {"mode": s.mode, "params": params, "train_sequences": s.train_sequences, "train_tokens": train_tokens,
+            "window": s.window, "precision": s.precision, "bits_per_token": s.bits_per_token,
+            "random_vocab": s.random_vocab, "fail_above": s.limits(), "prefix": s.prefix, "suffix": s.suffix,
+            "batch_size": s.batch_size, "device": s.device, "dtype": s.dtype, "limit": s.limit}
+
+
+def _echo_prediction(prediction: dict[str, Any], precision: str, echo: Callable[[str], None]) -> None:
     echo(f"MIA law used: {prediction['mia_law']} -> predicted MIA F1 {prediction['predicted_mia_f1']:.3f}")
     for law in prediction["mia_laws"][1:]:
         echo(f"  beside it, {law['name']} ({law['source']}): {law['predicted_mia_f1']:.3f}")
@@ -279,95 +346,51 @@ def run_risk(*, out: str | os.PathLike | None = None, params: float | None = Non
          f"{precision}); data {prediction['data_bits']:.4g} bits ({prediction['bits_per_token']:.3g} bits/token); "
          f"ratio {prediction['data_to_capacity_ratio']:.3g}: {prediction['regime']}")
 
-    measured: dict[str, float] = {}
-    runs: list[Path] = []
-    if mode == "post-training":
-        measured, runs = _measure(run.path, loaded, model, data, nonmembers, canaries, prefix=prefix, suffix=suffix,
-                                  batch_size=batch_size, device=device, dtype=dtype, limit=limit,
-                                  text_field=text_field, id_field=id_field, allow_pickle=allow_pickle,
-                                  trust_remote_code=trust_remote_code, echo=echo)
-    figures = {"predicted_mia_f1": prediction["predicted_mia_f1"]} | measured
-    line, exceeded = verdict(figures, gate)
-    summary = {"mode": mode, "params": prediction["params"], "train_sequences": prediction["train_sequences"],
-               "capacity_bits": prediction["capacity_bits"], "data_bits": prediction["data_bits"],
-               "data_to_capacity_ratio": prediction["data_to_capacity_ratio"], "regime": prediction["regime"],
-               "predicted_mia_f1": prediction["predicted_mia_f1"], "mia_law": prediction["mia_law"],
-               "mia_laws": prediction["mia_laws"], "prediction": {k: v for k, v in prediction.items()
-                                                                   if k != "mia_laws"},
-               "measured": measured, "thresholds": dict(gate),
-               "gated": sorted(gate), "exceeded": {k: v for k, (v, _) in exceeded.items()},
-               "verdict": line, "runs": [str(p) for p in runs]}
-    summary["exit_code"] = FAIL_EXIT_CODE if exceeded else 0
-    run.write_summary(summary)
-    run.finish()
-    echo(line)
-    if report:
-        from .report import build_report
 
-        res = build_report([run.path] + runs, run.path / "report", title="memaudit pre-release risk")
-        summary["report"] = res["html"]
-        echo(f"report -> {res['markdown']}, {res['html']}")
-    summary["out"] = str(run.path)
+def _summary(s: RiskSettings, prediction: dict[str, Any], measured: dict[str, float],
+             runs: list[Path]) -> RiskSummary:
+    gate = s.limits()
+    line, exceeded = verdict({"predicted_mia_f1": prediction["predicted_mia_f1"]} | measured, gate)
+    summary: RiskSummary = {
+        **summary_header("risk"),  # type: ignore[typeddict-item]
+        "mode": s.mode, "params": prediction["params"], "train_sequences": prediction["train_sequences"],
+        "capacity_bits": prediction["capacity_bits"], "data_bits": prediction["data_bits"],
+        "data_to_capacity_ratio": prediction["data_to_capacity_ratio"], "regime": prediction["regime"],
+        "predicted_mia_f1": prediction["predicted_mia_f1"], "mia_law": prediction["mia_law"],
+        "mia_laws": prediction["mia_laws"], "prediction": {k: v for k, v in prediction.items() if k != "mia_laws"},
+        "measured": measured, "thresholds": dict(gate), "gated": sorted(gate),
+        "exceeded": {k: v for k, (v, _) in exceeded.items()}, "verdict": line, "runs": [str(p) for p in runs],
+        "exit_code": FAIL_EXIT_CODE if exceeded else 0}
     return summary
 
 
-def _check_measuring_inputs(model, data, nonmembers, canaries, gate: dict[str, float], *, prefix: int, suffix: int,
-                            limit: int | None, batch_size: int | str, allow_pickle: bool) -> None:
-    """Everything the measuring commands will read, checked before the first of them starts."""
-    from .canaries import default_canary_file, read_canaries
-
-    checks.model_dir(model, allow_pickle=allow_pickle)
-    checks.readable_file(data)
-    checks.readable_file(nonmembers, "non-members file")
-    checks.integer("--prefix", prefix)
-    checks.integer("--suffix", suffix)
-    checks.limit(limit)
-    checks.batch_size(batch_size)
-    canary_file = Path(canaries) if canaries is not None else default_canary_file(model)
-    if canaries is not None or canary_file.is_file():
-        checks.readable_file(canary_file, "canary file")
-        read_canaries(canary_file)
-    elif limited := sorted(k for k in gate if k.endswith("exposure_bits")):
-        raise MemauditError(f"--fail-above {', '.join(limited)}: no canaries to measure (--canaries FILE)")
-    if nonmembers is None and (limited := sorted(k for k in gate if k.startswith("mia_"))):
-        raise MemauditError(f"--fail-above {', '.join(limited)}: membership inference needs --nonmembers FILE")
-
-
-def _measure(root: Path, loaded, model, data, nonmembers, canaries, *, prefix, suffix, batch_size, device, dtype,
-             limit, text_field, id_field, allow_pickle, trust_remote_code, echo) -> tuple[dict, list[Path]]:
+def _measure(root: Path, loaded: LoadedModel, s: RiskSettings,
+             echo: Callable[[str], None]) -> tuple[dict[str, float], list[Path]]:
     """Run extraction, MIA (with non-members), memorization vs zstd and exposure (with canaries); collect figures."""
-    from .memorization import measure_memorization
-    from .canaries import default_canary_file
-    from .exposure import run_exposure
-    from .extraction import extract
-
-    common = dict(batch_size=batch_size, device=device, dtype=dtype, allow_pickle=allow_pickle,
-                  trust_remote_code=trust_remote_code)
+    common = dict(batch_size=s.batch_size, device=s.device, dtype=s.dtype, allow_pickle=s.allow_pickle,
+                  trust_remote_code=s.trust_remote_code)
+    docs = dict(limit=s.limit, text_field=s.text_field, id_field=s.id_field)
     measured: dict[str, float] = {}
-    runs: list[Path] = []
-    df = extract(loaded, data, prefix=prefix, suffix=suffix, limit=limit, text_field=text_field, id_field=id_field,
-                 out=root / "extract", overwrite=True, batch_size=batch_size)
-    measured |= _measured_extract(df.attrs["summary"])
-    runs.append(root / "extract")
+    runs = [root / "extract"]
+    ext = extract(model_dir=loaded, data=s.data, prefix=s.prefix, suffix=s.suffix, out=root / "extract",
+                  overwrite=True, batch_size=s.batch_size, **docs)
+    measured |= _measured_extract(ext.summary)
     echo(f"extraction: exact rate {measured.get('exact_rate', float('nan')):.3f}")
-    if nonmembers is not None:
-        from .membership import mia
-
-        res = mia(model, data, nonmembers, limit=limit, text_field=text_field, id_field=id_field, out=root / "mia",
-                  overwrite=True, bootstrap=200, **common)
+    if s.nonmembers is not None:
+        res = mia(model_dir=s.model, members=s.data, nonmembers=s.nonmembers, out=root / "mia", overwrite=True,
+                  bootstrap=200, **docs, **common)
         measured |= _measured_mia(res.summary)
         runs.append(root / "mia")
         echo(f"membership inference: loss-attack AUC {measured.get('mia_auc', float('nan')):.3f}")
-    mem = measure_memorization(model, data, "zstd", out=root / "memorization", overwrite=True, limit=limit,
-                               text_field=text_field, id_field=id_field,
-                               **{k: v for k, v in common.items() if k != "dtype"})
-    measured |= _measured_memorization(mem)
+    mem = memorization(model_dir=s.model, data=s.data, reference="zstd", out=root / "memorization", overwrite=True,
+                       **docs, **{k: v for k, v in common.items() if k != "dtype"})
+    measured |= _measured_memorization(mem.summary)
     runs.append(root / "memorization")
-    echo(f"unintended memorization vs zstd: {mem['total_mem_u_bits']:.1f} bits")
-    canary_file = Path(canaries) if canaries is not None else default_canary_file(model)
-    if canary_file.is_file():
-        s = run_exposure(model, canaries=canary_file, out=root / "exposure", overwrite=True, **common)
-        measured |= _measured_exposure(s)
+    echo(f"unintended memorization vs zstd: {mem.summary['total_mem_u_bits']:.1f} bits")
+    if s.canary_file().is_file():
+        exp = exposure(model_dir=s.model, canaries=s.canary_file(), out=root / "exposure", overwrite=True, **common)
+        measured |= _measured_exposure(exp.summary)
         runs.append(root / "exposure")
-        echo(f"canary exposure: max {s['max_exposure_bits']:.2f} of {s['max_possible_exposure_bits']:.2f} bits")
+        echo(f"canary exposure: max {exp.summary['max_exposure_bits']:.2f} of "
+             f"{exp.summary['max_possible_exposure_bits']:.2f} bits")
     return measured, runs

@@ -81,21 +81,21 @@ def test_files_follow_the_umask(tmp_path):
 
 def test_report_replaces_only_its_own_files(memorized, tmp_path):
     from memaudit.extraction import extract
-    from memaudit.report import build_report
+    from memaudit.report import report
 
-    extract(memorized.model_dir, memorized.train_file, prefix=8, suffix=8, limit=4, out=tmp_path / "run")
+    extract(model_dir=memorized.model_dir, data=memorized.train_file, prefix=8, suffix=8, limit=4, out=tmp_path / "run")
     rep = tmp_path / "rep"
-    build_report([tmp_path / "run"], rep)
+    report(run_dirs=[tmp_path / "run"], out=rep)
     owned = json.loads((rep / MARKER).read_text())
     assert owned["command"] == "report" and {"report.md", "report.html"} <= set(owned["files"])
     (rep / "my-notes.md").write_text("kept")
-    build_report([tmp_path / "run"], rep)  # a rebuild replaces the report and keeps the user's file
+    report(run_dirs=[tmp_path / "run"], out=rep)  # a rebuild replaces the report and keeps the user's file
     assert (rep / "my-notes.md").read_text() == "kept"
     user = tmp_path / "user"
     user.mkdir()
     (user / "report.md").write_text("mine")
     with pytest.raises(MemauditError, match="not written by memaudit"):
-        build_report([tmp_path / "run"], user)
+        report(run_dirs=[tmp_path / "run"], out=user)
     assert (user / "report.md").read_text() == "mine"
 
 

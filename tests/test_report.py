@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from memaudit.report import build_report, md_escape
+from memaudit.report import md_escape, report
 from memaudit.rundir import RunDir
 
 EVIL = "<script>alert(1)</script> | **bold** [link](http://x) `tick` & <img src=x onerror=alert(2)>"
@@ -53,8 +53,8 @@ def _extract_run(root: Path, model_name: str, exact_rate: float, text: str = EVI
 
 def test_script_in_training_data_is_text_not_markup(tmp_path):
     run = _extract_run(tmp_path, "standard", 0.33)
-    res = build_report([run], tmp_path / "rep")
-    page = Path(res["html"]).read_text()
+    res = report(run_dirs=[run], out=tmp_path / "rep")
+    page = Path(res.html).read_text()
     parser = _Tags()
     parser.feed(page)
     tags = [t for t, _ in parser.tags]
@@ -62,7 +62,7 @@ def test_script_in_training_data_is_text_not_markup(tmp_path):
     assert all("onerror" not in attrs for _, attrs in parser.tags)
     assert [a["src"][:22] for t, a in parser.tags if t == "img"] == ["data:image/png;base64,"] * 1
     assert any("<script>alert(1)</script>" in t for t in parser.text)  # shown, as text, intact
-    md = Path(res["markdown"]).read_text()
+    md = Path(res.markdown).read_text()
     assert "<script>" not in md and "<img" not in md and "&lt;script&gt;" in md
     import re
 
@@ -83,8 +83,8 @@ def test_md_escape_neutralizes_markdown_and_html():
 def test_runs_of_a_kind_in_one_table_with_labels(tmp_path):
     runs = [_extract_run(tmp_path, name, rate, "doc") for name, rate in
             (("standard", 0.8), ("goldfish", 0.0), ("sinks", 0.1))]
-    res = build_report(runs, tmp_path / "rep")
-    md = Path(res["markdown"]).read_text()
+    res = report(run_dirs=runs, out=tmp_path / "rep")
+    md = Path(res.markdown).read_text()
     table = [line for line in md.splitlines() if line.startswith("| standard |") or line.startswith("| goldfish |")
              or line.startswith("| sinks |")]
     assert len(table) >= 3 and " 0.8 " in md
@@ -101,8 +101,8 @@ def test_missing_optional_files_and_fields(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "training_log.csv").write_text("epoch,step,train_loss\n1,5,3.2\n2,10,2.9\n")  # no val_loss column
-    res = build_report([run.path, model], tmp_path / "rep")
-    assert "training-curves" in Path(res["markdown"]).read_text()
+    res = report(run_dirs=[run.path, model], out=tmp_path / "rep")
+    assert "training-curves" in Path(res.markdown).read_text()
     r = subprocess.run([sys.executable, "-m", "memaudit", "report", str(tmp_path / "nope")], capture_output=True,
                        text=True)
     assert r.returncode == 2 and r.stderr.strip() == f"error: not a run directory: {tmp_path / 'nope'}"
@@ -120,8 +120,8 @@ def test_html_renders_in_headless_chromium(tmp_path):
 
     runs = [_extract_run(tmp_path, name, rate, figures=("rouge_l.png", "match_prefix.png"))
             for name, rate in (("standard", 0.9), ("goldfish", 0.0))]
-    res = build_report(runs, tmp_path / "rep")
-    page = Path(res["html"]).read_text()
+    res = report(run_dirs=runs, out=tmp_path / "rep")
+    page = Path(res.html).read_text()
     n_figures = page.count("<img ")
     assert n_figures >= 3
     # a probe appended after the report (not part of it) writes what the browser made of the page into the DOM
@@ -144,7 +144,7 @@ def test_html_renders_in_headless_chromium(tmp_path):
     assert result["scripts"] == 2 and result["alerted"] == 0  # only the probe's two scripts; data ran nothing
     assert result["text"]  # the training sample's markup is shown as text
     shot = tmp_path / "shot.png"
-    subprocess.run(chrome + [f"--screenshot={shot}", "--window-size=1000,1600", Path(res["html"]).resolve().as_uri()],
+    subprocess.run(chrome + [f"--screenshot={shot}", "--window-size=1000,1600", Path(res.html).resolve().as_uri()],
                    capture_output=True, timeout=120)
     colors = Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 20)
     # the embedded matplotlib figure draws its default blue line (#1f77b4): present only if the image rendered

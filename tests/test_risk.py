@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from memaudit.risk import DEFAULT_TEXT_BITS_PER_TOKEN, parse_thresholds, predict, verdict
+from memaudit.gate import parse_thresholds, verdict
+from memaudit.risk import DEFAULT_TEXT_BITS_PER_TOKEN, predict
 
 
 def _methods_md_law(n, p):  # METHODS.md section 3 as transcribed, written out independently
