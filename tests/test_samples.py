@@ -214,3 +214,9 @@ def test_text_windows_error_kept():
     assert a.tolist() == [[97, 98, 99, 100]]
     with pytest.raises(MemauditError, match="no document has 10 tokens: give a longer text file"):
         text_windows(["abc"], Tok(), window=10)
+
+
+def test_windows_skip_short_and_deduplicate():
+    w = make_windows([[1, 2, 3, 4], [1, 2, 3, 4, 9], [5, 6], [7, 8, 9, 10]], ["a", "b", "c", "d"], 2, 2)
+    assert w.ids == ["a", "d"] and w.n_skipped == 1 and w.n_duplicates == 1
+    assert w.tokens.tolist() == [[1, 2, 3, 4], [7, 8, 9, 10]]
