@@ -161,7 +161,7 @@ def main() -> None:
             p.close()
     names = {"plain": "plain loop (HF GPT2, one at a time)", "ensemble": "memaudit ensemble (bmm, fused head)",
              "sharded": f"memaudit ensemble, {args.shards} shards x 1 thread",
-             "compiled": f"  the same, compiled (torch.compile)"}
+             "compiled": "  the same, compiled (torch.compile)"}
     for (method, threads), ts in times.items():
         say(f"{names[method]:<36}{threads:>8}{min(ts):>10.1f}{args.models / min(ts) * 3600:>14.0f}")
 
