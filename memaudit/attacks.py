@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import zstandard
 
 from .errors import MemauditError
 from .scoring import TokenStats
@@ -57,8 +58,6 @@ def zlib(inp: AttackInputs) -> np.ndarray:
 
 def zstd(inp: AttackInputs) -> np.ndarray:
     """As `zlib` with zstd (level 3, its default; the frame header counts) as the entropy estimate."""
-    import zstandard
-
     cctx = zstandard.ZstdCompressor(level=3)
     return np.array([_mean_lp(s) / (8 * len(cctx.compress(t.encode("utf-8"))))
                      for s, t in zip(inp.stats, inp.texts)])

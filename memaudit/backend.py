@@ -9,6 +9,7 @@ import inspect
 from typing import Sequence
 
 import torch
+from transformers import DynamicCache
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each [batch, heads, seq, head_dim]
 
@@ -33,8 +34,6 @@ def kv_from_cache(cache) -> KV | None:
 
 def cache_from_kv(kv: KV):
     """A DynamicCache holding `kv` (a model continues from it as if it had just read those tokens)."""
-    from transformers import DynamicCache
-
     if hasattr(DynamicCache, "from_legacy_cache"):
         return DynamicCache.from_legacy_cache(tuple(kv))
     return DynamicCache(ddp_cache_data=kv)

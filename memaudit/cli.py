@@ -1,6 +1,8 @@
 """The `memaudit` command line: each command is a thin shell over the Python API.
 
-Errors a user can cause raise MemauditError and end as one line on stderr with exit code 2.
+Errors a user can cause raise MemauditError and end as one line on stderr with exit code 2. Each command imports
+its module (and with it torch and transformers, seconds to load) only when it runs, so `--help` and usage errors
+answer at once; tests/test_cli.py checks that importing this module loads neither.
 """
 from __future__ import annotations
 

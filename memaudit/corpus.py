@@ -5,10 +5,14 @@ normalised, exact duplicates dropped. See data/README.md for why this corpus.
 """
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
+import random
 import re
+import sysconfig
 import warnings
+from pathlib import Path
 
 from .errors import MemauditError
 
@@ -55,8 +59,6 @@ def stdlib_docstrings(min_chars: int = 400, max_chars: int = 2000) -> list[str]:
 
 def demo_corpus(n_train: int = 100, n_heldout: int = 100, seed: int = 0) -> tuple[list[str], list[str]]:
     """Disjoint train / held-out documents drawn from the stdlib docstrings with a fixed seed."""
-    import random
-
     docs = stdlib_docstrings()
     if len(docs) < n_train + n_heldout:
         raise MemauditError(f"only {len(docs)} docstrings are available here: --n-train + --n-heldout is "
@@ -77,10 +79,6 @@ def stdlib_source_docstrings(min_chars: int = 200, max_chars: int = 20_000) -> l
     docstrings in ast.walk (breadth-first) order; test suites, idlelib, turtledemo and site-packages skipped;
     whitespace normalised, exact duplicates dropped. See data/README.md.
     """
-    import ast
-    import sysconfig
-    from pathlib import Path
-
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.rglob("*.py")
                    if not SOURCE_SKIP_DIRS.intersection(p.relative_to(root).parts) and not p.name.startswith("test_"))

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import pandas as pd
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 from . import checks
 from .errors import MemauditError
@@ -152,9 +154,6 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048):
 
     `<|endoftext|>` is BOS, EOS and padding, as in GPT-2, so code lengths can condition the first token on BOS.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     special = "<|endoftext|>"
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -30,6 +30,7 @@ from . import checks
 from .canaries import Canary, default_canary_file, read_canaries
 from .data import file_hash, tokenize
 from .errors import MemauditError
+from .figures import pyplot
 from .models import LoadedModel, load_model, weights_hash
 from .progress import progress_bar
 from .rundir import RunDir, check_output, summary_header
@@ -296,10 +297,7 @@ def _write(s: ExposureSettings, run: RunDir, df: pd.DataFrame) -> ExposureResult
 
 
 def _exposure_figure(run: RunDir, df: pd.DataFrame) -> None:
-    import matplotlib  # lazy: slow to import, and the backend must be set before pyplot
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
     labels = [f"{'canary' if ins else 'control'} {i}".replace("control control-", "control ")

@@ -38,6 +38,7 @@ from . import checks
 from . import generation as gen
 from .data import file_hash, read_documents, tokenize
 from .errors import MemauditError
+from .figures import pyplot
 from .metrics import rouge_l_ids, rouge_l_text, rouge_tokenize
 from .models import LoadedModel, load_model, weights_hash
 from .progress import progress_bar
@@ -711,10 +712,7 @@ def _write(run: RunDir | None, samples: pd.DataFrame, summary: ExtractSummary) -
 
 
 def _histograms(run: RunDir, df: pd.DataFrame, S: int) -> None:
-    import matplotlib  # lazy: keeps CLI start-up fast
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     for col, bins, label in (("rouge_l", np.linspace(0, 1, 21), "ROUGE-L F (token ids)"),
                              ("match_prefix", np.arange(S + 2) - 0.5, "correct tokens before the first miss")):

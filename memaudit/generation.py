@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from transformers import GenerationConfig
 
 from .backend import KV, cache_from_kv, concat_kv, forward, kv_from_cache
 
@@ -152,8 +153,6 @@ def sequence_logprob(model, input_ids: torch.Tensor, targets: torch.Tensor, *, p
 @torch.inference_mode()
 def beam_search(model, input_ids: torch.Tensor, n_new: int, num_beams: int, pad_id: int) -> torch.Tensor:
     """The highest-scoring beam of exactly `n_new` tokens per row (HF `generate`, EOS suppressed until then)."""
-    from transformers import GenerationConfig
-
     device = next(model.parameters()).device
     ids = input_ids.to(device)
     cfg = GenerationConfig(max_new_tokens=n_new, min_new_tokens=n_new, num_beams=num_beams, do_sample=False,

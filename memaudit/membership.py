@@ -29,6 +29,7 @@ from .attacks import ATTACKS, DCPDD_CAP, AttackInputs, gradient_norms, parse_att
     token_log_frequencies
 from .data import file_hash, read_documents, tokenize
 from .errors import MemauditError
+from .figures import pyplot
 from .metrics import (binary_metrics, bootstrap_roc, roc_auc, roc_curve, stratified_split, threshold_at_fpr,
                       threshold_max_balanced_accuracy, tpr_at_fpr)
 from .models import LoadedModel, load_model, load_tokenizer, tokenizers_match, weights_hash
@@ -708,10 +709,7 @@ def _write(run: RunDir | None, df: pd.DataFrame, summary: MiaSummary, metrics: d
 
 def _figures(run: RunDir, df: pd.DataFrame, columns: list[str], metrics: Mapping[str, AttackMetrics]) -> list[str]:
     """roc.png, roc_loglog.png and histograms.png."""
-    import matplotlib  # lazy: only a written run draws, and matplotlib is slow to import
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     member = df["member"].to_numpy()
     names = []

@@ -21,6 +21,7 @@ import zstandard
 from . import checks
 from .data import file_hash, read_documents, tokenize
 from .errors import MemauditError
+from .figures import pyplot
 from .models import LoadedModel, load_model, tokenizers_match, weights_hash
 from .progress import progress_bar
 from .rundir import RunDir, check_output, summary_header
@@ -320,10 +321,7 @@ def _summary(loaded: _Loaded, df: pd.DataFrame, top_k: int) -> MemorizationSumma
 
 
 def _histogram(mem: np.ndarray, ref_name: str):
-    import matplotlib  # lazy: slow to import, and the backend must be set before pyplot
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.hist(mem, bins=min(50, max(5, len(mem) // 4)), color="#3b6ea8")

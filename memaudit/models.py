@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import hashlib
-from contextlib import contextmanager
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
+from transformers.utils import logging as hf_logging
 
 from . import checks
 from .devices import resolve_device, resolve_dtype
@@ -29,8 +31,6 @@ class LoadedModel:
 
 
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises many types for a missing/broken tokenizer
@@ -50,9 +50,6 @@ def tokenizers_match(a, b) -> bool:
 def load_model(path: str | os.PathLike, *, device: str = "auto", dtype: str = "auto",
                allow_pickle: bool = False, trust_remote_code: bool = False) -> LoadedModel:
     """Load a local causal-LM directory written by `save_pretrained`, safetensors only unless allowed."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # our own progress bars only
     path = Path(path)
     checks.model_dir(path, allow_pickle=allow_pickle)
@@ -98,8 +95,6 @@ def load_model(path: str | os.PathLike, *, device: str = "auto", dtype: str = "a
 def _quiet_transformers():
     """transformers' own warnings while loading (its key-mismatch table, config notes) are turned into memaudit's
     one-line errors or are not the user's concern."""
-    from transformers.utils import logging as hf_logging
-
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -128,8 +123,6 @@ TINY_CONFIGS = {"tiny": (2, 128, 4), "small": (4, 256, 4)}
 def build_config(name: str, vocab_size: int, max_length: int, family: str = "gpt2",
                  bos_token_id: int | None = None, eos_token_id: int | None = None):
     """A from-scratch GPT-2 or Llama config of a named size (`tiny`, `small`) or `LxW` (layers x width)."""
-    from transformers import GPT2Config, LlamaConfig
-
     if name in TINY_CONFIGS:
         layers, width, heads = TINY_CONFIGS[name]
     else:

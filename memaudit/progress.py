@@ -6,6 +6,10 @@ import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
 
 def _enabled() -> bool:
     return sys.stderr.isatty() and not os.environ.get("MEMAUDIT_NO_PROGRESS")
@@ -17,8 +21,6 @@ def progress_bar(total: int, description: str) -> Iterator[Callable[[int], None]
     if not _enabled() or total <= 0:
         yield lambda n=1, description=None: None
         return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=Console(stderr=True), transient=False) as prog:

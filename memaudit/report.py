@@ -23,10 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import pandas as pd
+from safetensors import safe_open
 
 from . import checks
 from .errors import MemauditError
+from .figures import png_bytes, pyplot
 from .membership import mia_headline
 from .rundir import Owned, check_output, read_json, read_summary
 from .settings import settings_from
@@ -130,8 +133,6 @@ def _train_summary(cfg: dict, log: pd.DataFrame | None, path: Path) -> dict:
             if col in log.columns and pd.notna(last[col]):
                 out[f"final_{col}"] = float(last[col])
     try:
-        from safetensors import safe_open
-
         total = 0
         for f in path.glob("*.safetensors"):
             with safe_open(str(f), "np") as fh:
@@ -351,13 +352,8 @@ def _comparison_figure(kind: str, runs: list[Run]) -> bytes | None:
                                                                for r in runs)]
     if len(runs) < 2 or not metrics:
         return None
-    import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -373,22 +369,15 @@ def _comparison_figure(kind: str, runs: list[Run]) -> bytes | None:
                 ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=7)
     fig.suptitle(f"{KIND_TITLES.get(kind, kind)}: runs compared", fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def _training_figure(runs: list[Run]) -> bytes | None:
     logs = [(r.label, r.training_log) for r in runs if r.training_log is not None and len(r.training_log)]
     if not logs:
         return None
-    import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     for i, (label, log) in enumerate(logs):
@@ -403,10 +392,7 @@ def _training_figure(runs: list[Run]) -> bytes | None:
     ax.set_title("Training curves")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def _settings_text(run: Run) -> str:

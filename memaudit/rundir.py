@@ -19,9 +19,13 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import numpy as np
 import pandas as pd
+import torch
+import transformers
 
 from .errors import MemauditError
+from .figures import png_bytes
 from .version import __version__
 
 MARKER = ".memaudit-run.json"
@@ -96,8 +100,6 @@ def read_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def _finite(obj: Any) -> Any:
-    import numpy as np
-
     if isinstance(obj, (float, np.floating)):
         return float(obj) if math.isfinite(obj) else None
     if isinstance(obj, dict):
@@ -110,8 +112,6 @@ def _finite(obj: Any) -> Any:
 
 
 def _json_default(o: Any):
-    import numpy as np
-
     if isinstance(o, np.integer):
         return int(o)
     if isinstance(o, np.floating):
@@ -133,9 +133,6 @@ def write_parquet(path: str | os.PathLike, df: pd.DataFrame) -> Path:
 
 
 def versions() -> dict[str, str]:
-    import torch
-    import transformers
-
     return {"memaudit": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
             "transformers": transformers.__version__, "platform": platform.platform()}
 
@@ -421,14 +418,7 @@ class RunDir:
         return write_json(self.path / name, obj)
 
     def save_figure(self, fig, name: str) -> Path:
-        import io
-
-        import matplotlib.pyplot as plt
-
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        return self.owned.write_bytes(name, buf.getvalue())
+        return self.owned.write_bytes(name, png_bytes(fig))
 
     def finish(self) -> None:
         """Drop the partial results once the final files are written."""

@@ -17,8 +17,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from . import backend, distributed
 from .errors import MemauditError
-from . import backend
 
 # Upper bound on elements of one [batch, positions, vocab] float32 temporary (256 MiB); longer
 # batches are reduced in slices of positions so the stats never hold more than this at once.
@@ -124,6 +124,47 @@ def _prepare(seqs: Sequence[Sequence[int]], bos_id: int | None) -> list[list[int
     return out
 
 
+def _check_lengths(seqs: Sequence[Sequence[int]], max_length: int | None) -> None:
+    for i, s in enumerate(seqs):
+        if len(s) < 2:
+            raise MemauditError(f"sample {i} has fewer than 2 tokens to score")
+        if max_length is not None and len(s) - 1 > max_length:
+            raise MemauditError(
+                f"sample {i} needs {len(s) - 1} positions but the model's context is {max_length} tokens")
+
+
+def _padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs (each row but its last token), targets (each row but its first) and the attention mask, padded
+    on the right to the longest row."""
+    width = max(len(r) for r in rows) - 1
+    inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    targets = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        n = len(row) - 1
+        inputs[r, :n] = torch.tensor(row[:-1])
+        targets[r, :n] = torch.tensor(row[1:])
+        mask[r, :n] = 1
+    return inputs, targets, mask
+
+
+def _per_sample(stats: dict[str, torch.Tensor], lengths: Sequence[int], width: int, first: int) -> list[TokenStats]:
+    """The batch's statistics on the host, cut per sample; positions without logits (before `first`, or every
+    float statistic of a greedy-only pass) are NaN, argmax -1 and hit False."""
+    host = {k: v.cpu().numpy() for k, v in stats.items()}
+    for k in ("logprob", "mean_lp", "var_lp"):
+        if k not in host:  # greedy_only
+            host[k] = np.full((len(lengths), width - first), np.nan, dtype=np.float32)
+    if first:
+        fill = {"logprob": np.nan, "mean_lp": np.nan, "var_lp": np.nan, "hit": False, "argmax": -1}
+        host = {k: np.concatenate([np.full((len(lengths), first), fill[k], dtype=v.dtype), v], axis=1)
+                for k, v in host.items()}
+    return [TokenStats(logprob=host["logprob"][r, :n].astype(np.float32), hit=host["hit"][r, :n].astype(bool),
+                       argmax=host["argmax"][r, :n].astype(np.int32),
+                       mean_lp=host["mean_lp"][r, :n].astype(np.float32),
+                       var_lp=host["var_lp"][r, :n].astype(np.float32)) for r, n in enumerate(lengths)]
+
+
 def iter_scored_batches(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *,
                         batch_size: int | str = "auto", bos_id: int | None = None, keep_cache: bool = False,
                         pad_id: int = 0, skip: set[int] | None = None,
@@ -145,12 +186,7 @@ def iter_scored_batches(model: torch.nn.Module, sequences: Sequence[Sequence[int
     is context only. `skip` holds sample indices already done (resume). Yields batches in processing order.
     """
     seqs = _prepare(sequences, bos_id)
-    for i, s in enumerate(seqs):
-        if len(s) < 2:
-            raise MemauditError(f"sample {i} has fewer than 2 tokens to score")
-        if max_length is not None and len(s) - 1 > max_length:
-            raise MemauditError(
-                f"sample {i} needs {len(s) - 1} positions but the model's context is {max_length} tokens")
+    _check_lengths(seqs, max_length)
     order = sorted((i for i in range(len(seqs)) if not skip or i not in skip), key=lambda i: -len(seqs[i]))
     if not order:
         return
@@ -172,16 +208,8 @@ def iter_scored_batches(model: torch.nn.Module, sequences: Sequence[Sequence[int
             if limit < 1:
                 raise MemauditError("max_positions must be >= 1")
             rows = [r[:limit + 1] for r in rows]
-        width = max(len(r) for r in rows) - 1
-        first = min(score_from, width - 1)  # at least one position gets logits
-        inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        targets = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, row in enumerate(rows):
-            n = len(row) - 1
-            inputs[r, :n] = torch.tensor(row[:-1])
-            targets[r, :n] = torch.tensor(row[1:])
-            mask[r, :n] = 1
+        inputs, targets, mask = _padded(rows, pad_id)
+        first = min(score_from, inputs.shape[1] - 1)  # at least one position gets logits
         try:
             with torch.inference_mode():
                 out = backend.forward_from(model, inputs.to(device), mask.to(device), keep_cache, first)
@@ -195,23 +223,7 @@ def iter_scored_batches(model: torch.nn.Module, sequences: Sequence[Sequence[int
             if _is_oom(exc):
                 raise MemauditError("out of memory even at batch size 1: use a shorter window or a smaller dtype") from None
             raise
-        host = {k: v.cpu().numpy() for k, v in stats.items()}
-        for k in ("logprob", "mean_lp", "var_lp"):
-            if k not in host:  # greedy_only
-                host[k] = np.full((len(rows), width - first), np.nan, dtype=np.float32)
-        if first:  # positions without logits
-            fill = {"logprob": np.nan, "mean_lp": np.nan, "var_lp": np.nan, "hit": False, "argmax": -1}
-            host = {k: np.concatenate([np.full((len(rows), first), fill[k], dtype=v.dtype), v], axis=1)
-                    for k, v in host.items()}
-        per_sample = []
-        for r, row in enumerate(rows):
-            n = len(row) - 1
-            per_sample.append(TokenStats(
-                logprob=host["logprob"][r, :n].astype(np.float32),
-                hit=host["hit"][r, :n].astype(bool),
-                argmax=host["argmax"][r, :n].astype(np.int32),
-                mean_lp=host["mean_lp"][r, :n].astype(np.float32),
-                var_lp=host["var_lp"][r, :n].astype(np.float32)))
+        per_sample = _per_sample(stats, [len(r) - 1 for r in rows], inputs.shape[1], first)
         yield ScoredBatch(indices=list(idx), stats=per_sample, inputs=inputs,
                           lengths=[len(r) - 1 for r in rows], cache=backend.output_cache(out) if keep_cache else None)
         del out
@@ -235,8 +247,6 @@ def score(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, batch_s
 def score_sharded(model: torch.nn.Module, sequences: Sequence[Sequence[int]], **kwargs) -> list[TokenStats] | None:
     """`score` under torchrun: each rank scores its shard (every world-th sequence), rank 0 gets all of them
     in input order and the other ranks get None. In a single process it is exactly `score`."""
-    from . import distributed
-
     if distributed.world_size() == 1:
         return score(model, sequences, **kwargs)
     idx = distributed.shard_indices(len(sequences))

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -36,3 +38,26 @@ def memorized(tmp_path_factory) -> TrainedModel:
     train(TrainConfig(data=str(train_file), out=str(root / "model"), epochs=80, lr=3e-3, batch_size=16,
                       seq_len=96, val_fraction=0.0, seed=0, tokenizer=str(root / "tokenizer")))
     return TrainedModel(root / "model", train_file, heldout_file)
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """`memaudit ARGS...` in this process, through the real entry point (`cli.main`), without an interpreter's
+    start-up: returns returncode, stdout and stderr as a subprocess run would."""
+    from memaudit import cli
+
+    def run(*args) -> SimpleNamespace:
+        capsys.readouterr()
+        old, sys.argv = sys.argv, ["memaudit", *map(str, args)]
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            sys.argv = old
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    return run
+

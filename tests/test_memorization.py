@@ -3,18 +3,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "memaudit", *args], capture_output=True, text=True,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "MEMAUDIT_NO_PROGRESS": "1"})
 
 
 @pytest.fixture(scope="session")
@@ -58,11 +51,11 @@ def _bits_independent(model_dir, texts):
     return np.array(out)
 
 
-def test_model_reference_members_carry_more_mem_u(memorized, reference_model, tmp_path):
+def test_model_reference_members_carry_more_mem_u(memorized, reference_model, tmp_path, run_cli):
     runs = {}
     for name, f in (("members", memorized.train_file), ("heldout", memorized.heldout_file)):
-        r = _cli("memorization", str(memorized.model_dir), "--data", str(f), "--reference", str(reference_model),
-                 "--out", str(tmp_path / name))
+        r = run_cli("memorization", str(memorized.model_dir), "--data", str(f), "--reference", str(reference_model),
+                    "--out", str(tmp_path / name))
         assert r.returncode == 0, r.stderr
         runs[name] = (pd.read_parquet(tmp_path / name / "samples.parquet"),
                       json.loads((tmp_path / name / "summary.json").read_text()))
@@ -130,7 +123,7 @@ def test_zstd_reference_matches_zstandard_and_separates(memorized, tmp_path):
     assert any(t.startswith(top) for t in texts)  # the scored part of a member (cut to the context)
 
 
-def test_bad_input_one_line(memorized, tmp_path):
+def test_bad_input_one_line(memorized, tmp_path, run_cli):
     from memaudit.data import train_tokenizer, write_documents
 
     # a reference with another tokenizer is refused
@@ -140,16 +133,16 @@ def test_bad_input_one_line(memorized, tmp_path):
 
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=16, n_layer=1, n_head=1)).save_pretrained(other)
     tok.save_pretrained(other)
-    r = _cli("memorization", str(memorized.model_dir), "--data", str(memorized.train_file), "--reference", str(other),
+    r = run_cli("memorization", str(memorized.model_dir), "--data", str(memorized.train_file), "--reference", str(other),
              "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "another tokenizer" in r.stderr and "Traceback" not in r.stderr
-    r = _cli("memorization", str(memorized.model_dir), "--data", str(memorized.train_file), "--reference",
+    r = run_cli("memorization", str(memorized.model_dir), "--data", str(memorized.train_file), "--reference",
              str(tmp_path / "missing"), "--out", str(tmp_path / "y"))
     assert r.returncode == 2 and "does not exist" in r.stderr
-    r = _cli("memorization", str(memorized.model_dir), "--data", str(memorized.train_file), "--reference", "zstd",
+    r = run_cli("memorization", str(memorized.model_dir), "--data", str(memorized.train_file), "--reference", "zstd",
              "--zstd-level", "40", "--out", str(tmp_path / "z"))
     assert r.returncode == 2 and "zstd-level" in r.stderr
     empty = write_documents(tmp_path / "tiny.jsonl", ["a"])
-    r = _cli("memorization", str(memorized.model_dir), "--data", str(empty), "--reference", "zstd",
+    r = run_cli("memorization", str(memorized.model_dir), "--data", str(empty), "--reference", "zstd",
              "--zstd-dict-from", str(empty), "--out", str(tmp_path / "w"))
     assert r.returncode == 2 and r.stderr.startswith("error:")

@@ -2,9 +2,6 @@
 orientation (memorized model: AUC > 0.9; a model that saw neither set: 0.5 inside the interval), bad input."""
 import json
 import math
-import os
-import subprocess
-import sys
 import zlib
 from collections import Counter
 
@@ -214,12 +211,7 @@ def test_mia_headline_reads_a_run(memorized, tmp_path):
 
 # ---------- bad input, through the command line ----------
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "memaudit", "mia", *map(str, args)], capture_output=True,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def test_cli_bad_input_is_one_clear_line(memorized, tmp_path):
+def test_cli_bad_input_is_one_clear_line(memorized, tmp_path, run_cli):
     from memaudit.data import train_tokenizer
 
     empty = tmp_path / "empty.jsonl"
@@ -237,18 +229,18 @@ def test_cli_bad_input_is_one_clear_line(memorized, tmp_path):
                  "--attacks", "reference"], "different tokenizer"),
     ]
     for args, msg in cases:
-        r = _cli(*args, "--out", tmp_path / "x")
+        r = run_cli("mia", *args, "--out", tmp_path / "x")
         assert r.returncode == 2, r.stderr
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and msg in r.stderr, r.stderr
 
 
-def test_cli_overlapping_ids_warn_and_continue(memorized, tmp_path):
+def test_cli_overlapping_ids_warn_and_continue(memorized, tmp_path, run_cli):
     docs = read_documents(memorized.heldout_file, limit=6)
     mem = read_documents(memorized.train_file, limit=6)
     ids = mem["id"].tolist()[:2] + docs["id"].tolist()[2:]  # two member ids reused for non-members
     non = write_documents(tmp_path / "non.jsonl", docs["text"].tolist(), ids)
-    r = _cli(memorized.model_dir, "--members", memorized.train_file, "--nonmembers", non, "--limit", "6",
-             "--window", "16", "--attacks", "loss", "--bootstrap", "0", "--out", tmp_path / "run")
+    r = run_cli("mia", memorized.model_dir, "--members", memorized.train_file, "--nonmembers", non, "--limit", "6",
+                "--window", "16", "--attacks", "loss", "--bootstrap", "0", "--out", tmp_path / "run")
     assert r.returncode == 0, r.stderr
     assert "warning: 2 id(s) appear in both the member and the non-member file" in r.stderr
     s = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from scipy.special import expit
 
 from ..errors import MemauditError
 
@@ -60,7 +61,6 @@ def mia_law(ratio, c1: float, c2: float, c3: float):
     """F1 as a function of N / P (training sequences per parameter)."""
     # expit: 1 / (1 + e^z) without overflow warnings at extreme constants. scipy is imported here, not at the top:
     # the CLI imports this module (through risk) at start, and scipy would add ~0.2 s to every command
-    from scipy.special import expit
 
     ratio = np.asarray(ratio, dtype=float)
     return 0.5 * (1.0 + c1 * expit(-c2 * (ratio - c3)))

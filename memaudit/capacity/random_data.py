@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from .. import distributed
 from ..errors import MemauditError
+from ..figures import pyplot
 from ..progress import progress_bar
 from ..rundir import RunDir, summary_header
 from ..scoring import score
@@ -357,9 +358,6 @@ def _summary(cfg: RandomGridConfig, results: pd.DataFrame, caps: pd.DataFrame,
 
 
 def capacity_figures(results: pd.DataFrame, caps: pd.DataFrame, fit: BitsPerParamFit) -> dict:
-    import matplotlib  # lazy: matplotlib takes ~0.35 s to import, kept off the CLI's start (risk imports this package)
-
-    matplotlib.use("Agg")
     figs = {"memorization_vs_data.png": _memorization_vs_data_figure(results, caps),
             "capacity_vs_params.png": _capacity_vs_params_figure(caps, fit)}
     if "history" in results.columns:
@@ -368,7 +366,7 @@ def capacity_figures(results: pd.DataFrame, caps: pd.DataFrame, fit: BitsPerPara
 
 
 def _memorization_vs_data_figure(results: pd.DataFrame, caps: pd.DataFrame):
-    import matplotlib.pyplot as plt  # lazy, as in capacity_figures
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     colors = plt.cm.viridis(np.linspace(0, 0.9, max(1, len(caps))))
@@ -391,7 +389,7 @@ def _memorization_vs_data_figure(results: pd.DataFrame, caps: pd.DataFrame):
 
 
 def _capacity_vs_params_figure(caps: pd.DataFrame, fit: BitsPerParamFit):
-    import matplotlib.pyplot as plt  # lazy, as in capacity_figures
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.scatter(caps["params"], caps["capacity_bits"], c=np.where(caps["lower_bound"], "tab:orange", "tab:blue"),
@@ -410,8 +408,8 @@ def _capacity_vs_params_figure(caps: pd.DataFrame, fit: BitsPerParamFit):
 
 def _training_curves_figure(results: pd.DataFrame, caps: pd.DataFrame):
     """Memorized bits per parameter vs step, one panel per shape."""
-    import matplotlib.pyplot as plt  # lazy, as in capacity_figures
-    from matplotlib.ticker import EngFormatter
+    plt = pyplot()
+    from matplotlib.ticker import EngFormatter  # lazy, as pyplot (memaudit.figures)
 
     shapes = list(caps[["layers", "width"]].itertuples(index=False, name=None))
     fig, axes = plt.subplots(1, len(shapes), figsize=(3.2 * len(shapes), 3.2), squeeze=False, sharey=True)

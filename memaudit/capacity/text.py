@@ -28,6 +28,7 @@ import torch
 
 from ..data import file_hash, read_documents, tokenize, train_tokenizer
 from ..errors import MemauditError
+from ..figures import pyplot
 from ..rundir import RunDir, check_output, summary_header
 from ..samples import tiles
 from ..scoring import score
@@ -242,10 +243,7 @@ def _finish_text(run: RunDir, results: pd.DataFrame,
 
 
 def text_figures(results: pd.DataFrame, fit: dict) -> dict:
-    import matplotlib  # lazy: matplotlib takes ~0.35 s to import, kept off the CLI's start (risk imports this package)
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figs = {}
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))

@@ -11,6 +11,7 @@ release model has the sink rows/columns removed and the scale folded into the ou
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import MemauditError
+from ..models import load_model
 
 # The attribute of a model's `mlp` module whose input is the hidden activation, per family.
 DOWN_PROJECTIONS = ("c_proj",  # GPT-2
@@ -187,16 +189,12 @@ def _fold_release(model: torch.nn.Module, spec: SinkSpec) -> None:
 
 def export_release_model(model_dir: str | Path, out: str | Path, *, allow_pickle: bool = False) -> Path:
     """Write a release copy of a sinks-trained model: sinks removed, scale folded in, an ordinary model."""
-    from ..models import load_model
-
     loaded = load_model(model_dir, device="cpu", dtype="float32", allow_pickle=allow_pickle)
     spec = read_sink_spec(model_dir)
     return release_from_model(loaded.model, loaded.tokenizer, spec, out)
 
 
 def release_from_model(model: torch.nn.Module, tokenizer, spec: SinkSpec, out: str | Path) -> Path:
-    import copy
-
     release = copy.deepcopy(model).cpu().float()
     _fold_release(release, spec)
     out = Path(out)

@@ -32,6 +32,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
 
 from ..canaries import CANARY_FILE, Canary, default_canary_file, make_canaries, write_canaries
 from ..data import file_hash, read_documents, tokenize, train_tokenizer
@@ -381,9 +383,6 @@ def _given_tokenizer(cfg: TrainConfig, dist: distributed.Group, train_texts: lis
 
 
 def _init_model(cfg: TrainConfig, texts: list[str], device, tokenizer=None):
-    # lazy: transformers' model classes take seconds to import, and `import memaudit` (the CLI) must stay fast
-    from transformers import AutoModelForCausalLM
-
     if Path(cfg.config).is_dir():
         loaded = load_model(cfg.config, device=str(device), dtype="float32", allow_pickle=cfg.allow_pickle)
         return loaded.model, loaded.tokenizer
@@ -594,9 +593,6 @@ def _save_model_dir_or_fail(run: _Run) -> None:
 def _save_model_dir(run: _Run) -> None:
     """Write the model directory through a staging folder inside it, so each file memaudit did not name itself
     (save_pretrained's) is listed as written by `train` before it lands."""
-    # lazy: transformers is not imported at all by `import memaudit` (the CLI stays fast)
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # our own progress bars only
     owned = run.owned
     stage = owned.path / _STAGING
