@@ -1,8 +1,6 @@
 """Canary exposure (Carlini 2019) against an independent enumeration, and on a model trained with a canary."""
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -51,10 +49,10 @@ def test_exact_rank_matches_independent_enumeration_and_estimate_agrees(canary_m
     assert abs(est["exposure"] - exact["exposure"]) < 0.5
 
 
-def test_repeated_canary_is_exposed_far_more_than_unseen_ones(canary_model, tmp_path):
+def test_repeated_canary_is_exposed_far_more_than_unseen_ones(canary_model, tmp_path, run_cli):
     out = tmp_path / "exp"
-    r = subprocess.run([sys.executable, "-m", "memaudit", "exposure", str(canary_model), "--controls", "2",
-                        "--exact-limit", "100", "--sample-size", "500", "--out", str(out), "--batch-size", "128"], capture_output=True, text=True)
+    r = run_cli("exposure", canary_model, "--controls", "2", "--exact-limit", "100", "--sample-size", "500",
+                "--out", out, "--batch-size", "128")
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_canaries"] == 1 and summary["n_controls"] == 2 and summary["methods"] == ["estimated"]
@@ -96,7 +94,7 @@ def test_sampled_and_skewnorm_estimators_on_synthetic_likelihoods():
     assert exposure_from_rank(1, 1024) == 10 and exposure_from_rank(1024, 1024) == 0
 
 
-def test_canary_file_formats_and_errors(tmp_path):
+def test_canary_file_formats_and_errors(tmp_path, run_cli):
     f = tmp_path / "c.jsonl"
     trainer_format = canary_record(make_canaries(1, 7, seed=1, n_digits=6)[0])
     f.write_text(json.dumps({"secret": "0042", "prefix": "pin: "}) + "\n"
@@ -108,7 +106,6 @@ def test_canary_file_formats_and_errors(tmp_path):
     write_canaries(tmp_path / "again.jsonl", [a, b, c])
     assert [x.text for x in read_canaries(tmp_path / "again.jsonl")] == [a.text, b.text, c.text]
     f.write_text(json.dumps({"secret": "12ab", "template": "x {secret}"}) + "\n")
-    r = subprocess.run([sys.executable, "-m", "memaudit", "exposure", str(tmp_path), "--canaries", str(f)],
-                       capture_output=True, text=True)
+    r = run_cli("exposure", tmp_path, "--canaries", f)
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "decimal digits" in r.stderr
     assert "Traceback" not in r.stderr

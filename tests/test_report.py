@@ -2,7 +2,6 @@
 import json
 import shutil
 import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -80,7 +79,7 @@ def test_md_escape_neutralizes_markdown_and_html():
     assert md_escape("# not a heading") == "\\# not a heading" and md_escape("1. x") == "1\\. x"
 
 
-def test_runs_of_a_kind_in_one_table_with_labels(tmp_path):
+def test_runs_of_a_kind_in_one_table_with_labels(tmp_path, run_cli):
     runs = [_extract_run(tmp_path, name, rate, "doc") for name, rate in
             (("standard", 0.8), ("goldfish", 0.0), ("sinks", 0.1))]
     res = report(run_dirs=runs, out=tmp_path / "rep")
@@ -89,25 +88,22 @@ def test_runs_of_a_kind_in_one_table_with_labels(tmp_path):
              or line.startswith("| sinks |")]
     assert len(table) >= 3 and " 0.8 " in md
     assert (tmp_path / "rep" / "figures" / "compare-extract.png").is_file()
-    r = subprocess.run([sys.executable, "-m", "memaudit", "report", *map(str, runs), "--out", str(tmp_path / "r2"),
-                        "--label", "A", "--label", "B", "--label", "C"], capture_output=True, text=True)
+    r = run_cli("report", *runs, "--out", tmp_path / "r2", "--label", "A", "--label", "B", "--label", "C")
     assert r.returncode == 0, r.stderr
     md2 = (tmp_path / "r2" / "report.md").read_text()
     assert "| A |" in md2 and "| B |" in md2 and "| C |" in md2
 
 
-def test_missing_optional_files_and_fields(tmp_path):
+def test_missing_optional_files_and_fields(tmp_path, run_cli):
     run = RunDir(tmp_path / "odd", "capacity", {})  # no summary, no samples, no figures
     model = tmp_path / "model"
     model.mkdir()
     (model / "training_log.csv").write_text("epoch,step,train_loss\n1,5,3.2\n2,10,2.9\n")  # no val_loss column
     res = report(run_dirs=[run.path, model], out=tmp_path / "rep")
     assert "training-curves" in Path(res.markdown).read_text()
-    r = subprocess.run([sys.executable, "-m", "memaudit", "report", str(tmp_path / "nope")], capture_output=True,
-                       text=True)
+    r = run_cli("report", tmp_path / "nope")
     assert r.returncode == 2 and r.stderr.strip() == f"error: not a run directory: {tmp_path / 'nope'}"
-    r = subprocess.run([sys.executable, "-m", "memaudit", "report", str(run.path), "--label", "a", "--label", "b"],
-                       capture_output=True, text=True)
+    r = run_cli("report", run.path, "--label", "a", "--label", "b")
     assert r.returncode == 2 and "one label per run directory" in r.stderr
 
 

@@ -2,8 +2,6 @@
 exit codes and one-line errors; post-training figures beside the prediction."""
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 
@@ -45,13 +43,9 @@ def test_thresholds_and_verdict():
     assert verdict({"mia_auc": 0.55}, {"mia_auc": 0.6})[0].startswith("VERDICT: PASS")
 
 
-def _risk(*args):
-    return subprocess.run([sys.executable, "-m", "memaudit", "risk", *args], capture_output=True, text=True)
-
-
-def test_cli_pretraining_summary_law_and_gate(tmp_path):
-    r = _risk("--params", "123700000", "--train-sequences", "1500000", "--out", str(tmp_path / "a"),
-              "--laws-dir", str(tmp_path / "none"))
+def test_cli_pretraining_summary_law_and_gate(tmp_path, run_cli):
+    r = run_cli("risk", "--params", "123700000", "--train-sequences", "1500000", "--out", str(tmp_path / "a"),
+                "--laws-dir", str(tmp_path / "none"))
     assert r.returncode == 0, r.stderr
     assert "MIA law used: morris2025" in r.stdout
     s = json.loads((tmp_path / "a" / "summary.json").read_text())
@@ -61,8 +55,8 @@ def test_cli_pretraining_summary_law_and_gate(tmp_path):
     laws = tmp_path / "laws"
     laws.mkdir()
     (laws / "fit.json").write_text(json.dumps({"mia_law_fit": {"c1": 1.0, "c2": 10.0, "c3": 0.05}}))
-    r = _risk("--params", "123700000", "--train-sequences", "1500000", "--out", str(tmp_path / "b"),
-              "--laws-dir", str(laws), "--fail-above", "predicted_mia_f1=0.9")
+    r = run_cli("risk", "--params", "123700000", "--train-sequences", "1500000", "--out", str(tmp_path / "b"),
+                "--laws-dir", str(laws), "--fail-above", "predicted_mia_f1=0.9")
     assert r.returncode == 3 and "VERDICT: FAIL" in r.stdout and "fitted:fit" in r.stdout
     s = json.loads((tmp_path / "b" / "summary.json").read_text())
     fitted = 0.5 * (1 + 1.0 / (1 + math.exp(10.0 * (1.5e6 / 123.7e6 - 0.05))))
@@ -76,16 +70,16 @@ def test_cli_pretraining_summary_law_and_gate(tmp_path):
     (["--params", "100", "--train-sequences", "5", "--precision", "fp8"], "unknown --precision"),
     (["--model", "nowhere"], "post-training risk needs both --model and --data"),
 ])
-def test_cli_bad_input_is_one_line(tmp_path, args, msg):
-    r = _risk(*args, "--out", str(tmp_path / "x"))
+def test_cli_bad_input_is_one_line(tmp_path, args, msg, run_cli):
+    r = run_cli("risk", *args, "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and r.stderr.startswith("error: ") and msg in r.stderr and "Traceback" not in r.stderr
 
 
-def test_post_training_measures_beside_prediction(memorized, tmp_path):
+def test_post_training_measures_beside_prediction(memorized, tmp_path, run_cli):
     out = tmp_path / "risk"
-    r = _risk("--model", str(memorized.model_dir), "--data", str(memorized.train_file), "--nonmembers",
-              str(memorized.heldout_file), "--limit", "24", "--out", str(out), "--fail-above", "exact_rate=0.05",
-              "--laws-dir", str(tmp_path / "none"))
+    r = run_cli("risk", "--model", str(memorized.model_dir), "--data", str(memorized.train_file), "--nonmembers",
+                str(memorized.heldout_file), "--limit", "24", "--out", str(out), "--fail-above", "exact_rate=0.05",
+                "--laws-dir", str(tmp_path / "none"))
     s = json.loads((out / "summary.json").read_text())
     extract = json.loads((out / "extract" / "summary.json").read_text())
     assert s["mode"] == "post-training" and s["measured"]["exact_rate"] == extract["exact_rate"]
