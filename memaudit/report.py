@@ -21,7 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -258,6 +258,14 @@ def _fence(text: str) -> str:
     return "`" * max(3, longest + 1)
 
 
+def markdown_table(headers: Sequence[Any], rows: Iterable[Sequence[Any]],
+                   cell: Callable[[Any], str] = fmt) -> str:
+    """A Markdown table: every header and cell (formatted by `cell`) escaped, so data cannot break the table."""
+    lines = ["| " + " | ".join(md_escape(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(md_escape(cell(c)) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def render_markdown(blocks: Sequence[Block]) -> str:
     out: list[str] = []
     for b in blocks:
@@ -268,10 +276,7 @@ def render_markdown(blocks: Sequence[Block]) -> str:
         elif b.kind == "verdict":
             out.append("**" + md_escape(b.text) + "**")
         elif b.kind == "table":
-            out.append("| " + " | ".join(md_escape(h) for h in b.headers) + " |")
-            out.append("|" + "---|" * len(b.headers))
-            for row in b.rows:
-                out.append("| " + " | ".join(md_escape(fmt(c)) for c in row) + " |")
+            out.append(markdown_table(b.headers, b.rows))
         elif b.kind == "figure":
             out.append(f"![{md_escape(b.text)}](figures/{b.name})")
         elif b.kind == "code":

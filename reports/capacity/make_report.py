@@ -25,6 +25,7 @@ from memaudit.capacity.laws import (PUBLISHED_ALPHA, PUBLISHED_ALPHA_BF16, PUBLI
                                     PUBLISHED_ALPHA_PER_MODEL_RANGE, PUBLISHED_CHECKS, predict_mia_f1)
 from memaudit.corpus import stdlib_docstrings
 from memaudit.data import write_documents
+from memaudit.report import markdown_table
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -194,12 +195,8 @@ def main() -> None:
     (HERE / "capacity.json").write_text(json.dumps(out, indent=2) + "\n")
 
     def table(df: pd.DataFrame) -> str:
-        def cell(v):
-            return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-        rows = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-        rows += ["| " + " | ".join(cell(v) for v in r) + " |" for r in df.itertuples(index=False)]
-        return "\n".join(rows)
+        return markdown_table(df.columns, df.itertuples(index=False),
+                              cell=lambda v: f"{v:.4g}" if isinstance(v, float) else str(v))
 
     lines = ["# Capacity in bits per parameter, double descent and the MIA law (Morris et al., arXiv 2505.24832)", "",
              "Produced by `python reports/capacity/make_report.py` on this machine (2 shared CPU cores, no GPU).", ""]

@@ -20,6 +20,7 @@ import pandas as pd
 
 from memaudit.corpus import demo_corpus
 from memaudit.data import write_documents
+from memaudit import report
 from memaudit.extraction import extract
 from memaudit.training import TrainConfig, train_or_reuse
 
@@ -31,12 +32,8 @@ RUNS = [("standard", None, None)] + [(mode, k, None) for mode in ("hash", "stati
 
 
 def markdown_table(df: pd.DataFrame) -> str:
-    """A Markdown table without the optional `tabulate` dependency."""
-    def cell(v):
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-    head = "| " + " | ".join(df.columns) + " |"
-    sep = "|" + "|".join("---" for _ in df.columns) + "|"
-    return "\n".join([head, sep] + ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)])
+    return report.markdown_table(df.columns, df.itertuples(index=False),
+                                 cell=lambda v: f"{v:.4g}" if isinstance(v, float) else str(v))
 
 
 def extraction(model_dir: Path, data: Path) -> dict:

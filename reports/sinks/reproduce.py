@@ -35,6 +35,7 @@ import pandas as pd
 
 from memaudit.data import read_documents, tokenize, train_tokenizer, write_documents
 from memaudit.models import load_model
+from memaudit.report import markdown_table
 from memaudit.scoring import score
 from memaudit.training import TrainConfig, train_or_reuse
 
@@ -202,9 +203,8 @@ def main() -> None:
     std, snk, never = by.loc["standard"], by.loc["sinks (sinks dropped)"], by.loc["never-saw"]
     moved = (snk.loss_repeated_nats - std.loss_repeated_nats) / (never.loss_repeated_nats - std.loss_repeated_nats)
     val_pct = 100.0 * (snk.loss_val_nats / std.loss_val_nats - 1.0)
-    head = "| " + " | ".join(df.columns) + " |\n|" + "|".join("---" for _ in df.columns) + "|\n"
-    body = "".join("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r) + " |\n"
-                   for r in df.itertuples(index=False))
+    table = markdown_table(df.columns, df.itertuples(index=False),
+                           cell=lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)) + "\n"
     cmd = " ".join(["python reports/sinks/reproduce.py"] + [
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
         if k not in ("runs", "jobs", "work", "no_write", "results_dir") and v != ap.get_default(k)])
@@ -215,7 +215,7 @@ def main() -> None:
             f"validation = {args.n_val} held-out chunks; corpus `{args.corpus}` in ~{args.chunk_chars}-character "
             f"chunks; sink fraction {args.sink_fraction}, density {args.sink_density}; never-saw = the same "
             f"training on the unique chunks only. Written by `{cmd}`. train_seconds: wall time, on a machine "
-            f"shared with other jobs (0 for the row that re-measures the sinks model).\n\n{head}{body}\n"
+            f"shared with other jobs (0 for the row that re-measures the sinks model).\n\n{table}\n"
             f"## Targets\n\n"
             f"- loss on repeated documents moves >= half way from standard toward never-saw with sinks dropped: "
             f"{moved:.2f} of the way ({std.loss_repeated_nats:.3f} -> {snk.loss_repeated_nats:.3f}, never-saw "
