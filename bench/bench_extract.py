@@ -44,8 +44,8 @@ def trained_model(cache: Path) -> tuple[Path, Path, Path]:
     train_file = write_documents(cache / "train.jsonl", members)
     heldout_file = write_documents(cache / "heldout.jsonl", heldout)
     model_dir = cache / "model"
-    train_or_reuse(data=train_file, out=model_dir, epochs=60, lr=3e-3, batch_size=16, seq_len=72, val_fraction=0.0,
-                   seed=0, device="cpu", overwrite=True)
+    train_or_reuse(data=train_file, out=model_dir, epochs=60, lr=3e-3, batch_size=16, seq_len=72, rows="first",
+                   val_fraction=0.0, seed=0, device="cpu", overwrite=True)
     return model_dir, train_file, heldout_file
 
 

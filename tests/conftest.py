@@ -36,7 +36,7 @@ def memorized(tmp_path_factory) -> TrainedModel:
     # on the members only would give them shorter token sequences, a membership signal no model weight carries.
     train_tokenizer(members + heldout).save_pretrained(root / "tokenizer")
     train(TrainConfig(data=str(train_file), out=str(root / "model"), epochs=80, lr=3e-3, batch_size=16,
-                      seq_len=96, val_fraction=0.0, seed=0, tokenizer=str(root / "tokenizer")))
+                      seq_len=96, rows="first", val_fraction=0.0, seed=0, tokenizer=str(root / "tokenizer")))
     return TrainedModel(root / "model", train_file, heldout_file)
 
 

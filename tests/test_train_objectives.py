@@ -1,12 +1,15 @@
-"""Goldfish masks and memorization sinks, each checked against an independent computation written here."""
+"""Goldfish masks, memorization sinks and packed rows, each checked against an independent computation written here."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
+from memaudit.errors import MemauditError
+from memaudit.samples import packed_rows
 from memaudit.training.objectives import (IGNORE, goldfish_drop_mask, goldfish_eligible, goldfish_labels,
                                           hash_drop, official_hash_drop)
+from memaudit.training.packing import DocumentMasks, EpochPacker, document_sequence_ids, pack, sink_row_ids
 from memaudit.training.sinks import SinkHooks, dropped_mask, release_from_model, sequence_id, sink_mask, sink_spec
 
 M64 = (1 << 64) - 1
@@ -200,3 +203,112 @@ def test_release_model_equals_sinks_dropped_evaluation(family, tmp_path):
     assert not torch.allclose(released, full, atol=1e-3)  # the sinks did matter
     inter = loaded.model.config.intermediate_size if family == "llama" else loaded.model.config.n_inner
     assert inter == spec.n_general
+
+
+# ------------------------------------------------------------------ packed rows
+
+def _brute_force_rows(docs: list[list[int]], bos: int, eos: int, seq_len: int, shift: int = 0):
+    """One token at a time: the stream (each non-empty document, then EOS), rotated by `shift`, cut into rows of
+    BOS + seq_len - 1 tokens; with each row's first (document, offset)."""
+    stream = [(tok, d, o) for d, t in enumerate(docs) if t for o, tok in enumerate(t + [eos])]
+    shift %= max(1, len(stream))
+    rows, starts = [], []
+    for tok, d, o in stream[shift:] + stream[:shift]:
+        if not rows or len(rows[-1]) == seq_len:
+            rows.append([bos])
+            starts.append((d, o))
+        rows[-1].append(tok)
+    return rows, starts
+
+
+@pytest.mark.parametrize("seq_len", [2, 3, 8, 40])
+@pytest.mark.parametrize("shift", [0, 1, 17, 1000])
+def test_packed_rows_equal_a_brute_force_loop(seq_len, shift):
+    rng = np.random.default_rng(seq_len * 31 + shift)
+    docs = [rng.integers(1, 50, size=n).tolist() for n in rng.integers(0, 30, size=12)]
+    docs[3] = []  # an empty document is skipped
+    s = packed_rows(docs, 0, 99, seq_len, shift=shift)
+    rows, starts = _brute_force_rows(docs, 0, 99, seq_len, shift)
+    assert s.tokens == rows and list(zip(s.doc_ids, s.offsets)) == starts
+    # every row full but the last, which holds what is left (at least one token after BOS)
+    assert all(len(r) == seq_len for r in rows[:-1]) and 2 <= len(rows[-1]) <= seq_len
+    assert all(r[0] == 0 for r in rows) and s.n_skipped == sum(1 for d in docs if not d)
+    # undo the rotation: every token of every document once, in order, EOS after each document
+    body = [t for r in s.tokens for t in r[1:]]
+    back = len(body) - shift % len(body)
+    assert body[back:] + body[:back] == [t for d in docs if d for t in d + [99]]
+
+
+def test_pack_maps_every_position_to_its_document_and_canaries_get_rows_of_their_own():
+    rng = np.random.default_rng(7)
+    docs = [rng.integers(1, 50, size=n).tolist() for n in (23, 0, 9, 31, 4)]
+    canary = [7, 8, 9]
+    p = pack(docs + [canary, canary], 0, 99, 10, alone_from=len(docs), order=[3, 0, 4, 1, 2], shift=5)
+    assert p.n_documents == 4 + 2
+    for row, d, q in zip(p.rows, p.doc, p.pos):
+        assert q[0] == 0 and len(d) == len(q) == len(row)
+        for t in range(1, len(row)):  # each position names the token it holds in its document's BOS + doc + EOS
+            assert row[t] == ([0] + (docs + [canary, canary])[d[t]] + [99])[q[t]] and q[t] >= 1
+    assert p.rows[-2:] == [[0, 7, 8, 9, 99]] * 2  # each canary copy whole, in a row of its own
+    assert all((d < len(docs)).all() for d in p.doc[:-2])  # no canary among the documents' rows
+    with pytest.raises(MemauditError, match="canary is 9 tokens, longer than a row holds"):
+        pack(docs + [list(range(1, 10))], 0, 99, 10, alone_from=len(docs))
+
+
+def test_each_epoch_packs_the_same_tokens_anew_and_deterministically():
+    rng = np.random.default_rng(8)
+    docs = [rng.integers(1, 50, size=n).tolist() for n in (40, 13, 27, 5, 61)]
+    packer = EpochPacker(docs, 0, 99, 16, n_docs=5, seed=3)
+    epochs = [packer.epoch(e).rows for e in range(4)]
+    assert len({len(r) for r in epochs}) == 1  # the same number of rows every epoch (steps per epoch fixed)
+    assert all(sorted(t for r in rows for t in r) == sorted(t for r in epochs[0] for t in r) for rows in epochs)
+    assert len({str(r) for r in epochs}) == 4  # a new order and phase every epoch
+    assert EpochPacker(docs, 0, 99, 16, n_docs=5, seed=3).epoch(2).rows == epochs[2]  # a function of (seed, epoch)
+
+
+def _unit_reference(unit: list[int], mode: str, k: int, h: int) -> list[bool]:
+    if mode == "hash":
+        return _hash_drop_py(unit, k, h)
+    if mode == "static":
+        return [j > 0 and j % k == 0 for j in range(len(unit))]
+    return official_hash_drop(torch.tensor([unit]), k, h)[0].tolist()  # checked by hand above
+
+
+@pytest.mark.parametrize("mode,h", [("hash", 13), ("static", 13), ("hash-official", 5)])
+def test_packed_goldfish_masks_follow_documents_not_rows(mode, h):
+    rng = np.random.default_rng(9)
+    docs = [rng.integers(1, 2048, size=n).tolist() for n in (70, 5, 130, 40)]
+    docs.append(list(docs[0]))  # a repeated document: the same mask wherever it lands
+    bos, eos, k = 0, 1, 4
+    masks = DocumentMasks(docs, bos, eos, mode, k, h)
+    want = [_unit_reference([bos] + d + [eos], mode, k, h) for d in docs]
+    for seq_len, order, shift in [(16, None, 0), (33, [3, 1, 0, 2, 4], 7), (64, [4, 2, 1, 0, 3], 50)]:
+        p = pack(docs, bos, eos, seq_len, order=order, shift=shift)
+        for d, q, m in zip(p.doc, p.pos, masks.rows(p)):
+            assert not m[0]  # the row's BOS is never a target
+            assert m[1:].tolist() == [want[d[t]][q[t]] for t in range(1, len(m))]
+        # on a document's first seq_len - 1 tokens: the mask `--rows first` gives
+        first = goldfish_drop_mask(torch.tensor([[bos] + docs[2][:seq_len - 1]]), mode, k, h)[0].tolist()
+        assert first == want[2][:seq_len]
+    assert any(any(w) for w in want) and not any(any(w[:1 if mode == "static" else h]) for w in want)
+
+
+def test_packed_sink_masks_follow_each_positions_document():
+    model = _tiny("gpt2")
+    spec = sink_spec(model, 0.3, 0.3)
+    docs = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [5, 6, 7, 8, 9, 10]]  # the first document repeated
+    p = pack(docs, 0, 1, 13)  # row 0: BOS, doc 0, EOS, doc 1, EOS, doc 2's first token; row 1: the rest
+    ids = sink_row_ids(p, document_sequence_ids(docs))
+    for r, (d, row_ids) in enumerate(zip(p.doc, ids)):
+        assert row_ids.tolist() == [sequence_id(docs[i]) for i in d]  # copies of a document share its id
+    assert ids[0][1] == ids[1][-1] == sequence_id(docs[0])  # the same document, two places in the rows
+    hooks = SinkHooks(model, spec)
+    row = 0  # holds pieces of all three documents
+    assert len(set(p.doc[row].tolist())) == 3
+    x = torch.randn(1, len(p.rows[row]), 32)
+    hooks.set_tokens(torch.as_tensor(ids[row])[None])
+    masks = torch.stack([sink_mask(spec, sequence_id(docs[i])) for i in p.doc[row]])[None]
+    mlp = model.transformer.h[0].mlp
+    act = torch.nn.functional.gelu(x @ mlp.c_fc.weight + mlp.c_fc.bias, approximate="tanh")
+    assert torch.allclose(mlp(x), (act * masks) @ mlp.c_proj.weight + mlp.c_proj.bias, atol=1e-5)
+    hooks.remove()

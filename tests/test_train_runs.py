@@ -1,4 +1,5 @@
-"""The trainer end to end on tiny models: goldfish rate, canaries, sinks release, resume, DDP, bad input."""
+"""The trainer end to end on tiny models: packed rows against one row per document, goldfish rate, canaries, sinks
+release, resume, DDP, bad input (packed rows, the default, unless a test says --rows first)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -53,6 +55,18 @@ def test_goldfish_run_reports_dropped_fraction_and_canaries(docs, tmp_path):
         assert c.text == "my secret number is " + c.secret
         assert c.digits == 9 and c.secret.isdigit() and c.repeats == 4
     assert res.n_train == 27 + 3 * 4  # 30 docs, 3 held out, plus the canary copies
+    assert meta["rows"] == "packed" and {"bos", "canaries", "goldfish", "sinks", "validation"} <= set(meta["row_layout"])
+    # packed rows: each document's mask is its own (BOS + tokens + EOS), whatever the rows; so the run's dropped
+    # fraction is the fraction those per-document masks drop, each canary copy a document of its own
+    from memaudit.data import read_documents, tokenize
+    from memaudit.models import load_tokenizer
+    from memaudit.training.objectives import goldfish_drop_mask
+
+    tok = load_tokenizer(tmp_path / "gf")
+    texts = read_documents(docs).set_index("id").loc[meta["train_ids"], "text"].tolist()
+    units = [[tok.bos_token_id, *t, tok.eos_token_id] for t in tokenize(tok, texts + [c.text for c in can] * 4)]
+    drops = [goldfish_drop_mask(torch.tensor([u]), "hash", 4, 13)[0, 1:] for u in units]
+    assert res.dropped_fraction == pytest.approx(sum(int(d.sum()) for d in drops) / sum(len(d) for d in drops))
 
 
 def test_sinks_run_writes_a_release_model_equal_to_dropped_evaluation(docs, tmp_path):
@@ -72,13 +86,15 @@ def test_sinks_run_writes_a_release_model_equal_to_dropped_evaluation(docs, tmp_
 
 
 def test_resume_equals_uninterrupted(docs, tmp_path):
-    cfg = dict(data=str(docs), objective="goldfish", goldfish_mode="random", checkpoint_every=2, **TINY)
-    train(TrainConfig(out=str(tmp_path / "straight"), **cfg))
-    part = train(TrainConfig(out=str(tmp_path / "resumed"), stop_after=3, **cfg))
-    assert not part.finished and part.steps == 3
+    # packed rows, packed anew each epoch: stopped inside the second epoch, the resumed run repacks it the same way
+    cfg = dict(data=str(docs), objective="goldfish", goldfish_mode="random", checkpoint_every=2, limit=12, **TINY)
+    straight = train(TrainConfig(out=str(tmp_path / "straight"), **cfg))
+    stop = straight.steps // 2 + 1
+    part = train(TrainConfig(out=str(tmp_path / "resumed"), stop_after=stop, **cfg))
+    assert not part.finished and part.steps == stop
     assert (tmp_path / "resumed" / "checkpoint" / "state.pt").is_file()
     done = train(TrainConfig(out=str(tmp_path / "resumed"), resume=True, **cfg))
-    assert done.finished and done.steps == 8
+    assert done.finished and done.steps == straight.steps
     assert _max_diff(_weights(tmp_path / "straight"), _weights(tmp_path / "resumed")) == 0.0
     log_a = (tmp_path / "straight" / "training_log.csv").read_text().splitlines()
     log_b = (tmp_path / "resumed" / "training_log.csv").read_text().splitlines()
@@ -86,11 +102,12 @@ def test_resume_equals_uninterrupted(docs, tmp_path):
 
 
 def test_ddp_two_cpu_processes_equal_one_process(docs, tmp_path):
+    # packed rows: every position masked by its own document's sinks, each rank its slice of the global batch
     args = ["train", "--data", str(docs), "--config", "2x32", "--seq-len", "48", "--batch-size", "7",
             "--epochs", "2", "--lr", "3e-3", "--warmup-steps", "2", "--device", "cpu",
-            "--objective", "sinks"]
+            "--objective", "sinks", "--limit", "12"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MEMAUDIT_NO_PROGRESS="1")
-    train(TrainConfig(data=str(docs), out=str(tmp_path / "one"), objective="sinks", **TINY))  # the same settings
+    train(TrainConfig(data=str(docs), out=str(tmp_path / "one"), objective="sinks", limit=12, **TINY))  # the same
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                           "--master-port", "29517", "-m", "memaudit", *args, "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, env=env, timeout=300)
@@ -120,6 +137,7 @@ BAD = [
     (["--objective", "goldfish", "--goldfish-h", "0"], "--goldfish-h"),
     (["--objective", "sinks", "--sink-fraction", "1.0"], "--sink-fraction"),
     (["--objective", "sinks", "--sink-density", "0"], "--sink-density"),
+    (["--rows", "all"], "unknown --rows 'all'"),
 ]
 
 
@@ -158,6 +176,40 @@ def test_train_or_reuse_reuses_only_the_same_settings_and_inputs(docs, tmp_path)
     assert not first.reused and again.reused
     assert {**vars(again), "reused": False} == vars(first)  # the same result, read back from the model directory
     assert not train_or_reuse(TrainConfig(**{**vars(cfg), "lr": 1e-3})).reused  # another setting: trained again
+    first_rows = TrainConfig(**{**vars(cfg), "rows": "first", "epochs": 1})
+    assert not train_or_reuse(first_rows).reused
+    meta_file = tmp_path / "m" / "train_config.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps(meta | {"rows": "per-document (BOS + first seq_len-1 tokens, not packed)"}))
+    assert train_or_reuse(first_rows).reused  # written before --rows existed: one row per document
     with data.open("a") as f:
         f.write('{"text": "one more document"}\n')
-    assert not train_or_reuse(cfg).reused  # the same settings on changed data: trained again
+    assert not train_or_reuse(first_rows).reused  # the same settings on changed data: trained again
+
+
+def test_packed_rows_teach_text_beyond_the_first_row_which_one_row_per_document_never_sees(tmp_path, run_cli):
+    """Three documents five rows long: the packed model reproduces windows that start past --seq-len (memaudit's
+    extract at those offsets); the model trained on one row per document (BOS + its first seq_len - 1 tokens) never
+    saw them and reproduces none."""
+    from memaudit.corpus import demo_corpus
+    from memaudit.data import read_documents, tokenize, write_documents
+    from memaudit.extraction import extract
+    from memaudit.models import load_model
+
+    members, _ = demo_corpus(n_train=40, n_heldout=1, seed=5)
+    data = write_documents(tmp_path / "long.jsonl", [m[:250] for m in members if len(m) >= 250][:3])
+    args = ["--data", data, "--config", "2x64", "--seq-len", "32", "--batch-size", "8", "--epochs", "150",
+            "--lr", "3e-3", "--warmup-steps", "5", "--vocab-size", "300", "--val-fraction", "0", "--device", "cpu"]
+    r = run_cli("train", *args, "--out", tmp_path / "packed")
+    assert r.returncode == 0 and "packed rows" in r.stdout, r.stderr
+    assert run_cli("train", *args, "--rows", "first", "--out", tmp_path / "first").returncode == 0
+    exact = {}
+    for rows in ("packed", "first"):
+        loaded = load_model(tmp_path / rows, device="cpu")
+        shortest = min(map(len, tokenize(loaded.tokenizer, read_documents(data)["text"])))
+        assert shortest >= 4 * 32  # every document runs several rows past the first
+        offsets = range(32, shortest - 16 + 1, 16)  # windows of 8 + 8 tokens, every one past the first row
+        exact[rows] = [extract(model_dir=loaded, data=data, prefix=8, suffix=8, offset=o, write=False)
+                       .summary["exact_rate"] for o in offsets]
+    assert np.mean(exact["packed"]) >= 0.8, exact
+    assert max(exact["first"]) == 0.0, exact

@@ -2,7 +2,8 @@
 (-100 = position excluded from the loss). The loss is always the mean over kept positions.
 
 Positions: a row is BOS + document tokens; position j >= 1 holds the target predicted from positions < j
-(the trainer shifts inside the loss). Position 0 (BOS) is never a target.
+(the trainer shifts inside the loss). Position 0 (BOS) is never a target. On packed rows (several documents in a
+row) the deterministic masks are taken from each document's own BOS + tokens + EOS (packing.py).
 
 Goldfish masks (METHODS.md section 4, Hans et al. 2024), drop rate 1/k:
 - `hash` (default): target j is dropped iff H(ids[j-h:j]) / 2^64 < 1/k, where H is an order-sensitive 64-bit

@@ -5,7 +5,7 @@ pre-hook on that projection masks it for every architecture; a small table names
 Of the I hidden neurons the first I - round(s*I) are general (always on), the last round(s*I) are sinks.
 Each training document has a sequence id >= 1 (a hash of its tokens, so repeated copies share it); the id
 seeds the choice of round(p * n_sinks) sink neurons that stay on for that document (the same indices in every
-layer). No rescaling in training. With the sinks dropped (evaluation and release), sinks are zeroed and the
+layer); on packed rows each position takes its own document's id (packing.py). No rescaling in training. With the sinks dropped (evaluation and release), sinks are zeroed and the
 general neurons scaled by (n_general + p * n_sinks) / n_general (the official code's "dropout" mode); the
 release model has the sink rows/columns removed and the scale folded into the output projection.
 """
@@ -117,7 +117,8 @@ def dropped_mask(spec: SinkSpec) -> torch.Tensor:
 class SinkHooks:
     """Forward pre-hooks multiplying every MLP hidden activation by a per-row mask.
 
-    `set_rows(seq_ids)` selects training masks for a batch (one id per row); `set_dropped()` the eval mode.
+    `set_rows(seq_ids)` selects training masks for a batch (one id per row), `set_tokens(seq_ids)` one id per
+    position (packed rows); `set_dropped()` the eval mode.
     """
 
     def __init__(self, model: torch.nn.Module, spec: SinkSpec):
@@ -134,6 +135,13 @@ class SinkHooks:
 
     def set_rows(self, seq_ids: Sequence[int]) -> None:
         self._mask = torch.stack([sink_mask(self.spec, s) for s in seq_ids]).unsqueeze(1).to(self._device)
+
+    def set_tokens(self, seq_ids: torch.Tensor) -> None:
+        """Per-position training masks (packed rows): int64 [B, T], each position masked by its own sequence's
+        sinks."""
+        unique, index = torch.unique(seq_ids, return_inverse=True)
+        table = torch.stack([sink_mask(self.spec, int(s)) for s in unique])
+        self._mask = table[index].to(self._device)  # [B, T, I]
 
     def set_dropped(self) -> None:
         self._mask = dropped_mask(self.spec).to(self._device)

@@ -1,9 +1,11 @@
 """One readable trainer for causal LMs: standard, goldfish and sinks objectives; canaries; resume; DDP.
 
-Rows are per document (not packed): each document is one row, BOS + its first `seq_len - 1` tokens,
-right-padded, so a document always starts at position 0 after BOS, as the extraction probe prompts it.
+Rows (`--rows`): `packed` (the default) joins the documents, each followed by EOS, into one stream cut into rows of
+BOS + the next `seq_len - 1` tokens, so every token of every document is trained on (packing.py says how canaries,
+goldfish masks and sink ids follow documents across rows); `first` is one row per document, BOS + its first
+`seq_len - 1` tokens, right-padded. Either way a row starts with BOS, as every probe sample does.
 
-Everything that decides a step is a pure function of (seed, step): the epoch's document order is drawn by
+Everything that decides a step is a pure function of (seed, step): the epoch's row order is drawn by
 `default_rng([seed, epoch])`, the random goldfish mask by a generator seeded with (seed, step). So a resumed run
 replays the uninterrupted one, and under torchrun every rank builds the same global batch and takes its slice:
 the loss of each rank is its share of the GLOBAL mean over kept targets, so DDP's gradient average equals the
@@ -42,9 +44,10 @@ from ..errors import MemauditError
 from ..rundir import Owned, check_output
 from ..models import build_config, count_parameters, load_model, load_tokenizer, resolve_dtype
 from ..progress import progress_bar
-from ..samples import training_rows
+from ..samples import packed_rows, training_rows
 from ..settings import settings_from
 from .objectives import GOLDFISH_MODES, IGNORE, OBJECTIVES, goldfish_drop_mask, standard_labels
+from .packing import ROW_LAYOUT, ROWS, EpochPacker
 from .sinks import SinkHooks, release_from_model, sequence_id, sink_spec, write_sink_spec
 
 CHECKPOINT_DIR = "checkpoint"
@@ -73,8 +76,9 @@ class TrainConfig:
     tokenizer: str | Path | None = None  # a tokenizer dir for from-scratch configs (default: train one on the data)
     epochs: int = 10
     lr: float = 1e-3
-    batch_size: int = 16  # documents per optimizer step (the global batch under torchrun)
+    batch_size: int = 16  # rows per optimizer step (the global batch under torchrun)
     seq_len: int = 128
+    rows: str = "packed"  # packed (documents joined with EOS, cut into seq_len rows) | first (one row per document)
     vocab_size: int = 2048  # for a locally trained tokenizer
     seed: int = 0
     val_fraction: float = 0.1
@@ -124,6 +128,7 @@ class TrainConfig:
         checks.number("--lr", self.lr, low=0, low_open=True)
         checks.integer("--batch-size", self.batch_size)
         checks.integer("--seq-len", self.seq_len, low=2)
+        checks.choice("--rows", self.rows, ROWS)
         checks.integer("--vocab-size", self.vocab_size, low=MIN_VOCAB)
         checks.fraction("--val-fraction", self.val_fraction, zero=True)
         checks.seed(self.seed)
@@ -178,12 +183,13 @@ class TrainResult:
     steps: int
     train_loss: float
     val_loss: float | None
-    n_train: int
-    n_val: int
+    n_train: int  # training documents with tokens, canary copies included
+    n_val: int  # validation documents with tokens
     parameters: int
     dropped_fraction: float | None = None  # goldfish: the fraction of real targets excluded from the loss
     finished: bool = True  # False when --stop-after ended the run early
     reused: bool = False  # train_or_reuse found this model already trained with these settings and inputs
+    n_rows: int = 0  # training rows (one per document with --rows first)
 
 
 def _inputs(cfg: TrainConfig) -> list[str]:
@@ -285,9 +291,13 @@ class _Run:
     pad: int
     train_rows: list[list[int]]
     val_rows: list[list[int]]
+    n_documents: int  # training documents with tokens, canary copies included
+    n_val_documents: int
     canaries: list[Canary]
     hooks: SinkHooks | None  # sinks only
-    row_seq_ids: list[int]  # sinks: each training row's sequence id
+    row_seq_ids: list  # sinks: each training row's sequence id (--rows first), or its positions' ids (packed)
+    row_drop: list[np.ndarray] | None  # goldfish on packed rows (not random): each row's mask, per position
+    packer: EpochPacker | None  # packed: builds each epoch's rows
     autocast: AbstractContextManager
     steps_per_epoch: int
     total_steps: int
@@ -322,16 +332,16 @@ def _setup(cfg: TrainConfig, dist: distributed.Group) -> _Run:
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else bos
     canaries = make_canaries(cfg.canaries, cfg.canary_repeats, seed=cfg.seed) if cfg.canaries else []
-    train_rows, val_rows = _rows(cfg, tok, bos, docs, canaries)
-    hooks, row_seq_ids = None, []
-    if cfg.objective == "sinks":
-        hooks = SinkHooks(model, sink_spec(model, cfg.sink_fraction, cfg.sink_density))
-        row_seq_ids = [sequence_id(r[1:]) for r in train_rows]
+    rows = _rows(cfg, tok, bos, docs, canaries)
+    hooks = SinkHooks(model, sink_spec(model, cfg.sink_fraction, cfg.sink_density)) if cfg.objective == "sinks" \
+        else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(rows.train) / cfg.batch_size)
     use_bf16 = resolve_dtype(cfg.dtype, dist.device) == torch.bfloat16
     run = _Run(cfg=cfg, dist=dist, owned=owned, docs=docs, model=model, net=model, tok=tok, opt=opt, pad=pad,
-               train_rows=train_rows, val_rows=val_rows, canaries=canaries, hooks=hooks, row_seq_ids=row_seq_ids,
+               train_rows=rows.train, val_rows=rows.val, n_documents=rows.n_documents,
+               n_val_documents=rows.n_val_documents, canaries=canaries,
+               hooks=hooks, row_seq_ids=rows.seq_ids, row_drop=rows.drop, packer=rows.packer,
                autocast=torch.autocast(dist.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext(),
                steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * cfg.epochs)
     if cfg.resume:
@@ -394,19 +404,56 @@ def _init_model(cfg: TrainConfig, texts: list[str], device, tokenizer=None):
     return model.to(device), tok
 
 
-def _rows(cfg: TrainConfig, tok, bos: int, docs: _Docs,
-          canaries: list[Canary]) -> tuple[list[list[int]], list[list[int]]]:
-    """Training rows (the documents, then each canary `canary_repeats` times) and validation rows."""
+@dataclass
+class _Rows:
+    """What the run trains and validates on, as --rows cuts it, with what the objectives attach to each row."""
+    train: list[list[int]]
+    val: list[list[int]]
+    n_documents: int  # training documents with tokens, canary copies included
+    n_val_documents: int  # validation documents with tokens
+    seq_ids: list  # sinks: an id per row (first) or an id per position (packed); empty otherwise
+    drop: list[np.ndarray] | None  # goldfish on packed rows (deterministic masks): per position
+    packer: EpochPacker | None = None  # packed: each epoch's rows (the fields above hold epoch 0's)
+
+
+def _rows(cfg: TrainConfig, tok, bos: int, docs: _Docs, canaries: list[Canary]) -> _Rows:
+    """Training rows (the documents, then each canary `canary_repeats` times) and validation rows. The validation
+    split is by documents (`_read_docs`), made before any row is cut."""
     canary_texts = [c.text for c in canaries for _ in range(cfg.canary_repeats)]
     train_toks = tokenize(tok, docs.train_texts + canary_texts)
+    val_toks = tokenize(tok, docs.val_texts) if docs.val_texts else []
+    cut = _first_rows if cfg.rows == "first" else _packed_rows
+    rows = cut(cfg, train_toks, val_toks, bos, tok.eos_token_id if tok.eos_token_id is not None else bos,
+               len(docs.train_texts))
+    if not rows.train:
+        raise MemauditError("no training document has any tokens")
+    return rows
+
+
+def _first_rows(cfg: TrainConfig, train_toks: list[list[int]], val_toks: list[list[int]], bos: int, eos: int,
+                n_docs: int) -> _Rows:
+    """--rows first: one row per document, BOS + its first seq_len - 1 tokens; a canary must fit one whole."""
     train_rows = training_rows(train_toks, bos, cfg.seq_len)
-    if canaries and (longest := max(len(t) for t in train_toks[len(docs.train_texts):])) > cfg.seq_len - 1:
+    if len(train_toks) > n_docs and (longest := max(len(t) for t in train_toks[n_docs:])) > cfg.seq_len - 1:
         raise MemauditError(f"a canary is {longest} tokens, longer than a row holds (--seq-len {cfg.seq_len} - 1): "
                             "raise --seq-len")
-    val_rows = training_rows(tokenize(tok, docs.val_texts), bos, cfg.seq_len) if docs.val_texts else []
-    if not train_rows:
-        raise MemauditError("no training document has any tokens")
-    return train_rows, val_rows
+    seq_ids = [sequence_id(r[1:]) for r in train_rows] if cfg.objective == "sinks" else []
+    val_rows = training_rows(val_toks, bos, cfg.seq_len)
+    return _Rows(train_rows, val_rows, len(train_rows), len(val_rows), seq_ids, None)
+
+
+def _packed_rows(cfg: TrainConfig, train_toks: list[list[int]], val_toks: list[list[int]], bos: int, eos: int,
+                 n_docs: int) -> _Rows:
+    """--rows packed: the documents joined with EOS and cut into rows, in a new order and phase every epoch, each
+    canary copy a row of its own (packing.py); goldfish masks and sink ids follow each position's document. The
+    validation documents are packed once, in order."""
+    deterministic = cfg.objective == "goldfish" and cfg.goldfish_mode != "random"  # random is drawn per step
+    packer = EpochPacker(train_toks, bos, eos, cfg.seq_len, n_docs, cfg.seed, sinks=cfg.objective == "sinks",
+                         goldfish=(cfg.goldfish_mode, cfg.goldfish_k, cfg.goldfish_h) if deterministic else None)
+    first = packer.epoch(0)
+    val = packed_rows(val_toks, bos, eos, cfg.seq_len)
+    return _Rows(first.rows, val.tokens, packer.n_documents, val.n_documents - val.n_skipped, first.seq_ids,
+                 first.drop, packer)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -480,6 +527,9 @@ def _loop(run: _Run) -> None:
         for epoch in range(start_epoch, cfg.epochs):
             if run.step >= stop_at:
                 break
+            if run.packer is not None and epoch > 0:  # packed: this epoch's rows (epoch 0's are built in _setup)
+                rows = run.packer.epoch(epoch)
+                run.train_rows, run.row_drop, run.row_seq_ids = rows.rows, rows.drop, rows.seq_ids
             order = np.random.default_rng([cfg.seed, epoch]).permutation(len(run.train_rows))
             for b in range(start_batch if epoch == start_epoch else 0, run.steps_per_epoch):
                 if run.step >= stop_at:
@@ -493,7 +543,7 @@ def _step(run: _Run, batch_idx: np.ndarray, advance: Callable[..., None]) -> Non
     """One optimizer step on one global batch (this rank's slice of it), then a checkpoint when one is due."""
     cfg, dist, counts = run.cfg, run.dist, run.counts
     ids, mask = _collate([run.train_rows[i] for i in batch_idx], run.pad)
-    labels = _labels(run, ids, mask)
+    labels = _labels(run, ids, mask, batch_idx)
     n_kept = int((labels[:, 1:] != IGNORE).sum())
     mine = np.array_split(np.arange(len(batch_idx)), dist.world)[dist.rank]
     weight = 1.0
@@ -501,7 +551,11 @@ def _step(run: _Run, batch_idx: np.ndarray, advance: Callable[..., None]) -> Non
         mine, weight = np.array([0]), 0.0
     ids_r, mask_r, labels_r = (t[mine].to(dist.device) for t in (ids, mask, labels))
     if run.hooks is not None:
-        run.hooks.set_rows([run.row_seq_ids[batch_idx[i]] for i in mine])
+        picked = [run.row_seq_ids[batch_idx[i]] for i in mine]
+        if cfg.rows == "first":
+            run.hooks.set_rows(picked)
+        else:  # packed: each position masked by its own document's sinks
+            run.hooks.set_tokens(_per_position(picked, ids_r.shape[1]))
     for g in run.opt.param_groups:
         g["lr"] = run.lr_at(run.step)
     with run.autocast:
@@ -523,12 +577,21 @@ def _step(run: _Run, batch_idx: np.ndarray, advance: Callable[..., None]) -> Non
         _save_checkpoint(run)
 
 
-def _labels(run: _Run, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _per_position(arrays: list[np.ndarray], width: int, fill: Any = None) -> torch.Tensor:
+    """Per-position row values [B, width], padded with `fill` (None: each row's last value)."""
+    return torch.as_tensor(np.stack([np.pad(a, (0, width - len(a)), mode="edge") if fill is None
+                                     else np.pad(a, (0, width - len(a)), constant_values=fill) for a in arrays]))
+
+
+def _labels(run: _Run, ids: torch.Tensor, mask: torch.Tensor, batch_idx: np.ndarray) -> torch.Tensor:
     """The step's targets: every real next token, less goldfish's dropped ones (counted for the dropped rate)."""
     cfg = run.cfg
     labels = standard_labels(ids, mask)
     if cfg.objective == "goldfish":
-        drop = goldfish_drop_mask(ids, cfg.goldfish_mode, cfg.goldfish_k, cfg.goldfish_h, cfg.seed, run.step)
+        if run.row_drop is not None:  # packed rows: each position's mask from its document (packing.py)
+            drop = _per_position([run.row_drop[i] for i in batch_idx], ids.shape[1], fill=False)
+        else:
+            drop = goldfish_drop_mask(ids, cfg.goldfish_mode, cfg.goldfish_k, cfg.goldfish_h, cfg.seed, run.step)
         real = labels[:, 1:] != IGNORE
         run.counts["dropped"] += int((drop[:, 1:] & real).sum())
         run.counts["targets"] += int(real.sum())
@@ -574,9 +637,10 @@ def _finish(run: _Run) -> TrainResult:
     run.dist.barrier()
     last = run.log_rows[-1] if finished and run.log_rows else {}
     return TrainResult(out=Path(run.cfg.out), steps=run.step, train_loss=last.get("train_loss") or float("nan"),
-                       val_loss=last.get("val_loss"), n_train=len(run.train_rows), n_val=len(run.val_rows),
+                       val_loss=last.get("val_loss"), n_train=run.n_documents, n_val=run.n_val_documents,
                        parameters=count_parameters(run.model),
-                       dropped_fraction=run.dropped_fraction() if finished else None, finished=finished)
+                       dropped_fraction=run.dropped_fraction() if finished else None, finished=finished,
+                       n_rows=len(run.train_rows))
 
 
 def _save_model_dir_or_fail(run: _Run) -> None:
@@ -615,8 +679,9 @@ def _save_model_dir(run: _Run) -> None:
 def _train_meta(run: _Run) -> dict:
     """train_config.json's settings and what the run found (ids trained on and validated on, steps, goldfish)."""
     cfg, docs = run.cfg, run.docs
-    meta = asdict(cfg) | {"rows": "per-document (BOS + first seq_len-1 tokens, not packed)",
+    meta = asdict(cfg) | {"row_layout": ROW_LAYOUT[cfg.rows],
                           "train_ids": docs.docs["id"].iloc[docs.train_idx].tolist(), "val_ids": list(docs.val_ids),
+                          "n_train": run.n_documents, "n_val": run.n_val_documents, "n_rows": len(run.train_rows),
                           "steps": run.step, "parameters": count_parameters(run.model),
                           "inputs_sha256": input_hashes(cfg)}
     if cfg.objective == "goldfish":
@@ -671,13 +736,17 @@ def _finished(cfg: TrainConfig) -> TrainResult | None:
     if not (meta_file.is_file() and log_file.is_file()):
         return None
     meta = json.loads(meta_file.read_text())
+    if str(meta.get("rows", "")).startswith("per-document"):  # written before --rows: one row per document
+        meta["rows"] = "first"
     wanted = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in _DRIVING}))
     if any(meta.get(k) != v for k, v in wanted.items()) or meta.get("inputs_sha256") != input_hashes(cfg):
         return None
     last = pd.read_csv(log_file).iloc[-1]
     val = last.get("val_loss")
     return TrainResult(out=out, steps=meta["steps"], train_loss=float(last["train_loss"]),
-                       val_loss=None if val is None or pd.isna(val) else float(val), n_train=len(meta["train_ids"]),
-                       n_val=len(meta["val_ids"]), parameters=meta["parameters"],
-                       dropped_fraction=meta.get("goldfish_dropped_fraction"), reused=True)
+                       val_loss=None if val is None or pd.isna(val) else float(val),
+                       n_train=meta.get("n_train", len(meta["train_ids"])),
+                       n_val=meta.get("n_val", len(meta["val_ids"])), parameters=meta["parameters"],
+                       dropped_fraction=meta.get("goldfish_dropped_fraction"), reused=True,
+                       n_rows=meta.get("n_rows", len(meta["train_ids"])))
 

@@ -79,8 +79,8 @@ def run_one(name: str, mode: str, k: int | None, work: Path, epochs: int, config
     t0 = time.time()
     extra = {} if k is None else {"objective": "goldfish", "goldfish_mode": mode, "goldfish_k": k, "goldfish_h": 13}
     cfg = TrainConfig(data=str(work / "train.jsonl"), val_data=str(work / "val.jsonl"), out=str(work / name),
-                      config=config, epochs=epochs, lr=3e-3, batch_size=16, seq_len=SEQ_LEN, warmup_steps=20,
-                      seed=0, device="cpu", **extra)
+                      config=config, epochs=epochs, lr=3e-3, batch_size=16, seq_len=SEQ_LEN, rows="first",
+                      warmup_steps=20, seed=0, device="cpu", **extra)
     res = train_or_reuse(cfg)  # a model trained before with these settings and inputs is reused
     ex = extraction(work / name, work / "train.jsonl")
     # drop rate among eligible targets: random redraws every step and can drop any target, so its logged

@@ -183,8 +183,8 @@ def main() -> None:
         train_tokenizer(unique, vocab_size=2048).save_pretrained(work / "tokenizer")
         source.write_text(digest)
     common = dict(val_data=str(files["val"]), config=args.config, epochs=args.epochs, lr=args.lr,
-                  batch_size=args.batch_size, seq_len=args.seq_len, warmup_steps=args.warmup, seed=args.seed,
-                  device="cpu", tokenizer=str(work / "tokenizer"))
+                  batch_size=args.batch_size, seq_len=args.seq_len, rows="first", warmup_steps=args.warmup,
+                  seed=args.seed, device="cpu", tokenizer=str(work / "tokenizer"))
     runs = {"standard": dict(data=str(files["stream"])),
             "sinks": dict(data=str(files["stream"]), objective="sinks", sink_fraction=args.sink_fraction,
                           sink_density=args.sink_density),
