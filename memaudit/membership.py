@@ -10,6 +10,10 @@ gathered on rank 0, and saved in resumable chunks):
 Metrics per score column: ROC AUC with a bootstrap interval, oracle TPR at 1% / 0.1% FPR (threshold picked on
 all samples, as peers report), and TPR / FPR, balanced accuracy and F1 at thresholds calibrated on a held-out,
 stratified split and applied to the rest (what an auditor can really achieve).
+With `stride` the samples are every `window`-token window starting each `stride` tokens: the passes score windows
+(windows.parquet), a document's score is the mean of its windows' (samples.parquet), and the metrics are reported
+per document (`attacks`) and per window (`window_attacks`). With `collection` the per-sample scores feed a
+dataset-inference test of "the members file was trained on" (memaudit.collection).
 """
 from __future__ import annotations
 
@@ -27,15 +31,17 @@ import torch
 from . import checks, distributed
 from .attacks import ATTACKS, DCPDD_CAP, AttackInputs, gradient_norms, parse_attacks, parse_ks, run_attacks, \
     token_log_frequencies
+from .collection import CollectionTest, check_sizes, dataset_inference
 from .data import file_hash, read_documents, tokenize
 from .errors import MemauditError
 from .figures import pyplot
+from .labels import attack_label
 from .metrics import (binary_metrics, bootstrap_roc, roc_auc, roc_curve, stratified_split, threshold_at_fpr,
                       threshold_max_balanced_accuracy, tpr_at_fpr)
 from .models import LoadedModel, load_model, load_tokenizer, tokenizers_match, weights_hash
 from .progress import progress_bar
 from .rundir import RunDir, check_output, summary_header
-from .samples import document_samples
+from .samples import Samples, cut, document_samples
 from .scoring import TokenStats, score_sharded
 from .settings import settings_from
 
@@ -56,6 +62,7 @@ class MiaSettings:
     attacks: str | Sequence[str] = "all"  # all, or a comma list / sequence of attack names (attacks.ATTACKS)
     k: str | Sequence[float] = "10,20,30"  # percentages for min_k and min_k_pp (one score column per k)
     window: int | None = None  # each document's first N tokens; None: whole documents truncated to the context
+    stride: int | None = None  # with window: every window starting each N tokens; a document scores its mean
     bos: bool = True  # prepend the tokenizer's BOS so every token is scored
     recall_shots: int = 5  # non-member samples joined as recall's prefix (left out of recall's metrics)
     dcpdd_corpus: str | Path | None = None  # dc_pdd's token frequencies; None: the non-member file
@@ -68,6 +75,7 @@ class MiaSettings:
     text_field: str = "text"
     id_field: str = "id"
     limit: int | None = None  # only the first N documents of each file
+    collection: bool = False  # dataset inference: members = the suspect set, non-members = the validation set
     out: str | Path | None = None  # None: RunDir.default_out("mia")
     resume: bool = False
     overwrite: bool = False
@@ -81,6 +89,10 @@ class MiaSettings:
         names, is_all = parse_attacks(self.attacks)
         parse_ks(self.k)
         checks.integer("--window", self.window, low=2)
+        checks.integer("--stride", self.stride, low=1)
+        if self.stride is not None and self.window is None:
+            raise MemauditError("--stride needs --window N: the length of the windows that start every --stride "
+                                "tokens")
         checks.integer("--recall-shots", self.recall_shots, low=0)
         checks.integer("--bootstrap", self.bootstrap, low=0)
         checks.fraction("--calibration-fraction", self.calibration_fraction)
@@ -100,6 +112,9 @@ class MiaSettings:
             checks.model_dir(self.reference, allow_pickle=self.allow_pickle, what="--reference model directory")
         if self.reference is None and not is_all and _needs_reference(names):  # `all` skips it instead (_plan)
             raise MemauditError("the reference attack needs --reference MODEL_DIR")
+        if self.collection and names == ["dc_pdd"] and self.dcpdd_corpus is None:
+            raise MemauditError("--collection leaves dc_pdd out when its frequencies come from the non-member file: "
+                                "add --dcpdd-corpus FILE or other --attacks")
         if self.resume and (self.out is None or not self.write):
             raise MemauditError("--resume needs --out (the run directory to continue)")
 
@@ -184,10 +199,10 @@ class MiaSummary(TypedDict, total=False):
     """summary.json of `memaudit mia` (schema rundir.SUMMARY_SCHEMA_VERSION)."""
     schema_version: int  # rundir.SUMMARY_SCHEMA_VERSION
     command: str  # "mia"
-    attacks: dict[str, AttackMetrics]  # score column -> its metrics
+    attacks: dict[str, AttackMetrics]  # score column -> its metrics (per document: with --stride, its windows' mean)
     columns: list[str]  # score columns, in order (samples.parquet holds score_<column>)
     skipped_attacks: dict[str, str]  # attack -> why `all` skipped it
-    n_members: int
+    n_members: int  # documents scored (with --stride too)
     n_nonmembers: int
     samples: MiaSampleCounts  # how each file's documents became samples
     overlap: MiaOverlap  # ids and identical samples found in both sets (both kept)
@@ -201,13 +216,18 @@ class MiaSummary(TypedDict, total=False):
     world_size: int  # torchrun processes
     seconds: float
     figures: list[str]  # figure files in the run directory (only when written)
+    # With --stride only: every column measured per window (no bootstrap interval, as windows of one document are
+    # not independent; the calibration split keeps each document's windows together).
+    window_attacks: dict[str, AttackMetrics]
+    collection: CollectionTest  # with --collection only: dataset inference (memaudit.collection)
 
 
 @dataclass
 class MiaResult:
     summary: MiaSummary  # exactly what summary.json holds
     path: Path | None  # the run directory (None with write=False)
-    samples: pd.DataFrame  # id, member, n_tokens, score_<column>
+    samples: pd.DataFrame  # id, member, n_tokens, score_<column>; with --stride also n_windows, per document
+    windows: pd.DataFrame | None = None  # with --stride: doc_id, offset, member, n_tokens, score_<column>
 
 
 # --- the entry --------------------------------------------------------------------------------------------------
@@ -228,10 +248,10 @@ def mia(settings: MiaSettings | None = None, /, **options: Any) -> MiaResult | N
     passes = _run_passes(s, loaded)
     if not distributed.is_main():  # rank 0 holds every gathered pass: it alone measures and writes
         return None
-    samples, cols, corpus = _attack_scores(s, loaded, passes)
-    metrics = _measure(s, loaded.samples.member, cols)
-    summary = _summary(s, loaded, passes, metrics, corpus, seconds=round(time.time() - t0, 2))
-    return MiaResult(summary=summary, path=_write(loaded.run, samples, summary, metrics), samples=samples)
+    table, cols, corpus = _attack_scores(s, loaded, passes)
+    m = _measure_all(s, loaded.samples, table, cols)
+    summary = _summary(s, loaded, passes, m, corpus, seconds=round(time.time() - t0, 2))
+    return MiaResult(summary=summary, path=_write(loaded.run, m, summary), samples=m.samples, windows=m.windows)
 
 
 def mia_headline(summary: Mapping[str, Any]) -> dict[str, Any]:
@@ -257,12 +277,25 @@ def mia_headline(summary: Mapping[str, Any]) -> dict[str, Any]:
 def format_summary(summary: Mapping[str, Any]) -> str:
     """The console lines of `memaudit mia`: the set sizes, then each column's AUC and TPR at 1% FPR."""
     lines = [f"{summary['n_members']} members vs {summary['n_nonmembers']} non-members"]
+    win = summary.get("windows") or {}
+    if win.get("mode") == "stride":
+        lines[0] += (f" (documents; {win['member_windows']} vs {win['nonmember_windows']} windows of {win['tokens']} "
+                     f"tokens every {win['stride']})")
+    windows = summary.get("window_attacks") or {}
     for c, m in summary["attacks"].items():
         ci = m.get("auc_ci95")
         ci_s = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
         cal = m["calibrated"].get("at_fpr_0.01", {})
         cal_s = f"; calibrated TPR {cal['tpr']:.3f} at FPR {cal['fpr']:.3f}" if cal else ""
-        lines.append(f"  {c:<14} AUC {m['auc']:.3f}{ci_s}  TPR@1%FPR {m['oracle']['tpr_at_fpr_0.01']:.3f}{cal_s}")
+        win_s = f"  (per window AUC {windows[c]['auc']:.3f})" if c in windows else ""
+        lines.append(f"  {c:<14} AUC {m['auc']:.3f}{ci_s}  TPR@1%FPR {m['oracle']['tpr_at_fpr_0.01']:.3f}{cal_s}"
+                     f"{win_s}")
+    if (col := summary.get("collection")) is not None:
+        sus, val = col["suspect"], col["validation"]
+        lines.append(f"collection test (members = suspect set): p = {col['p_value']:.3g}, Welch t = "
+                     f"{col['statistic']:.2f} (df {col['df']:.1f}) on {sus['test_documents']} vs "
+                     f"{val['test_documents']} held-out documents ({sus['test_windows']} vs {val['test_windows']} "
+                     f"samples); seed {col['seed']}")
     return "\n".join(lines)
 
 
@@ -292,11 +325,16 @@ class _Plan:
 
 @dataclass
 class _Samples:
-    ids: list[str]
+    ids: list[str]  # each sample's document id
     member: np.ndarray  # bool
     tokens: list[list[int]]  # the sample's tokens (before BOS)
     scored: list[np.ndarray]  # the tokens its scores cover: all of them with BOS, all but the first without
     counts: MiaSampleCounts
+    offsets: list[int]  # where each sample starts in its document (0 without --stride)
+    doc: np.ndarray  # each sample's document: an index into the doc_* lists
+    doc_ids: list[str]  # per document with at least one sample, members first
+    doc_member: np.ndarray  # bool, per document
+    doc_tokens: list[int]  # per document: its length in tokens
 
 
 @dataclass
@@ -318,9 +356,11 @@ def _load(s: MiaSettings) -> _Loaded:
     plan = _plan(s)
     dev, out = _start(s)
     mem_df, non_df, overlap_ids = _read(s)
+    if s.collection:  # checked again once too-short documents and recall's shots are known
+        _check_collection(len(mem_df), len(non_df))
     target, ref = _load_models(s, plan, dev)
     bos_id, ctx, max_tokens = _context(s, target, ref)
-    samples, overlap_samples = _cut_samples(s, target.tokenizer, mem_df, non_df, bos_id, max_tokens)
+    samples, overlap_samples = _cut_samples(s, plan, target.tokenizer, mem_df, non_df, bos_id, max_tokens)
     run = _open_run(s, plan, out) if out is not None and distributed.is_main() else None
     return _Loaded(plan=plan, target=target, ref=ref, bos_id=bos_id, ctx=ctx, max_tokens=max_tokens,
                    samples=samples, run=run, overlap=MiaOverlap(ids_in_both_files=overlap_ids,
@@ -334,6 +374,10 @@ def _plan(s: MiaSettings) -> _Plan:
         for n in [n for n in names if "reference" in ATTACKS[n].needs]:
             names.remove(n)
             skipped[n] = "no --reference model given"
+    if is_all and s.stride is not None and "gradnorm" in names:  # named, it runs per window
+        names.remove("gradnorm")
+        skipped["gradnorm"] = ("one backward pass per window, each unbatched: name it in --attacks to run it on "
+                               "every window")
     return _Plan(names=names, is_all=is_all, ks=parse_ks(s.k), skipped=skipped)
 
 
@@ -398,35 +442,71 @@ def _context(s: MiaSettings, target: LoadedModel, ref: LoadedModel | None) -> tu
     return bos_id, ctx, max_tokens
 
 
-def _cut_samples(s: MiaSettings, tok, mem_df: pd.DataFrame, non_df: pd.DataFrame, bos_id: int | None,
+def _cut_samples(s: MiaSettings, plan: _Plan, tok, mem_df: pd.DataFrame, non_df: pd.DataFrame, bos_id: int | None,
                  max_tokens: int) -> tuple[_Samples, int]:
-    """Members then non-members, one sample per document; and how many samples are identical in both sets."""
+    """Members then non-members: one sample per document or, with --stride, every window; and how many samples
+    are identical in both sets."""
     min_tokens = 1 if bos_id is not None else 2
-    m_ids, m_toks, m_counts = _cut(tokenize(tok, mem_df["text"]), mem_df["id"].tolist(), s.window, max_tokens,
-                                   min_tokens)
-    n_ids, n_toks, n_counts = _cut(tokenize(tok, non_df["text"]), non_df["id"].tolist(), s.window, max_tokens,
-                                   min_tokens)
-    if not m_toks or not n_toks:
-        which = "member" if not m_toks else "non-member"
+    sides = []
+    for df in (mem_df, non_df):
+        toks = tokenize(tok, df["text"])
+        sides.append((df, toks, *_cut(s, toks, max_tokens, min_tokens)))
+    (_, _, m, _), (_, _, n, _) = sides
+    if not len(m) or not len(n):
+        which = "member" if not len(m) else "non-member"
         raise MemauditError(f"no {which} sample left to score (documents shorter than --window {s.window} are "
                             "skipped)" if s.window else f"no {which} sample left to score")
-    if len(m_toks) < 2 or len(n_toks) < 2:
+    n_docs = [len(set(c.doc_ids)) for _, _, c, _ in sides]
+    if min(n_docs) < 2:
         raise MemauditError("need at least 2 members and 2 non-members (a calibration and an evaluation split)")
-    overlap = len({tuple(t) for t in m_toks} & {tuple(t) for t in n_toks})
+    if s.collection:  # recall's shot documents, when its pass will run, are left out of the test
+        room = max_tokens - max(len(t) for t in m.tokens + n.tokens) >= MIN_RECALL_PREFIX
+        _check_collection(n_docs[0], n_docs[1], s.recall_shots if "recall" in plan.names and room else 0)
+    overlap = len({tuple(t) for t in m.tokens} & {tuple(t) for t in n.tokens})
     if overlap:
         _warn(f"{overlap} sample(s) are identical in the member and the non-member set; keeping both")
-    tokens = m_toks + n_toks
-    return _Samples(ids=m_ids + n_ids, member=np.r_[np.ones(len(m_ids), bool), np.zeros(len(n_ids), bool)],
-                    tokens=tokens, scored=[np.asarray(t[1:] if bos_id is None else t, dtype=np.int64) for t in tokens],
-                    counts=MiaSampleCounts(members=m_counts, nonmembers=n_counts)), overlap
+    return _assemble(sides, bos_id), overlap
 
 
-def _cut(token_lists: Sequence[list[int]], ids: Sequence[str], window: int | None, max_tokens: int,
-         min_tokens: int) -> tuple[list[str], list[list[int]], SampleCounts]:
-    """One sample per document (`samples.document_samples`), identical samples kept once, and its counts."""
-    s = document_samples(token_lists, ids, max_tokens=max_tokens, min_tokens=min_tokens, window=window, dedup=True)
-    return s.doc_ids, s.tokens, {"documents": len(ids), "samples": len(s), "skipped_too_short": s.n_skipped,
-                                 "truncated_to_context": s.n_truncated, "duplicates_dropped": s.n_duplicates}
+def _check_collection(n_suspect: int, n_validation: int, shots: int = 0) -> None:
+    """--collection's minimum documents a side; recall's `shots` documents do not count (the test leaves them out)."""
+    check_sizes(n_suspect, n_validation - shots, f" once recall's {shots} shot documents are left out" if shots else "")
+
+
+def _cut(s: MiaSettings, token_lists: Sequence[list[int]], max_tokens: int,
+         min_tokens: int) -> tuple[Samples, SampleCounts]:
+    """One sample per document (`samples.document_samples`) or, with --stride, every window (`samples.cut`),
+    identical samples kept once; and the counts. Samples name their document by its position in the file."""
+    if s.stride is not None:
+        c = cut(token_lists, length=s.window, stride=s.stride, dedup=True)
+    else:
+        c = document_samples(token_lists, max_tokens=max_tokens, min_tokens=min_tokens, window=s.window, dedup=True)
+    return c, {"documents": len(token_lists), "samples": len(c), "skipped_too_short": c.n_skipped,
+               "truncated_to_context": c.n_truncated, "duplicates_dropped": c.n_duplicates}
+
+
+def _assemble(sides: list, bos_id: int | None) -> _Samples:
+    """_Samples from the members' and the non-members' cuts ((documents, their tokens, cut, counts) each):
+    documents with at least one sample are numbered in order, members first."""
+    ids, member, tokens, offsets, doc, doc_ids, doc_member, doc_tokens = [], [], [], [], [], [], [], []
+    for is_member, (df, toks, c, _) in zip((True, False), sides):
+        number: dict[int, int] = {}
+        for pos, t, off in zip(c.doc_ids, c.tokens, c.offsets):
+            if pos not in number:
+                number[pos] = len(doc_ids)
+                doc_ids.append(df["id"].iat[pos])
+                doc_member.append(is_member)
+                doc_tokens.append(len(toks[pos]))
+            ids.append(df["id"].iat[pos])
+            member.append(is_member)
+            tokens.append(t)
+            offsets.append(off)
+            doc.append(number[pos])
+    return _Samples(ids=ids, member=np.asarray(member, bool), tokens=tokens,
+                    scored=[np.asarray(t[1:] if bos_id is None else t, dtype=np.int64) for t in tokens],
+                    counts=MiaSampleCounts(members=sides[0][3], nonmembers=sides[1][3]), offsets=offsets,
+                    doc=np.asarray(doc, np.int64), doc_ids=doc_ids, doc_member=np.asarray(doc_member, bool),
+                    doc_tokens=doc_tokens)
 
 
 def _open_run(s: MiaSettings, plan: _Plan, out: Path) -> RunDir:
@@ -437,6 +517,8 @@ def _open_run(s: MiaSettings, plan: _Plan, out: Path) -> RunDir:
                 "calibration_fraction": s.calibration_fraction, "seed": s.seed, "batch_size": s.batch_size,
                 "device": s.device, "dtype": s.dtype, "text_field": s.text_field, "id_field": s.id_field,
                 "limit": s.limit}
+    # Recorded only when set, so a run without them records (and resumes) exactly as before they existed.
+    settings |= {k: v for k, v in (("stride", s.stride), ("collection", s.collection or None)) if v is not None}
     inputs = {"model": str(s.model_dir), "model_weights_sha256": weights_hash(s.model_dir),
               "members": str(s.members), "members_sha256": file_hash(s.members),
               "nonmembers": str(s.nonmembers), "nonmembers_sha256": file_hash(s.nonmembers)}
@@ -497,8 +579,9 @@ def _recall_pass(s: MiaSettings, L: _Loaded, score_kw: dict[str, Any]) -> tuple[
         _warn(f"skipping recall: {reason}")
         return None, None
     shots, prefix = _recall_prefix(samples, s.recall_shots, s.seed, tok.eos_token_id, budget)
-    shot_set = set(shots)
-    todo = [i for i in range(n) if i not in shot_set]
+    # Every sample of a shot's document is left out: with --stride its other windows overlap the prefix's text.
+    shot_docs = set(samples.doc[shots].tolist())
+    todo = [i for i in range(n) if samples.doc[i] not in shot_docs]
     start = [L.bos_id] if L.bos_id is not None else []
     cond = [start + prefix + samples.tokens[i] for i in todo]
     got = _resumable(L.run, "recall", len(cond), "mia: recall pass",
@@ -510,15 +593,20 @@ def _recall_pass(s: MiaSettings, L: _Loaded, score_kw: dict[str, Any]) -> tuple[
             recall_stats[i] = _tail(st, len(samples.scored[i]))
     info = RecallInfo(shots=len(shots), shot_ids=[samples.ids[i] for i in shots], prefix_tokens=len(prefix),
                       separator="eos" if tok.eos_token_id is not None else None,
-                      note="shots are non-member samples (seeded draw); they are left out of recall's metrics")
+                      note="shots are non-member samples (seeded draw); they are left out of recall's metrics"
+                      if s.stride is None else
+                      "shots are the first windows of non-member documents (seeded draw); every window of those "
+                      "documents is left out of recall's metrics")
     return recall_stats, info
 
 
 def _recall_prefix(samples: _Samples, n_shots: int, seed: int, sep: int | None,
                    budget: int) -> tuple[list[int], list[int]]:
-    """Indices of the non-member samples used as shots, and the prefix: their tokens joined by `sep`
-    (the EOS document separator), cut from the left to `budget` tokens so it fits before every sample."""
-    non = np.flatnonzero(~samples.member)
+    """Indices of the non-member samples used as shots (each the first sample of a distinct document), and the
+    prefix: their tokens joined by `sep` (the EOS document separator), cut from the left to `budget` tokens so it
+    fits before every sample."""
+    first = np.unique(samples.doc, return_index=True)[1]  # each document's first sample, in order
+    non = first[~samples.member[first]]
     if n_shots < 1 or n_shots >= len(non):
         raise MemauditError("--recall-shots must be between 1 and the number of non-members minus one "
                             f"({len(non) - 1})")
@@ -614,6 +702,65 @@ def _dcpdd_frequencies(s: MiaSettings, tok) -> tuple[np.ndarray, DcPddCorpus]:
         cap_a=DCPDD_CAP)
 
 
+@dataclass
+class _Measured:
+    samples: pd.DataFrame  # samples.parquet: one row per document
+    windows: pd.DataFrame | None  # windows.parquet (--stride): one row per window
+    metrics: dict[str, AttackMetrics]  # per document
+    window_metrics: dict[str, AttackMetrics] | None  # per window (--stride)
+    collection: CollectionTest | None  # --collection
+
+
+def _measure_all(s: MiaSettings, smp: _Samples, table: pd.DataFrame, cols: dict[str, np.ndarray]) -> _Measured:
+    """Metrics per document (today's table and figures without --stride) and, with --stride, per window; then
+    the collection test on the per-sample scores."""
+    if s.stride is None:
+        out = _Measured(samples=table, windows=None, metrics=_measure(s, smp.member, cols), window_metrics=None,
+                        collection=None)
+    else:
+        docs, doc_cols = _documents(smp, cols)
+        cal_docs, _ = stratified_split(smp.doc_member, s.calibration_fraction, s.seed)  # as _measure splits
+        cal = np.flatnonzero(np.isin(smp.doc, cal_docs))  # a document's windows stay on one side
+        windows = table.rename(columns={"id": "doc_id"})
+        windows.insert(1, "offset", np.asarray(smp.offsets, np.int64))
+        out = _Measured(samples=docs, windows=windows, metrics=_measure(s, smp.doc_member, doc_cols),
+                        window_metrics={c: _metrics(v, smp.member, n_bootstrap=0, seed=s.seed, cal_idx=cal)
+                                        for c, v in cols.items()}, collection=None)
+    if s.collection:
+        out.collection = _collection(s, smp, cols)
+    return out
+
+
+def _documents(smp: _Samples, cols: Mapping[str, np.ndarray]) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """samples.parquet under --stride: per document its windows' count and mean score per column (NaN when its
+    windows have none: recall's shot documents)."""
+    n_windows = np.bincount(smp.doc, minlength=len(smp.doc_ids))
+    means = {c: np.bincount(smp.doc, weights=v, minlength=len(n_windows)) / n_windows for c, v in cols.items()}
+    df = pd.DataFrame({"id": smp.doc_ids, "member": smp.doc_member, "n_windows": n_windows,
+                       "n_tokens": smp.doc_tokens} | {f"score_{c}": v for c, v in means.items()})
+    return df, means
+
+
+def _collection(s: MiaSettings, smp: _Samples, cols: Mapping[str, np.ndarray]) -> CollectionTest:
+    """Dataset inference on the per-sample (per-window) scores: members are the suspect side. dc_pdd with its
+    default corpus (the validation file) is left out, and so are documents with an undefined score."""
+    left_out: dict[str, str] = {}
+    feats = dict(cols)
+    if "dc_pdd" in feats and s.dcpdd_corpus is None:
+        del feats["dc_pdd"]
+        left_out["dc_pdd"] = ("its token frequencies come from the validation file (no --dcpdd-corpus), which "
+                              "makes suspect text look rarer: a bias towards 'trained on'")
+    finite = np.isfinite(np.column_stack(list(feats.values()))).all(axis=1)
+    bad_docs = np.unique(smp.doc[~finite])
+    keep = ~np.isin(smp.doc, bad_docs)
+    if len(bad_docs):
+        left_out["documents"] = (f"{len(bad_docs)} document(s) with an undefined score (recall's shots, whose text "
+                                 "is recall's prefix)")
+    res = dataset_inference({c: v[keep] for c, v in feats.items()}, smp.member[keep], smp.doc[keep], seed=s.seed)
+    res["left_out"] = left_out
+    return res
+
+
 def _measure(s: MiaSettings, member: np.ndarray, cols: Mapping[str, np.ndarray]) -> dict[str, AttackMetrics]:
     cal_idx, _ = stratified_split(member, s.calibration_fraction, s.seed)
     return {c: _metrics(v, member, n_bootstrap=s.bootstrap, seed=s.seed, cal_idx=cal_idx) for c, v in cols.items()}
@@ -661,22 +808,18 @@ def _calibrated(scores: np.ndarray, member: np.ndarray, ok: np.ndarray, cal_idx:
 
 # --- summary and run directory ---------------------------------------------------------------------------------
 
-def _summary(s: MiaSettings, L: _Loaded, P: _Passes, metrics: dict[str, AttackMetrics], corpus: DcPddCorpus | None,
+def _summary(s: MiaSettings, L: _Loaded, P: _Passes, m: _Measured, corpus: DcPddCorpus | None,
              *, seconds: float) -> MiaSummary:
-    member = L.samples.member
-    return MiaSummary(
+    member = m.samples["member"].to_numpy()  # per document
+    out = MiaSummary(
         **summary_header("mia"),
-        attacks=metrics,
-        columns=list(metrics),
+        attacks=m.metrics,
+        columns=list(m.metrics),
         skipped_attacks=L.plan.skipped,
         n_members=int(member.sum()), n_nonmembers=int((~member).sum()),
         samples=L.samples.counts,
         overlap=L.overlap,
-        windows=({"mode": "window", "tokens": s.window,
-                  "how": "one window per document: its first N tokens; shorter documents skipped"}
-                 if s.window is not None else
-                 {"mode": "document", "max_tokens": L.max_tokens,
-                  "how": "whole documents, truncated to the model's context"}),
+        windows=_windows_block(s, L),
         bos={"prepended": L.bos_id is not None,
              "scored_tokens": "every token of the sample" if L.bos_id is not None else "all but the first"},
         model_context=L.ctx,
@@ -694,14 +837,39 @@ def _summary(s: MiaSettings, L: _Loaded, P: _Passes, metrics: dict[str, AttackMe
         world_size=distributed.world_size(),
         seconds=seconds,
     )
+    if m.window_metrics is not None:
+        out["window_attacks"] = m.window_metrics
+        out["metrics_definition"]["window_attacks"] = (
+            "the same figures with each window as a sample: no bootstrap interval (windows of one document are not "
+            "independent); the calibration split is the documents' (each document's windows on one side)")
+    if m.collection is not None:
+        out["collection"] = m.collection
+    return out
 
 
-def _write(run: RunDir | None, df: pd.DataFrame, summary: MiaSummary, metrics: dict[str, AttackMetrics]) -> Path | None:
-    """samples.parquet, the figures (named in the summary), summary.json; None when nothing is written."""
+def _windows_block(s: MiaSettings, L: _Loaded) -> dict[str, Any]:
+    """summary["windows"]: how documents became samples."""
+    if s.stride is not None:
+        member = L.samples.member
+        return {"mode": "stride", "tokens": s.window, "stride": s.stride,
+                "member_windows": int(member.sum()), "nonmember_windows": int((~member).sum()),
+                "how": (f"every {s.window}-token window starting each {s.stride} tokens (identical windows kept once; "
+                        "documents shorter than a window skipped); a document's score is the mean of its windows'")}
+    if s.window is not None:
+        return {"mode": "window", "tokens": s.window,
+                "how": "one window per document: its first N tokens; shorter documents skipped"}
+    return {"mode": "document", "max_tokens": L.max_tokens, "how": "whole documents, truncated to the model's context"}
+
+
+def _write(run: RunDir | None, m: _Measured, summary: MiaSummary) -> Path | None:
+    """samples.parquet (windows.parquet with --stride), the figures (named in the summary), summary.json; None
+    when nothing is written."""
     if run is None:
         return None
-    run.write_samples(df)
-    summary["figures"] = _figures(run, df, summary["columns"], metrics)
+    run.write_samples(m.samples)
+    if m.windows is not None:
+        run.write_samples(m.windows, "windows.parquet")
+    summary["figures"] = _figures(run, m.samples, summary["columns"], m.metrics)
     run.write_summary(summary)
     run.finish()
     return run.path
@@ -719,7 +887,7 @@ def _figures(run: RunDir, df: pd.DataFrame, columns: list[str], metrics: Mapping
             s = df[f"score_{c}"].to_numpy()
             ok = ~np.isnan(s)
             fpr, tpr, _ = roc_curve(s[ok], member[ok])
-            ax.plot(fpr, tpr, label=f"{c} (AUC {metrics[c]['auc']:.3f})", drawstyle="steps-post")
+            ax.plot(fpr, tpr, label=f"{attack_label(c)} (AUC {metrics[c]['auc']:.3f})", drawstyle="steps-post")
         if loglog:
             lo = 1.0 / max(2, int((~member).sum()))
             ax.set_xscale("log")
@@ -729,9 +897,9 @@ def _figures(run: RunDir, df: pd.DataFrame, columns: list[str], metrics: Mapping
             ax.plot([lo / 2, 1], [lo / 2, 1], "k:", lw=0.8)
         else:
             ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-        ax.set_xlabel("false positive rate")
-        ax.set_ylabel("true positive rate")
-        ax.set_title("ROC (log-log)" if loglog else "ROC")
+        ax.set_xlabel("false positive rate" + (" (log scale)" if loglog else ""))
+        ax.set_ylabel("true positive rate" + (" (log scale)" if loglog else ""))
+        ax.set_title("ROC curves, log-log axes (low false-positive rates)" if loglog else "ROC curves")
         ax.legend(fontsize=7, loc="lower right")
         name = "roc_loglog.png" if loglog else "roc.png"
         run.save_figure(fig, name)
@@ -745,12 +913,14 @@ def _figures(run: RunDir, df: pd.DataFrame, columns: list[str], metrics: Mapping
         bins = np.histogram_bin_edges(s[ok], bins=30)
         ax.hist(s[ok & member], bins=bins, alpha=0.6, label="member")
         ax.hist(s[ok & ~member], bins=bins, alpha=0.6, label="non-member")
-        ax.set_title(c, fontsize=9)
+        ax.set_title(attack_label(c), fontsize=9)
+        ax.set_xlabel("score (higher = member)", fontsize=8)
+        ax.set_ylabel("samples", fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(columns):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle("score histograms (higher = member)")
+    fig.suptitle("Attack scores of members and non-members")
     fig.tight_layout()
     run.save_figure(fig, "histograms.png")
     names.append("histograms.png")

@@ -12,9 +12,11 @@ import torch
 import zstandard
 
 from memaudit import mia
+from memaudit.collection import dataset_inference
 from memaudit.membership import MiaSettings, MiaSummary, mia_headline
 from memaudit.data import read_documents, tokenize, write_documents
 from memaudit.errors import MemauditError
+from memaudit.metrics import roc_auc
 from memaudit.models import load_model, load_tokenizer
 
 
@@ -46,7 +48,7 @@ def unseen(tmp_path_factory, memorized):
     _, heldout = demo_corpus(n_train=60, n_heldout=160, seed=1)  # same draw as `memorized`; [60:] unused there
     other = write_documents(root / "other.jsonl", heldout[60:], [f"o{i}" for i in range(100)])
     train(TrainConfig(data=str(other), out=str(root / "model"), epochs=8, lr=3e-3, batch_size=16, seq_len=96,
-                      val_fraction=0.0, seed=0))
+                      rows="first", val_fraction=0.0, seed=0))
     return root / "model"
 
 
@@ -276,3 +278,116 @@ def test_resume_after_interruption_recomputes_only_unfinished_chunks(memorized, 
     assert not (tmp_path / "cut" / "partial").exists()
     with pytest.raises(MemauditError, match="other settings"):
         mia(**_sets(memorized), out=tmp_path / "cut", resume=True, **{**kw, "window": 12})
+
+
+# ---------- whole documents: every window at a stride, documents' means, collection-level membership ----------
+
+def test_stride_scores_every_window_and_documents_take_their_mean(memorized, tmp_path):
+    window, stride, n = 16, 12, 3
+    res = mia(**_sets(memorized), attacks="loss,min_k", k=[20.0], window=window, stride=stride, bootstrap=0,
+              limit=n, out=tmp_path / "run")
+    m = load_model(memorized.model_dir)
+    bos = m.tokenizer.bos_token_id
+    rows = []  # brute force: every window of every document, scored by a full-logits loop
+    for member, f in ((True, memorized.train_file), (False, memorized.heldout_file)):
+        docs, seen = read_documents(f, limit=n), set()
+        for doc_id, toks in zip(docs["id"], tokenize(m.tokenizer, docs["text"])):
+            for off in range(0, len(toks) - window + 1, stride):
+                if tuple(toks[off:off + window]) in seen:  # a window identical to an earlier one of its set
+                    continue
+                seen.add(tuple(toks[off:off + window]))
+                _, lp = _full_logprobs(m.model, [bos] + toks[off:off + window])
+                rows.append(dict(doc_id=doc_id, offset=off, member=member, loss=lp.mean(),
+                                 min_k=np.sort(lp)[:max(1, int(window * 0.2))].mean(), doc_tokens=len(toks)))
+    want = pd.DataFrame(rows)
+    win = res.windows
+    pd.testing.assert_frame_equal(win, pd.read_parquet(res.path / "windows.parquet"))
+    assert list(win.columns) == ["doc_id", "offset", "member", "n_tokens", "score_loss", "score_min_k_20"]
+    assert win[["doc_id", "offset", "member"]].values.tolist() == want[["doc_id", "offset", "member"]].values.tolist()
+    np.testing.assert_allclose(win["score_loss"], want["loss"], rtol=1e-5)
+    np.testing.assert_allclose(win["score_min_k_20"], want["min_k"], rtol=1e-5)
+    docs = res.samples  # one row per document: the mean of its windows, by a plain loop
+    pd.testing.assert_frame_equal(docs, pd.read_parquet(res.path / "samples.parquet"))
+    assert len(docs) == 2 * n
+    for _, d in docs.iterrows():
+        mine = want[(want.doc_id == d["id"]) & (want.member == d["member"])]
+        assert d["n_windows"] == len(mine) and d["n_tokens"] == mine["doc_tokens"].iloc[0]
+        assert d["score_loss"] == pytest.approx(mine["loss"].mean(), rel=1e-5)
+        assert d["score_min_k_20"] == pytest.approx(mine["min_k"].mean(), rel=1e-5)
+    s = res.summary
+    assert s["windows"] == {**s["windows"], "mode": "stride", "tokens": window, "stride": stride,
+                            "member_windows": int(want.member.sum()), "nonmember_windows": int((~want.member).sum())}
+    assert s["n_members"] == n and s["attacks"]["loss"]["auc"] == roc_auc(docs["score_loss"], docs["member"])
+    assert s["window_attacks"]["loss"]["auc"] == roc_auc(win["score_loss"], win["member"])
+    per_window = s["window_attacks"]["loss"]
+    assert per_window["n_members"] == want.member.sum() and "auc_ci95" not in per_window
+    # without --stride nothing changes: the same first windows, no window table, no new keys
+    first = mia(**_sets(memorized), attacks="loss,min_k", k=[20.0], window=window, bootstrap=0, limit=n, write=False)
+    assert first.windows is None and not {"window_attacks", "collection"} & set(first.summary)
+    np.testing.assert_allclose(first.samples["score_loss"], win[win.offset == 0]["score_loss"], rtol=1e-6)
+
+
+def test_stride_recall_leaves_out_shot_documents_and_all_skips_gradnorm(memorized):
+    window, shots = 16, 2
+    res = mia(**_sets(memorized), attacks="all", window=window, stride=window, recall_shots=shots, bootstrap=0,
+              limit=4, write=False)
+    s, win = res.summary, res.windows
+    assert "gradnorm" in s["skipped_attacks"] and "gradnorm" not in s["columns"]
+    shot_ids = s["recall"]["shot_ids"]
+    in_shot = ~win["member"] & win["doc_id"].isin(shot_ids)
+    assert len(shot_ids) == shots and win.loc[in_shot, "score_recall"].isna().all()
+    assert win.loc[~in_shot, "score_recall"].notna().all() and (win.loc[in_shot, "offset"] > 0).any()
+    assert res.samples.loc[~res.samples["member"] & res.samples["id"].isin(shot_ids), "score_recall"].isna().all()
+    # recall on a window: the full-logits loop on [BOS] + the shots' first windows joined by EOS + the window
+    m = load_model(memorized.model_dir)
+    tok, ctx = m.tokenizer, m.max_length
+    docs = pd.concat([read_documents(memorized.train_file, limit=4), read_documents(memorized.heldout_file, limit=4)])
+    toks = dict(zip(docs["id"], tokenize(tok, docs["text"])))
+    prefix = [t for sid in shot_ids for t in toks[sid][:window] + [tok.eos_token_id]][-(ctx - window):]
+    for _, row in win[~in_shot].iloc[::7].iterrows():
+        x = toks[row["doc_id"]][row["offset"]:row["offset"] + window]
+        _, lp = _full_logprobs(m.model, [tok.bos_token_id] + x)
+        _, lp_cond = _full_logprobs(m.model, [tok.bos_token_id] + prefix + x)
+        assert row["score_recall"] == pytest.approx(lp_cond[-window:].mean() / lp.mean(), rel=1e-5)
+    named = mia(**_sets(memorized), attacks="gradnorm", window=window, stride=4 * window, bootstrap=0, limit=2,
+                write=False)  # named, it runs on every window
+    assert named.windows["score_gradnorm"].notna().all() and len(named.windows) > 4
+
+
+def _features(windows: pd.DataFrame, names):
+    return {c: windows[f"score_{c}"].to_numpy() for c in names}
+
+
+def test_collection_trained_on_is_found_in_every_seed(memorized):
+    res = mia(**_sets(memorized), attacks="loss,zlib,min_k,min_k_pp", window=32, stride=32, collection=True,
+              bootstrap=0, write=False)
+    col, win = res.summary["collection"], res.windows
+    assert col["suspect"]["documents"] == 60 and col["validation"]["documents"] == 60
+    assert col["suspect"]["windows"] == win["member"].sum() and col["unit"] == "document" and col["seed"] == 0
+    assert col["suspect"]["test_documents"] == 30 and set(col["weights"]) == set(col["features"])
+    doc = pd.factorize(win["member"].astype(str) + "/" + win["doc_id"])[0]
+    p = [dataset_inference(_features(win, col["features"]), win["member"].to_numpy(), doc, seed=s)["p_value"]
+         for s in range(10)]
+    print("trained-on collection p-values by seed:", " ".join(f"{x:.2g}" for x in p))
+    assert p[0] == col["p_value"] and max(p) < 1e-3, p
+
+
+def test_collection_two_unseen_halves_look_uniform(memorized, tmp_path, run_cli):
+    held = read_documents(memorized.heldout_file)
+    a = write_documents(tmp_path / "a.jsonl", held["text"][:30].tolist(), held["id"][:30].tolist())
+    b = write_documents(tmp_path / "b.jsonl", held["text"][30:].tolist(), held["id"][30:].tolist())
+    r = run_cli("mia", memorized.model_dir, "--members", a, "--nonmembers", b, "--attacks", "loss,zlib,min_k,min_k_pp",
+                "--window", "32", "--stride", "32", "--collection", "--bootstrap", "0", "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert "collection test (members = suspect set): p = " in r.stdout
+    col = json.loads((tmp_path / "run" / "summary.json").read_text())["collection"]
+    win = pd.read_parquet(tmp_path / "run" / "windows.parquet")
+    # Further seeds: other documents-wise halves of the 60 held-out documents (these attacks read no labels, so
+    # a window's scores do not depend on its side), each tested with its own seed.
+    feats, doc = _features(win, col["features"]), pd.factorize(win["doc_id"])[0]
+    p = [col["p_value"]]
+    for seed in range(1, 20):
+        half = np.random.default_rng(seed).permutation(held["id"].to_numpy())[:30]
+        p.append(dataset_inference(feats, win["doc_id"].isin(half).to_numpy(), doc, seed=seed)["p_value"])
+    print("unseen halves p-values by seed:", " ".join(f"{x:.2g}" for x in p))
+    assert np.mean(np.array(p) > 0.05) >= 0.8, p
