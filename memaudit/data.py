@@ -1,13 +1,20 @@
-"""Read documents (txt / jsonl / parquet / csv) and tokenize them; cutting them into samples is samples.py."""
+"""Read documents (txt / jsonl / parquet / csv) and tokenize them, or read pre-tokenized corpora (.npy, .bin,
+`input_ids` in jsonl / parquet); cutting them into samples is samples.py."""
 from __future__ import annotations
 
+import collections.abc
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -163,3 +170,290 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048):
     tok.train_from_iterator(list(texts), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special, eos_token=special,
                                    pad_token=special, unk_token=special)
+
+
+# ---- pre-tokenized corpora, and one view of documents for every command -----------------------------------------
+
+IDS_FIELD = "input_ids"  # the jsonl field / parquet column of pre-tokenized documents
+TOKEN_FILES = (".npy", ".bin")
+TOKEN_DTYPES = ("uint16", "uint32")  # a .bin's token width (nanoGPT writes uint16; Megatron-style shards either)
+_CHUNK = 1 << 22  # ids checked per step: a memory-mapped file is read in bounded pieces, never all at once
+
+
+def check_token_options(paths: str | os.PathLike | Sequence[str | os.PathLike | None], token_dtype: str = "uint16",
+                        seq_len: int | None = None) -> None:
+    """--token-dtype and --seq-len against the data file(s) (None entries skipped), before anything is loaded: a .bin
+    needs --seq-len and a size that is a whole number of tokens, and --seq-len needs a .bin. One error line each."""
+    checks.choice("--token-dtype", token_dtype, TOKEN_DTYPES)
+    checks.integer("--seq-len", seq_len, low=1)
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths) if p is not None]
+    bins = [p for p in paths if p.suffix == ".bin"]
+    if seq_len is not None and not bins:
+        raise MemauditError(f"--seq-len cuts a .bin token file into rows; {' and '.join(map(str, paths))} "
+                            f"{'is not one' if len(paths) == 1 else 'are not'} (leave it out)")
+    for path in bins:
+        if seq_len is None:
+            raise MemauditError(f"{path}: a .bin token file needs --seq-len (the tokens per row to cut it into)")
+        if path.is_file() and (size := path.stat().st_size) % (width := np.dtype(token_dtype).itemsize):
+            raise MemauditError(f"{path}: {size} bytes is not a whole number of {width}-byte {token_dtype} tokens "
+                                "(is --token-dtype right?)")
+
+
+def pretokenized(path: str | os.PathLike, text_field: str = "text") -> bool:
+    """Whether `load_documents` reads this file as token ids (cheap: a .npy/.bin, or a jsonl/parquet file of ids)."""
+    path = Path(path)
+    return path.suffix in TOKEN_FILES or (path.is_file() and _holds_ids(path, text_field))
+
+
+class TokenRows(collections.abc.Sequence):
+    """Stored token ids, one row per document, read only when asked for: `rows[i]` is row i as a list of ints.
+
+    `flat` holds the rows back to back (a memory map for .npy and .bin files, so nothing is read up front); rows are
+    either `width` ids each (a .bin's last row holds the remainder, and may be shorter) or delimited by `offsets`.
+    """
+
+    def __init__(self, flat: np.ndarray, *, width: int | None = None, offsets: np.ndarray | None = None,
+                 n_rows: int | None = None):
+        self.flat, self.width, self.offsets = flat, width, offsets
+        self._n = len(offsets) - 1 if offsets is not None else (n_rows if n_rows is not None
+                                                                 else -(-len(flat) // width))
+
+    def __len__(self) -> int:
+        return self._n
+
+    def span(self, i: int) -> tuple[int, int]:
+        """Where row i lies in `flat`."""
+        if self.offsets is not None:
+            return int(self.offsets[i]), int(self.offsets[i + 1])
+        return i * self.width, min((i + 1) * self.width, len(self.flat))
+
+    def row(self, i: int) -> np.ndarray:
+        """Row i as a view of `flat` (no copy)."""
+        a, b = self.span(i)
+        return self.flat[a:b]
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._n))]
+        return self.row(range(self._n)[i]).tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for i in range(self._n):
+            yield self.row(i).tolist()
+
+    def first_outside(self, vocab_size: int) -> tuple[int, int] | None:
+        """(row, id) of the first id outside [0, vocab_size), or None; reads `flat` in chunks."""
+        end = self.span(self._n - 1)[1] if self._n else 0
+        for a in range(0, end, _CHUNK):
+            chunk = np.asarray(self.flat[a:min(end, a + _CHUNK)])
+            if chunk.size and (chunk.max() >= vocab_size or chunk.min() < 0):
+                k = a + int(np.flatnonzero((chunk >= vocab_size) | (chunk < 0))[0])
+                row = int(np.searchsorted(self.offsets, k, side="right")) - 1 if self.offsets is not None \
+                    else k // self.width
+                return row, int(self.flat[k])
+        return None
+
+
+class _RowNumbers(collections.abc.Sequence):
+    """Ids "0", "1", ... made when asked for (a .bin may hold millions of rows)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        got = range(self.n)[i]
+        return [str(j) for j in got] if isinstance(got, range) else str(got)
+
+
+def decode(tokenizer, ids: Sequence[int]) -> str:
+    """The text of token ids as outputs show it (no clean-up of spaces: the text is exactly what the ids say)."""
+    return tokenizer.decode([int(i) for i in ids], clean_up_tokenization_spaces=False)
+
+
+@dataclass
+class Documents:
+    """Documents read from one file, as every command takes its data: `ids[i]` names document i.
+
+    Text formats hold `texts`, tokenized by `tokens` exactly as `read_documents` and `tokenize` do. Pre-tokenized
+    formats hold `rows`: `tokens` returns them as stored (lazily) once every id is checked against the tokenizer's
+    vocabulary, and `text` decodes them.
+    """
+    path: Path
+    ids: Sequence[str]
+    texts: list[str] | None = None
+    rows: TokenRows | None = None
+    lines: list[int] | None = None  # a jsonl document's line number, for errors that name it
+
+    @property
+    def pretokenized(self) -> bool:
+        return self.rows is not None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def tokens(self, tokenizer) -> Sequence[list[int]]:
+        """Each document's token ids for `tokenizer`: its text tokenized, or its stored ids (ids outside the
+        tokenizer's vocabulary are an error naming the row)."""
+        if self.rows is None:
+            return tokenize(tokenizer, self.texts)
+        vocab = len(tokenizer)
+        if (bad := self.rows.first_outside(vocab)) is not None:
+            raise MemauditError(f"{self.path}: {self.where(bad[0])}: token id {bad[1]} is outside the model's "
+                                f"vocabulary (ids 0-{vocab - 1}): were these ids made with this model's tokenizer?")
+        return self.rows
+
+    def text(self, i: int, tokenizer) -> str:
+        """Document i's text: as read, or decoded from its stored ids."""
+        return self.texts[i] if self.rows is None else decode(tokenizer, self.rows.row(i))
+
+    def where(self, i: int) -> str:
+        return f"line {self.lines[i]}" if self.lines is not None else f"row {i}"
+
+
+def load_documents(path: str | os.PathLike, *, text_field: str = "text", id_field: str = "id",
+                   limit: int | None = None, token_dtype: str = "uint16", seq_len: int | None = None) -> Documents:
+    """The documents of any supported file. Text (.jsonl, .txt, .parquet, .csv) is read by `read_documents`, exactly
+    as ever. Pre-tokenized, nothing is tokenized: .npy, a 2-D integer array with a document per row; .bin, flat
+    little-endian `token_dtype` ids, memory-mapped and cut into rows of `seq_len`; .jsonl / .parquet with an
+    `input_ids` list of integers per document (when the file has no `text_field`, or `text_field` is "input_ids").
+    Ids default to the row number; `limit` keeps the first documents."""
+    path = Path(path)
+    checks.readable_file(path)
+    checks.limit(limit)
+    if path.suffix not in SUPPORTED + TOKEN_FILES:
+        raise MemauditError(f"{path}: unsupported data format {path.suffix!r} (use "
+                            f"{', '.join(SUPPORTED + TOKEN_FILES)})")
+    if path.suffix == ".npy":
+        return _npy_documents(path, limit)
+    if path.suffix == ".bin":
+        check_token_options(path, token_dtype, seq_len)
+        return _bin_documents(path, token_dtype, seq_len, limit)
+    if _holds_ids(path, text_field):
+        return (_jsonl_ids if path.suffix == ".jsonl" else _parquet_ids)(path, id_field, limit)
+    df = read_documents(path, text_field=text_field, id_field=id_field, limit=limit)
+    return Documents(path, df["id"].tolist(), texts=df["text"].tolist())
+
+
+def _holds_ids(path: Path, text_field: str) -> bool:
+    """A jsonl or parquet file of token ids: `text_field` is input_ids, or the file has input_ids and no text."""
+    if path.suffix not in (".jsonl", ".parquet"):
+        return False
+    if text_field == IDS_FIELD:
+        return True
+    if path.suffix == ".parquet":
+        try:
+            names = pq.read_schema(path).names
+        except Exception:  # read_documents names what is wrong with the file
+            return False
+        return IDS_FIELD in names and text_field not in names
+    first = next(iter_jsonl(path), None)
+    return first is not None and isinstance(first[1], dict) and IDS_FIELD in first[1] and text_field not in first[1]
+
+
+def _npy_documents(path: Path, limit: int | None) -> Documents:
+    try:
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError:  # an empty array cannot be mapped; anything else fails again below, and is named
+            arr = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise MemauditError(f"{path}: cannot read as .npy: {str(exc).splitlines()[0][:200]}") from None
+    if not isinstance(arr, np.ndarray) or arr.ndim != 2:
+        raise MemauditError(f"{path}: a .npy corpus must be a 2-D array, one token sequence per row, not shape "
+                            f"{getattr(arr, 'shape', '?')}")
+    if arr.dtype.kind not in "iu":
+        raise MemauditError(f"{path}: holds {arr.dtype} values, not integer token ids")
+    if arr.size == 0:
+        raise MemauditError(f"{path}: no documents in the file")
+    n = arr.shape[0] if limit is None else min(limit, arr.shape[0])
+    flat = arr.reshape(-1) if arr.flags.c_contiguous else np.ascontiguousarray(arr[:n]).reshape(-1)
+    return Documents(path, _RowNumbers(n), rows=TokenRows(flat, width=arr.shape[1], n_rows=n))
+
+
+def _bin_documents(path: Path, token_dtype: str, seq_len: int, limit: int | None) -> Documents:
+    if path.stat().st_size == 0:
+        raise MemauditError(f"{path}: no documents in the file")
+    flat = np.memmap(path, dtype=np.dtype(token_dtype).newbyteorder("<"), mode="r")
+    n = -(-len(flat) // seq_len)
+    n = n if limit is None else min(n, limit)
+    return Documents(path, _RowNumbers(n), rows=TokenRows(flat, width=seq_len, n_rows=n))
+
+
+def _id_array(value: Any, where: str) -> np.ndarray:
+    if not isinstance(value, list) or not all(type(v) is int for v in value):  # type(): True is not a token id
+        raise MemauditError(f"{where}: {IDS_FIELD!r} is not a list of integers")
+    try:
+        return np.array(value, dtype=np.int64)
+    except OverflowError:
+        raise MemauditError(f"{where}: {IDS_FIELD!r} holds an id too large for any vocabulary") from None
+
+
+def _jsonl_ids(path: Path, id_field: str, limit: int | None) -> Documents:
+    arrays, ids, lines = [], [], []
+    for lineno, obj in iter_jsonl(path):
+        if limit is not None and len(arrays) == limit:
+            break
+        if not isinstance(obj, dict) or IDS_FIELD not in obj:
+            raise MemauditError(f"{path}: line {lineno} has no {IDS_FIELD!r} field")
+        arrays.append(_id_array(obj[IDS_FIELD], f"{path}: line {lineno}"))
+        if id_field in obj and obj[id_field] is None:
+            raise MemauditError(f"{path}: line {lineno}: field {id_field!r} is null")
+        ids.append(str(obj[id_field]) if id_field in obj else None)
+        lines.append(lineno)
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+    return _ragged_documents(path, flat, offsets, ids, id_field, lines)
+
+
+def _parquet_ids(path: Path, id_field: str, limit: int | None) -> Documents:
+    try:
+        names = pq.read_schema(path).names
+        table = pq.read_table(path, columns=[c for c in dict.fromkeys((IDS_FIELD, id_field)) if c in names])
+    except Exception as exc:
+        raise MemauditError(f"{path}: cannot read as parquet: {str(exc).splitlines()[0][:200]}") from None
+    if IDS_FIELD not in names:
+        raise MemauditError(f"{path}: no column {IDS_FIELD!r} (columns: {', '.join(map(str, names))})")
+    table = table.slice(0, limit) if limit is not None else table
+    flat, offsets = _id_lists(path, table.column(IDS_FIELD).combine_chunks())
+    ids = [None] * table.num_rows
+    if id_field in names:
+        col = table.column(id_field).to_pandas()
+        if (nulls := col.isna()).any():
+            raise MemauditError(f"{path}: row {int(nulls.to_numpy().argmax())}: column {id_field!r} is null")
+        ids = col.astype(str).tolist()
+    return _ragged_documents(path, flat, offsets, ids, id_field)
+
+
+def _id_lists(path: Path, arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A parquet list-of-integers column as (every id back to back, row offsets); anything else names its row."""
+    kind = arr.type
+    listed = pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    if not listed or not pa.types.is_integer(kind.value_type):
+        row = int(valid.argmax()) if valid.any() else 0
+        raise MemauditError(f"{path}: row {row}: column {IDS_FIELD!r} is not a list of integers (it holds {kind})")
+    if not valid.all():
+        raise MemauditError(f"{path}: row {int((~valid).argmax())}: column {IDS_FIELD!r} is null, not a list of "
+                            "integers")
+    offsets = np.zeros(len(arr) + 1, dtype=np.int64)
+    np.cumsum(pc.list_value_length(arr).to_numpy(zero_copy_only=False), out=offsets[1:])
+    values = arr.flatten()
+    if values.null_count:
+        k = int((~values.is_valid().to_numpy(zero_copy_only=False)).argmax())
+        row = int(np.searchsorted(offsets, k, side="right")) - 1
+        raise MemauditError(f"{path}: row {row}: column {IDS_FIELD!r} holds a null, not an integer")
+    return values.to_numpy(zero_copy_only=False), offsets
+
+
+def _ragged_documents(path: Path, flat: np.ndarray, offsets: np.ndarray, ids: list[str | None], id_field: str,
+                      lines: list[int] | None = None) -> Documents:
+    if len(offsets) < 2 or offsets[-1] == 0:
+        raise MemauditError(f"{path}: no documents in the file")
+    if id_field != "id" and all(i is None for i in ids):
+        raise MemauditError(f"{path}: no {id_field!r} field (--id-field); leave it out to number the documents")
+    ids = [i if i is not None else str(n) for n, i in enumerate(ids)]
+    return Documents(path, ids, rows=TokenRows(flat, offsets=offsets), lines=lines)

@@ -19,7 +19,7 @@ import pandas as pd
 import zstandard
 
 from . import checks
-from .data import file_hash, read_documents, tokenize
+from .data import check_token_options, decode, file_hash, load_documents, read_documents
 from .errors import MemauditError
 from .figures import pyplot
 from .models import LoadedModel, load_model, tokenizers_match, weights_hash
@@ -109,7 +109,7 @@ def _distribution(x: np.ndarray) -> dict[str, float]:
 class MemorizationSettings:
     """Every option of `memaudit memorization`: the CLI flags' names and defaults (the CLI only parses)."""
     model_dir: str | Path  # the target model
-    data: str | Path  # the samples to measure (.jsonl, .txt, .parquet, .csv)
+    data: str | Path  # the samples to measure (.jsonl, .txt, .parquet, .csv; pre-tokenized .npy, .bin, input_ids)
     reference: str | Path  # a model directory with the target's tokenizer, or "zstd"
     zstd_level: int = 19
     zstd_dict_from: str | Path | None = None  # train a zstd dictionary on this text file first (zstd only)
@@ -121,6 +121,8 @@ class MemorizationSettings:
     text_field: str = "text"
     id_field: str = "id"
     limit: int | None = None
+    token_dtype: str = "uint16"  # a .bin's token width: uint16 or uint32
+    seq_len: int | None = None  # tokens per row a .bin is cut into (needed for a .bin, refused otherwise)
     allow_pickle: bool = False
     trust_remote_code: bool = False
     resume: bool = False
@@ -138,6 +140,7 @@ class MemorizationSettings:
         checks.batch_size(self.batch_size)
         checks.choice("--dtype", self.dtype, ("float32", "fp32", "bfloat16", "bf16"))
         checks.readable_file(self.data)
+        check_token_options(self.data, self.token_dtype, self.seq_len)
         checks.model_dir(self.model_dir, allow_pickle=self.allow_pickle)
         if not self.zstd:
             if not Path(self.reference).exists():
@@ -225,8 +228,9 @@ def memorization(settings: MemorizationSettings | None = None, /, **options: Any
 
 def _load(s: MemorizationSettings) -> _Loaded:
     """The target (and a reference model, with the same tokenizer), the samples cut to the context, or zstd."""
+    docs = load_documents(s.data, text_field=s.text_field, id_field=s.id_field, limit=s.limit,
+                          token_dtype=s.token_dtype, seq_len=s.seq_len)  # a damaged file fails before the model loads
     target = ModelCoder(_load_model(s, s.model_dir), s.batch_size)
-    docs = read_documents(s.data, text_field=s.text_field, id_field=s.id_field, limit=s.limit)
     if s.zstd:
         reference = None
     else:
@@ -238,18 +242,18 @@ def _load(s: MemorizationSettings) -> _Loaded:
     # One sample per document; a document longer than the context is cut to what fits, and the cut is counted.
     tok = target.loaded.tokenizer
     room = target.loaded.max_length if target.start_id is not None else target.loaded.max_length + 1
-    token_lists = tokenize(tok, docs["text"].tolist())
+    token_lists = docs.tokens(tok)  # texts tokenized, or stored ids checked against the vocabulary
     cut = document_samples(token_lists, max_tokens=room, min_tokens=1 if target.start_id is not None else 2)
     if not cut.doc_ids:
         raise MemauditError(f"{s.data}: no sample has enough tokens to score")
-    texts = [docs["text"].iloc[i] if len(token_lists[i]) <= room
-             else tok.decode(seq, clean_up_tokenization_spaces=False) for i, seq in zip(cut.doc_ids, cut.tokens)]
+    texts = [docs.text(i, tok) if len(seq) == len(token_lists[i]) else decode(tok, seq)
+             for i, seq in zip(cut.doc_ids, cut.tokens)]
     if reference is None:
         dict_texts = (read_documents(s.zstd_dict_from, text_field=s.text_field)["text"].tolist()
                       if s.zstd_dict_from else None)
         reference = ZstdCoder(s.zstd_level, dict_texts)
     name = f"model {s.reference}" if isinstance(reference, ModelCoder) else reference.describe()
-    return _Loaded(target, reference, name, docs["id"].iloc[cut.doc_ids].tolist(), cut.tokens, texts,
+    return _Loaded(target, reference, name, [docs.ids[i] for i in cut.doc_ids], cut.tokens, texts,
                    cut.n_skipped, cut.n_truncated)
 
 
@@ -263,7 +267,8 @@ def _open_run(s: MemorizationSettings, out: str | Path, loaded: _Loaded) -> RunD
     settings = {"reference": "zstd" if s.zstd else str(s.reference), "zstd_level": s.zstd_level,
                 "zstd_dict_from": str(s.zstd_dict_from) if s.zstd_dict_from else None, "dtype": s.dtype,
                 "text_field": s.text_field, "id_field": s.id_field, "limit": s.limit, "top_k": s.top_k,
-                "first_token": loaded.target.first_token}
+                "first_token": loaded.target.first_token, "seq_len": s.seq_len,
+                "token_dtype": s.token_dtype if s.seq_len is not None else None}  # recorded for a .bin only
     inputs = {"model_dir": str(s.model_dir), "model_weights_sha256": weights_hash(s.model_dir),
               "data": str(s.data), "data_sha256": file_hash(s.data)}
     if not s.zstd:
@@ -327,5 +332,5 @@ def _histogram(mem: np.ndarray, ref_name: str):
     ax.hist(mem, bins=min(50, max(5, len(mem) // 4)), color="#3b6ea8")
     ax.set_xlabel("unintended memorization per sample (bits)")
     ax.set_ylabel("samples")
-    ax.set_title(f"mem_U against {ref_name}"[:90], fontsize=9)
+    ax.set_title(f"Unintended memorization against {ref_name}"[:90], fontsize=9)
     return fig
