@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypedDict
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -43,7 +43,7 @@ from .metrics import rouge_l_ids, rouge_l_text, rouge_tokenize
 from .models import LoadedModel, load_model, weights_hash
 from .progress import progress_bar
 from .rundir import RunDir, check_output, summary_header
-from .samples import Windows, make_windows
+from .samples import DistinctWindows, Sampling, Windows
 from .scoring import ScoredBatch, iter_scored_batches
 from .settings import settings_from
 
@@ -67,7 +67,7 @@ class DecodingSettings:
     batch_size: int | str = "auto"
     bos: bool | None = None  # None: prepend BOS when the tokenizer has one
     shortcut: bool = True  # greedy: decode only diverged windows; sample: draw from the pass's cache
-    seed: int = 0  # sample only: each window's draws come from (seed, window index)
+    seed: int = 0  # sample: each window's draws come from (seed, window number); extract: --windows-per-doc starts
 
     def validate(self) -> None:
         """One MemauditError line for the first bad option."""
@@ -91,7 +91,10 @@ class ExtractSettings(DecodingSettings):
     data: str | os.PathLike  # documents to probe (.jsonl, .txt, .parquet, .csv)
     prefix: int = 32  # prompt tokens
     suffix: int = 32  # target tokens, compared with the continuation
-    offset: int = 0  # token position in each document where the window starts
+    offset: int = 0  # token position in each document where the window starts (the first window, or --stride's)
+    stride: int | None = None  # every window of prefix + suffix tokens, one starting each `stride` tokens
+    windows_per_doc: int | None = None  # N windows per document at random starts (seeded by `seed`)
+    tail: bool = False  # the last prefix + suffix tokens of each document
     device: str = "auto"
     dtype: str = "auto"
     limit: int | None = None  # only the first N documents
@@ -110,7 +113,7 @@ class ExtractSettings(DecodingSettings):
         super().validate()
         checks.integer("--prefix", self.prefix, high=MAX_WINDOW)
         checks.integer("--suffix", self.suffix, high=MAX_WINDOW)
-        checks.integer("--offset", self.offset, low=0)
+        self.sampling().validate()
         checks.limit(self.limit)
         checks.readable_file(self.data)
         # Only write=False refuses --resume: --resume without --out has always started a new default folder.
@@ -123,6 +126,11 @@ class ExtractSettings(DecodingSettings):
         if ctx is not None and self.prefix + self.suffix > ctx:
             raise MemauditError(f"windows of {self.prefix}+{self.suffix} tokens need {self.prefix + self.suffix} "
                                 f"positions but the model's context is {ctx}: use a smaller --prefix/--suffix")
+
+    def sampling(self) -> Sampling:
+        """Which windows of each document are probed (samples.Sampling)."""
+        return Sampling(offset=self.offset, stride=self.stride, windows_per_doc=self.windows_per_doc,
+                        tail=self.tail, seed=self.seed)
 
 
 # --- what a run returns --------------------------------------------------------------------------------------------
@@ -156,6 +164,19 @@ class ExtractSummary(TypedDict, total=False):
     any_exact_rate: float | None  # sample only: fraction with at least one reproducing draw
     np_threshold: float  # sample only: p
     np_discoverable_rate: float | None  # sample only: fraction with p_extract >= p
+    sampling: str  # which windows: first, stride, random (--windows-per-doc) or tail
+    stride: int  # --stride only
+    windows_per_doc: int  # --windows-per-doc only
+    n_repeats: int  # whole-document strategies: windows identical to an earlier one, probed once, row copied
+    documents: DocumentsSummary  # per-document aggregates (documents.parquet), `extract` only
+
+
+class DocumentsSummary(TypedDict):
+    """summary.json's `documents` block: the documents read and how much of them came back verbatim."""
+    n_documents: int  # documents read (those too short for any window included)
+    documents_with_exact: int  # documents with at least one exactly reproduced suffix
+    mean_exact_fraction: float | None  # mean over documents with a window of (exact windows / windows)
+    reproduced_token_fraction: float | None  # tokens in an exactly reproduced suffix / all tokens of all documents
 
 
 @dataclass
@@ -163,76 +184,142 @@ class ExtractResult:
     summary: ExtractSummary  # exactly what summary.json holds
     path: Path | None  # the run directory (None with write=False)
     samples: pd.DataFrame  # one row per window, in input order (columns: see `extract`)
+    documents: pd.DataFrame | None = None  # one row per document (documents.parquet); None from extract_windows
 
 
 # --- the entry ---------------------------------------------------------------------------------------------------
 
 def extract(settings: ExtractSettings | None = None, /, *, on_batch: Callable[[int], None] | None = None,
             **options: Any) -> ExtractResult:
-    """Extraction probe: prompt with each document's prefix and compare the continuation with its true suffix.
+    """Extraction probe: prompt with each window's prefix and compare the continuation with its true suffix.
 
-    Takes an ExtractSettings or its fields as keywords (`extract(model_dir=..., data=...)`). Returns the summary
-    and one row per deduplicated window: id, exact, token_match, match_prefix, rouge_l, rouge_l_text, generated,
-    target, generated_ids (+ p_hat, any_exact, p_seq, p_extract for sampling). With `write=True` (the default) it
-    also writes the run directory `out`, saving each finished group of windows as it goes so `resume` continues an
-    interrupted run. `on_batch(k)` is called after the k-th group is saved (not a setting: a hook for callers).
+    Takes an ExtractSettings or its fields as keywords (`extract(model_dir=..., data=...)`). The windows are each
+    document's first (at `offset`; identical windows kept once, as ever) or, with `stride`, `windows_per_doc` or
+    `tail`, windows across whole documents (every window a row; one identical to an earlier window is probed once
+    and its row copied, so each document's coverage counts all its windows). Returns the summary, one row per
+    window (`samples`: id, exact, token_match, match_prefix, rouge_l, rouge_l_text, generated, target,
+    generated_ids (+ p_hat, any_exact, p_seq, p_extract for sampling), doc_id, offset) and one row per document
+    (`documents`, see `document_table`). With `write=True` (the default) it also writes the run directory `out`,
+    saving each finished group of windows as it goes so `resume` continues an interrupted run. `on_batch(k)` is
+    called after the k-th group is saved (not a setting: a hook for callers).
     """
     s = settings_from(ExtractSettings, settings, options)
     s.validate()
-    loaded, windows, run = _load(s)
-    samples, summary = _compute(loaded, windows, s, run, on_batch)
-    return _write(run, samples, summary)
+    loaded, corpus, run = _load(s)
+    plan = corpus.plan(s.prefix, s.suffix)
+    rows, use_bos = _compute(loaded, plan, plan.suffix, s, run, on_batch, total=corpus.n_windows)
+    samples, windows = _assemble(rows, plan, corpus)
+    documents = document_table(windows, corpus.ids, corpus.n_tokens, s.prefix, s.suffix)
+    whole = corpus.sampling.whole_document
+    summary = summarize(samples, s, use_bos, prefix=s.prefix, suffix=s.suffix, n_skipped=plan.n_skipped,
+                        n_duplicates=0 if whole else len(plan.repeats))
+    summary |= _sampling_keys(corpus.sampling, n_repeats=len(plan.repeats) if whole else 0)
+    summary["documents"] = documents_summary(documents)
+    return _write(run, samples, summary, documents=documents, windows=windows if whole else None)
 
 
 def extract_windows(loaded: LoadedModel, windows: Windows, settings: DecodingSettings | None = None, *,
                     run: RunDir | None = None, on_batch: Callable[[int], None] | None = None) -> ExtractResult:
     """The probe on windows already cut (`samples.make_windows`): `extract` without its loading step, with the
-    same result (the summary's prefix and suffix are the windows').
+    same samples and summary (the summary's prefix and suffix are the windows'; no documents table).
 
     With `run`, finished groups are saved as partial results, windows already saved there are skipped (resume),
     and samples.parquet, summary.json and the histograms are written at the end.
     """
     st = settings or DecodingSettings()
     st.validate()
-    samples, summary = _compute(loaded, windows, st, run, on_batch)
+    rows, use_bos = _compute(loaded, [windows], windows.suffix, st, run, on_batch, total=len(windows.ids))
+    samples = rows.drop(columns=[c for c in ("index", "doc", "offset") if c in rows])
+    summary = summarize(samples, st, use_bos, prefix=windows.prefix, suffix=windows.suffix,
+                        n_skipped=windows.n_skipped, n_duplicates=windows.n_duplicates)
     return _write(run, samples, summary)
 
 
 def format_summary(summary: ExtractSummary) -> str:
     """A few human lines for the terminal."""
     s = summary
-    lines = [f"{s['n_samples']} samples ({s['n_skipped']} documents too short, {s['n_duplicates']} duplicate windows), "
-             f"prefix {s['prefix']} + suffix {s['suffix']}, {s['decoding']} decoding",
+    docs = s.get("documents")
+    if s.get("sampling", "first") == "first":
+        head = (f"{s['n_samples']} samples ({s['n_skipped']} documents too short, {s['n_duplicates']} duplicate "
+                f"windows)")
+    else:
+        how = {"stride": f"every window at stride {s.get('stride')}", "tail": "the last window of each document",
+               "random": f"{s.get('windows_per_doc')} random windows per document"}[s["sampling"]]
+        head = (f"{s['n_samples']} windows ({how}) of {docs['n_documents'] if docs else '?'} documents "
+                f"({s['n_skipped']} too short, {s.get('n_repeats', 0)} repeated windows probed once)")
+    lines = [f"{head}, prefix {s['prefix']} + suffix {s['suffix']}, {s['decoding']} decoding",
              f"exact (verbatim suffix): {s['n_exact']}/{s['n_samples']} = {s['exact_rate']:.3f}",
              f"mean token match {s['mean_token_match']:.3f}, ROUGE-L {s['mean_rouge_l']:.3f} "
              f"(text {s['mean_rouge_l_text']:.3f}), mean correct run {s['mean_match_prefix']:.1f} tokens"]
     if s["decoding"] == "sample":
         lines.append(f"(n={s['num_samples']}, p={s['np_threshold']})-discoverable: {s['np_discoverable_rate']:.3f}; "
                      f"mean P(one draw reproduces) {s['mean_p_seq']:.3g}, mean P(any of n) {s['mean_p_extract']:.3g}")
+    if docs and s.get("sampling", "first") != "first":
+        lines.append(f"documents with an exact suffix: {docs['documents_with_exact']}/{docs['n_documents']}; mean "
+                     f"exact fraction {_fmt(docs['mean_exact_fraction'])}; tokens reproduced "
+                     f"{_fmt(docs['reproduced_token_fraction'])} (documents.parquet, memorization_map.png)")
     return "\n".join(lines)
 
 
-# --- load: the model, the windows, the run directory -------------------------------------------------------------
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
-def _load(s: ExtractSettings) -> tuple[LoadedModel, Windows, RunDir | None]:
-    """The model, one window per document (duplicates dropped), and the run directory claimed (config.json)."""
+
+# --- load: the model, the documents, the run directory -----------------------------------------------------------
+
+CHUNK_WINDOWS = 8192  # distinct windows in memory at a time (their tokens, and the scoring engine's copies)
+
+
+@dataclass
+class _Corpus:
+    """The documents of a run: ids, tokens (one int32 array each, 4 bytes a token: the texts are not kept) and
+    the windows the sampling strategy takes from them."""
+    ids: list[str]
+    tokens: list[np.ndarray]
+    sampling: Sampling
+    n_windows: int = 0  # windows the strategy takes, repeated ones included
+
+    @property
+    def n_tokens(self) -> np.ndarray:
+        return np.array([len(t) for t in self.tokens], dtype=np.int64)
+
+    def plan(self, prefix: int, suffix: int) -> DistinctWindows:
+        """The distinct windows, produced lazily in chunks (samples.DistinctWindows)."""
+        stream = self.sampling.windows(self.tokens, self.ids, prefix + suffix)
+        return DistinctWindows(stream, prefix, suffix, chunk=CHUNK_WINDOWS, window_ids=self.sampling.whole_document)
+
+
+def _load(s: ExtractSettings) -> tuple[LoadedModel, _Corpus, RunDir | None]:
+    """The model, the tokenized documents (refused when no window fits), and the run directory claimed."""
     out = _checked_out(s)  # before the model is loaded: a refused folder costs nothing
     loaded = s.model_dir if isinstance(s.model_dir, LoadedModel) else load_model(
         s.model_dir, device=s.device, dtype=s.dtype, allow_pickle=s.allow_pickle,
         trust_remote_code=s.trust_remote_code)
     docs = read_documents(s.data, text_field=s.text_field, id_field=s.id_field, limit=s.limit)
     torch.manual_seed(s.seed)
-    windows = make_windows(tokenize(loaded.tokenizer, docs["text"].tolist()), docs["id"].tolist(), s.prefix,
-                           s.suffix, s.offset)
-    if len(windows.ids) == 0:
-        raise MemauditError(f"all {len(docs)} documents are shorter than offset + prefix + suffix = "
-                            f"{s.offset + s.prefix + s.suffix} tokens: use a smaller --prefix/--suffix/--offset")
+    corpus = _Corpus(docs["id"].tolist(), _tokenized(loaded.tokenizer, docs["text"]), s.sampling())
+    del docs  # the texts: outputs decode the tokens
+    corpus.n_windows = corpus.sampling.windows(corpus.tokens, corpus.ids, s.prefix + s.suffix).count()
+    if corpus.n_windows == 0:
+        where = "offset + prefix + suffix" if corpus.sampling.strategy in ("first", "stride") else "prefix + suffix"
+        need = s.prefix + s.suffix + (s.offset if where.startswith("offset") else 0)
+        raise MemauditError(f"all {len(corpus.ids)} documents are shorter than {where} = {need} tokens: use a "
+                            f"smaller --prefix/--suffix" + ("/--offset" if where.startswith("offset") else ""))
     if out is None:
-        return loaded, windows, None
+        return loaded, corpus, None
     inputs = {"model": str(loaded.path), "model_weights_sha256": weights_hash(loaded.path),
               "data": str(s.data), "data_sha256": file_hash(s.data)}
     run = RunDir(out, "extract", _recorded_settings(s, loaded), inputs=inputs, resume=s.resume, overwrite=s.overwrite)
-    return loaded, windows, run
+    return loaded, corpus, run
+
+
+def _tokenized(tokenizer, texts: pd.Series, chunk: int = 1024) -> list[np.ndarray]:
+    """Each text's tokens as one int32 array, tokenized `chunk` documents at a time: Python lists of ints (about
+    ten times larger) never exist for the whole corpus at once."""
+    out: list[np.ndarray] = []
+    for a in range(0, len(texts), chunk):
+        out.extend(np.asarray(t, dtype=np.int32) for t in tokenize(tokenizer, texts.iloc[a:a + chunk].tolist()))
+    return out
 
 
 def _checked_out(s: ExtractSettings) -> str | os.PathLike | None:
@@ -247,23 +334,68 @@ def _checked_out(s: ExtractSettings) -> str | os.PathLike | None:
 
 def _recorded_settings(s: ExtractSettings, loaded: LoadedModel) -> dict[str, Any]:
     """config.json's `settings`, key for key as earlier versions recorded them (--resume compares this dict;
-    batch_size is left out, so a resumed run may use another)."""
+    batch_size is left out, so a resumed run may use another). The sampling options are None when unused (tail
+    too), so a run recorded before they existed still resumes."""
     keys = ("prefix", "suffix", "offset", "decoding", "num_beams", "num_samples", "temperature", "top_k", "top_p",
             "np_threshold", "bos", "shortcut", "seed", "limit", "text_field", "id_field")
-    return {k: getattr(s, k) for k in keys} | {"dtype": str(loaded.dtype)}
+    return ({k: getattr(s, k) for k in keys} | {"dtype": str(loaded.dtype)}
+            | {"stride": s.stride, "windows_per_doc": s.windows_per_doc, "tail": True if s.tail else None})
 
 
 # --- compute: every window's result row, then the summary --------------------------------------------------------
 
-def _compute(loaded: LoadedModel, windows: Windows, st: DecodingSettings, run: RunDir | None,
-             on_batch: Callable[[int], None] | None) -> tuple[pd.DataFrame, ExtractSummary]:
-    job = _Job.prepare(loaded, windows, st)
+def _compute(loaded: LoadedModel, chunks: Iterable[Windows], suffix: int, st: DecodingSettings, run: RunDir | None,
+             on_batch: Callable[[int], None] | None, total: int) -> tuple[pd.DataFrame, bool]:
+    """Every distinct window's result row, in window order with its number (`index`), and whether BOS was
+    prepended. The windows come chunk by chunk (one chunk's tokens in memory at a time); the choice of the first
+    verification stage learns across chunks."""
     results = _Results(run, on_batch)
-    with progress_bar(len(job.W) - len(results.done), "extract") as advance:
-        for rows in _finished_groups(job, results):
-            results.save(rows, advance)
-    samples = results.samples()
-    return samples, summarize(samples, windows, st, job.bos_id is not None)
+    stages = _Stages(suffix)
+    for f in results.frames:  # resume: what the finished windows showed
+        stages.record(f["match_prefix"].to_numpy())
+    use_bos = False
+    with progress_bar(total - len(results.done), "extract") as advance:
+        for windows in chunks:
+            job = _Job.prepare(loaded, windows, st)
+            use_bos = job.bos_id is not None
+            for rows in _finished_groups(job, results, stages):
+                results.save(rows, advance)
+    return results.frame(), use_bos
+
+
+def _assemble(rows: pd.DataFrame, plan: DistinctWindows, corpus: _Corpus) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """samples.parquet's rows, with doc_id and offset last, and every window's (doc, offset, exact, rouge_l), the
+    documents table's input. A repeated window (identical to an earlier one) counts for its document with its
+    first's result: whole-document strategies also list it as a row of its own (a copy with its own id, doc_id
+    and offset), the first window keeps each distinct window once, as it always did."""
+    assert (rows["index"].to_numpy() == np.arange(len(rows))).all(), "a row for every distinct window, once"
+    rows = _with_positions(rows, plan)
+    rep = np.asarray(plan.repeats, dtype=np.int64).reshape(-1, 3)
+    copies = rows.iloc[rep[:, 2]].assign(doc=rep[:, 0], offset=rep[:, 1])
+    windows = pd.concat([rows[list(_WINDOW_KEYS)], copies[list(_WINDOW_KEYS)]], ignore_index=True)
+    samples = rows
+    if corpus.sampling.whole_document and len(copies):
+        copies["id"] = [f"{corpus.ids[d]}@{o}" for d, o in rep[:, :2]]
+        samples = pd.concat([rows, copies]).sort_values(["doc", "offset"], kind="stable")
+    samples = samples.assign(doc_id=[corpus.ids[d] for d in samples["doc"]])
+    cols = [c for c in samples.columns if c not in ("index", "doc", "doc_id", "offset")] + ["doc_id", "offset"]
+    return samples[cols].reset_index(drop=True), windows
+
+
+_WINDOW_KEYS = ("doc", "offset", "exact", "rouge_l")
+
+
+def _with_positions(rows: pd.DataFrame, plan: DistinctWindows) -> pd.DataFrame:
+    """Rows with every window's document and offset: rows saved by a version that kept neither (a run resumed
+    across an upgrade) get them from the windows, cut again."""
+    if "doc" in rows and not rows["doc"].isna().any():
+        return rows
+    docs, offsets = [], []
+    for w in plan:
+        docs += w.docs
+        offsets += w.offsets
+    index = rows["index"].to_numpy(dtype=np.int64)
+    return rows.assign(doc=np.asarray(docs, dtype=np.int64)[index], offset=np.asarray(offsets, dtype=np.int64)[index])
 
 
 @dataclass
@@ -279,6 +411,7 @@ class _Job:
     pad_id: int
     max_length: int
     st: DecodingSettings
+    windows: Windows  # the chunk: `base` numbers its first window; docs and offsets, when known, go into the rows
 
     @classmethod
     def prepare(cls, loaded: LoadedModel, windows: Windows, st: DecodingSettings) -> _Job:
@@ -293,7 +426,8 @@ class _Job:
                                 f"but the model's context is {loaded.max_length}: use a smaller --prefix/--suffix")
         return cls(model=loaded.model, tok=tok, W=windows.tokens, ids=windows.ids, P=P, S=S,
                    bos_id=tok.bos_token_id if use_bos else None,
-                   pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0, max_length=loaded.max_length, st=st)
+                   pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0, max_length=loaded.max_length, st=st,
+                   windows=windows)
 
     @property
     def b(self) -> int:
@@ -313,7 +447,19 @@ class _Job:
         return _with_bos(self.W[indices, : self.P], self.bos_id)
 
     def records(self, indices: Sequence[int], generated: np.ndarray, **kw: Any) -> list[dict]:
-        return _records(indices, generated, self.W[indices, self.P:], self.tok, self.ids, **kw)
+        """Result rows of the chunk's windows `indices`, numbered as the run's windows (`index`)."""
+        rows = _records(indices, generated, self.W[indices, self.P:], self.tok, self.ids, **kw)
+        w = self.windows
+        for row, i in zip(rows, indices):
+            row["index"] = w.base + int(i)
+            if w.docs is not None:
+                row["doc"], row["offset"] = w.docs[i], w.offsets[i]
+        return rows
+
+    def skipped(self, done: set[int]) -> set[int]:
+        """The chunk's windows among `done` (run numbers), as chunk positions."""
+        base = self.windows.base
+        return {i - base for i in done if base <= i < base + len(self.W)}
 
 
 class _Results:
@@ -341,23 +487,23 @@ class _Results:
         if self.on_batch is not None:
             self.on_batch(self.n_partials)
 
-    def samples(self) -> pd.DataFrame:
-        """Every row, in the windows' input order."""
+    def frame(self) -> pd.DataFrame:
+        """Every row, in the windows' order, with its number (`index`)."""
         parts = self.frames + ([pd.DataFrame(self.records)] if self.records else [])
         df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=_COLUMNS)
-        return df.sort_values("index", kind="stable").drop(columns="index").reset_index(drop=True)
+        return df.sort_values("index", kind="stable").reset_index(drop=True)
 
 
-def _finished_groups(job: _Job, results: _Results) -> Iterator[list[dict]]:
-    """The result rows each scoring batch finishes (and, for the shortcut, the last decoding pool)."""
-    st = job.st
+def _finished_groups(job: _Job, results: _Results, stages: _Stages) -> Iterator[list[dict]]:
+    """The result rows each scoring batch of the chunk finishes (and, for the shortcut, the last decoding pool)."""
+    st, skip = job.st, job.skipped(results.done)
     if st.decoding == "greedy" and st.shortcut:
-        yield from _Shortcut(job, results.frames).run(results.done)
+        yield from _Shortcut(job, stages).run(skip)
     elif st.decoding == "sample":  # the pass gives ln p of the targets, and (shortcut) the cache to draw from
-        for batch in job.batches(results.done, greedy_only=False, keep_cache=st.shortcut):
+        for batch in job.batches(skip, greedy_only=False, keep_cache=st.shortcut):
             yield _sample_records(job, batch, backend.kv_from_cache(batch.cache) if st.shortcut else None)
     else:  # beam, or plain greedy (verification): the pass only batches the windows, so it reads nothing
-        for batch in job.batches(results.done, greedy_only=True, keep_cache=False, max_positions=1):
+        for batch in job.batches(skip, greedy_only=True, keep_cache=False, max_positions=1):
             if st.decoding == "greedy":
                 out = gen.greedy(job.model, job.prompts(batch.indices), job.S)
             else:
@@ -471,13 +617,11 @@ class _Shortcut:
     """Greedy decoding by the shortcut: each scoring batch is verified in stages, its exact rows are done, its
     diverged rows join the pool, which is decoded once it holds a decoding group's rows, and at the end."""
 
-    def __init__(self, job: _Job, frames: list[pd.DataFrame]):
+    def __init__(self, job: _Job, stages: _Stages):
         self.job = job
         probe = job.bos_id if job.bos_id is not None else int(job.W[0, 0]) if len(job.W) else 0
         self.sliceable = _cache_is_sliceable(job.model, probe)
-        self.stages = _Stages(job.S)
-        for f in frames:  # resume: what the finished samples showed
-            self.stages.record(f["match_prefix"].to_numpy())
+        self.stages = stages  # the first misses seen so far, in this chunk and earlier ones
         self.pool = _Pool()
         self.factor = _decode_factor(job.model, job.P + job.S)
 
@@ -634,7 +778,8 @@ def _sample_records(job: _Job, batch: ScoredBatch, kv) -> list[dict]:
     else:
         base, feed = None, job.prompts(idx)
     past = backend.cache_from_kv(backend.repeat_kv(base, n)) if base is not None else None
-    draws = gen.sample(job.model, feed.repeat_interleave(n, 0), S, _uniforms(st.seed, idx, n, S), past=past,
+    numbers = [job.windows.base + i for i in idx]  # the run's window numbers: chunking changes no draw
+    draws = gen.sample(job.model, feed.repeat_interleave(n, 0), S, _uniforms(st.seed, numbers, n, S), past=past,
                        temperature=st.temperature, top_k=st.top_k, top_p=st.top_p).cpu().numpy().reshape(len(idx), n, S)
     exact_per_draw = (draws == targets.numpy()[:, None, :]).all(-1)
     extra = _np_columns(exact_per_draw, _log_p_seq(job, batch, base, feed, targets), n)
@@ -675,21 +820,85 @@ def _uniforms(seed: int, indices: Sequence[int], n: int, S: int) -> torch.Tensor
     return torch.from_numpy(np.concatenate([np.random.default_rng([seed, int(i)]).random((n, S)) for i in indices]))
 
 
+# --- documents: how much of each document came back verbatim ----------------------------------------------------
+
+_DOC_COLUMNS = ["id", "n_tokens", "n_windows", "n_exact", "exact_fraction", "reproduced_tokens",
+                "longest_reproduced_run", "mean_rouge_l"]
+
+
+def document_table(windows: pd.DataFrame, ids: Sequence[str], n_tokens: Sequence[int], prefix: int,
+                   suffix: int) -> pd.DataFrame:
+    """One row per document (documents.parquet) from every window's `doc` (the document's position), `offset`,
+    `exact` and `rouge_l`: n_windows, n_exact, exact_fraction (n_exact / n_windows; NaN without a window),
+    reproduced_tokens (tokens inside at least one exactly reproduced suffix, i.e. [offset + prefix, offset +
+    prefix + suffix) of an exact window), longest_reproduced_run (the longest stretch of such tokens with no gap)
+    and mean_rouge_l. A document's first `prefix` tokens are only ever prompt, so they never count."""
+    n_docs = len(ids)
+    doc = windows["doc"].to_numpy(dtype=np.int64)
+    exact = windows["exact"].to_numpy(dtype=bool)
+    n_windows = np.bincount(doc, minlength=n_docs)
+    n_exact = np.bincount(doc[exact], minlength=n_docs)
+    rouge = np.bincount(doc, weights=windows["rouge_l"].to_numpy(dtype=float), minlength=n_docs)
+    reproduced, longest = _coverage(doc[exact], windows["offset"].to_numpy(dtype=np.int64)[exact] + prefix, suffix,
+                                    n_docs)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return pd.DataFrame({"id": list(ids), "n_tokens": np.asarray(n_tokens, dtype=np.int64),
+                             "n_windows": n_windows, "n_exact": n_exact, "exact_fraction": n_exact / n_windows,
+                             "reproduced_tokens": reproduced, "longest_reproduced_run": longest,
+                             "mean_rouge_l": rouge / n_windows}, columns=_DOC_COLUMNS)
+
+
+def _coverage(doc: np.ndarray, start: np.ndarray, length: int, n_docs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per document, the tokens in the union of the spans [start, start + length) and its longest gapless run.
+    Sorted by start within a document, equal-length spans add min(length, start - previous start) new tokens
+    each (the previous span ends furthest), and a run breaks where that gap exceeds `length`."""
+    order = np.lexsort((start, doc))
+    doc, start = doc[order], start[order]
+    first = np.r_[True, doc[1:] != doc[:-1]] if len(doc) else np.zeros(0, dtype=bool)
+    gap = np.diff(start, prepend=0)
+    new = np.where(first, length, np.minimum(gap, length))
+    run_starts = first | (gap > length)
+    run_len = np.bincount(np.cumsum(run_starts) - 1, weights=new) if len(doc) else np.zeros(0)
+    longest = np.zeros(n_docs, dtype=np.int64)
+    np.maximum.at(longest, doc[run_starts], run_len.astype(np.int64))
+    return np.bincount(doc, weights=new, minlength=n_docs).astype(np.int64), longest
+
+
+def documents_summary(documents: pd.DataFrame) -> DocumentsSummary:
+    """summary.json's `documents` block, from the documents table."""
+    probed = documents["n_windows"] > 0
+    tokens = int(documents["n_tokens"].sum())
+    return {"n_documents": int(len(documents)), "documents_with_exact": int((documents["n_exact"] > 0).sum()),
+            "mean_exact_fraction": float(documents.loc[probed, "exact_fraction"].mean()) if probed.any() else None,
+            "reproduced_token_fraction": int(documents["reproduced_tokens"].sum()) / tokens if tokens else None}
+
+
+def _sampling_keys(sampling: Sampling, n_repeats: int) -> dict[str, Any]:
+    """summary.json's record of which windows were probed."""
+    keys: dict[str, Any] = {"sampling": sampling.strategy}
+    if sampling.stride is not None:
+        keys["stride"] = sampling.stride
+    if sampling.windows_per_doc is not None:
+        keys["windows_per_doc"] = sampling.windows_per_doc
+    return keys | {"n_repeats": n_repeats}
+
+
 # --- the summary and the run directory --------------------------------------------------------------------------
 
-def summarize(df: pd.DataFrame, windows: Windows, st: DecodingSettings, use_bos: bool) -> ExtractSummary:
-    """summary.json's figures (ExtractSummary), from the result rows."""
+def summarize(df: pd.DataFrame, st: DecodingSettings, use_bos: bool, *, prefix: int, suffix: int, n_skipped: int,
+              n_duplicates: int) -> ExtractSummary:
+    """summary.json's figures over the windows (ExtractSummary), from the result rows."""
     def mean(col: str) -> float | None:
         return float(df[col].mean()) if len(df) else None
 
     summary: ExtractSummary = {
         **summary_header("extract"),
-        "n_samples": int(len(df)), "n_skipped": int(windows.n_skipped),
-        "n_duplicates": int(windows.n_duplicates), "exact_rate": mean("exact"),
+        "n_samples": int(len(df)), "n_skipped": int(n_skipped),
+        "n_duplicates": int(n_duplicates), "exact_rate": mean("exact"),
         "n_exact": int(df["exact"].sum()) if len(df) else 0,
         "mean_token_match": mean("token_match"), "mean_match_prefix": mean("match_prefix"),
         "mean_rouge_l": mean("rouge_l"), "mean_rouge_l_text": mean("rouge_l_text"),
-        "prefix": windows.prefix, "suffix": windows.suffix, "decoding": st.decoding, "bos": use_bos}
+        "prefix": prefix, "suffix": suffix, "decoding": st.decoding, "bos": use_bos}
     if st.decoding == "beam":
         summary["num_beams"] = st.num_beams
     if st.decoding == "sample":
@@ -701,24 +910,69 @@ def summarize(df: pd.DataFrame, windows: Windows, st: DecodingSettings, use_bos:
     return summary
 
 
-def _write(run: RunDir | None, samples: pd.DataFrame, summary: ExtractSummary) -> ExtractResult:
-    """samples.parquet, summary.json and the histograms; the partial results go once they are written."""
+def _write(run: RunDir | None, samples: pd.DataFrame, summary: ExtractSummary, *,
+           documents: pd.DataFrame | None = None, windows: pd.DataFrame | None = None) -> ExtractResult:
+    """samples.parquet, documents.parquet, summary.json and the figures (the memorization map when `windows`, every
+    window's result, is given); the partial results go once they are written."""
     if run is not None:
         run.write_samples(samples)
+        if documents is not None:
+            run.write_samples(documents, "documents.parquet")
         run.write_summary(summary)
         _histograms(run, samples, summary["suffix"])
+        if documents is not None and windows is not None:
+            _memorization_map(run, documents, windows, summary["prefix"], summary["suffix"])
         run.finish()
-    return ExtractResult(summary=summary, path=run.path if run is not None else None, samples=samples)
+    return ExtractResult(summary=summary, path=run.path if run is not None else None, samples=samples,
+                         documents=documents)
+
+
+MAP_DOCUMENTS = 100  # rows of the memorization map: the most reproduced documents
+MAP_COLUMNS = 1500  # at most this many columns: longer documents are shown a few tokens per column
+
+
+def _memorization_map(run: RunDir, documents: pd.DataFrame, windows: pd.DataFrame, prefix: int,
+                      suffix: int) -> None:
+    """One row per document (the most reproduced first), x = token position, colour = the token is inside an
+    exactly reproduced suffix (a column's fraction of such tokens when a column holds several); white: past the
+    document's end."""
+    plt = pyplot()
+    top = documents.assign(doc=np.arange(len(documents)))
+    top = top[top["n_windows"] > 0].sort_values(["reproduced_tokens", "exact_fraction", "doc"],
+                                                 ascending=[False, False, True], kind="stable").head(MAP_DOCUMENTS)
+    width = int(top["n_tokens"].max())
+    per_col = -(-width // MAP_COLUMNS)
+    exact = windows[windows["exact"].to_numpy(dtype=bool)]
+    starts = exact.groupby("doc")["offset"].apply(list).to_dict()
+    image = np.full((len(top), -(-width // per_col) * per_col), np.nan)
+    for r, (d, n) in enumerate(zip(top["doc"], top["n_tokens"])):
+        image[r, :n] = 0.0
+        for o in starts.get(d, ()):
+            image[r, o + prefix: o + prefix + suffix] = 1.0
+    image = np.nanmean(image.reshape(len(top), -1, per_col), axis=2) if per_col > 1 else image
+    cmap = plt.get_cmap("Reds").with_extremes(bad="white")
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.12 * len(top)))
+    im = ax.imshow(np.ma.masked_invalid(image), aspect="auto", interpolation="nearest", cmap=cmap, vmin=-0.15,
+                   vmax=1.0, extent=(0, image.shape[1] * per_col, len(top), 0))
+    ax.set_xlabel("token position in the document")
+    ax.set_ylabel("document (most reproduced first)")
+    if len(top) <= 30:
+        ax.set_yticks(np.arange(len(top)) + 0.5, [str(i)[:24] for i in top["id"]], fontsize=7)
+    ax.set_title(f"memorization map: tokens in an exactly reproduced suffix ({len(top)} of {len(documents)} "
+                 f"documents" + (f", {per_col} tokens per column" if per_col > 1 else "") + ")", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.03, label="reproduced" + (" (fraction)" if per_col > 1 else ""))
+    run.save_figure(fig, "memorization_map.png")
 
 
 def _histograms(run: RunDir, df: pd.DataFrame, S: int) -> None:
     plt = pyplot()
 
-    for col, bins, label in (("rouge_l", np.linspace(0, 1, 21), "ROUGE-L F (token ids)"),
-                             ("match_prefix", np.arange(S + 2) - 0.5, "correct tokens before the first miss")):
+    for col, bins, label in (("rouge_l", np.linspace(0, 1, 21), "ROUGE-L F on token ids (0 to 1)"),
+                             ("match_prefix", np.arange(S + 2) - 0.5,
+                              "continuation tokens right before the first divergence")):
         fig, ax = plt.subplots(figsize=(5, 3.2))
         ax.hist(df[col].to_numpy(dtype=float), bins=bins, color="#4477aa")
         ax.set_xlabel(label)
         ax.set_ylabel("samples")
-        ax.set_title(f"{col} over {len(df)} samples")
+        ax.set_title(f"{'ROUGE-L' if col == 'rouge_l' else 'Reach before the first divergence'}, {len(df):,} samples")
         run.save_figure(fig, f"{col}.png")

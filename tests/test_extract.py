@@ -337,3 +337,270 @@ def test_peak_memory_flat_in_number_of_samples(tmp_path):
         assert r.returncode == 0, r.stderr
         peaks[n] = int(r.stdout.split()[-1])
     assert peaks[3000] <= 1.10 * peaks[300], peaks
+
+
+# --- whole documents: sampling strategies, per-document aggregates, the memorization map --------------------------
+
+def _brute_documents(windows, n_tokens, prefix, suffix):
+    """Per document, token by token: mark the suffix tokens of every exact window, then count and scan runs."""
+    rows = []
+    for d, n in enumerate(n_tokens):
+        mine = [w for w in windows if w[0] == d]
+        covered = [False] * n
+        for _, off, exact, _ in mine:
+            if exact:
+                for t in range(off + prefix, off + prefix + suffix):
+                    covered[t] = True
+        longest = run = 0
+        for c in covered:
+            run = run + 1 if c else 0
+            longest = max(longest, run)
+        n_exact = sum(bool(w[2]) for w in mine)
+        rows.append({"n_windows": len(mine), "n_exact": n_exact,
+                     "exact_fraction": n_exact / len(mine) if mine else np.nan,
+                     "reproduced_tokens": sum(covered), "longest_reproduced_run": longest,
+                     "mean_rouge_l": float(np.mean([w[3] for w in mine])) if mine else np.nan})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_document_table_against_brute_force(seed):
+    from memaudit.extraction import document_table
+
+    rng = np.random.default_rng(seed)
+    P, S = int(rng.integers(1, 5)), int(rng.integers(1, 7))
+    n_tokens = rng.integers(0, 60, size=25)
+    windows = []
+    for d, n in enumerate(n_tokens):
+        if n >= P + S:  # a few distinct starts, often overlapping or adjacent
+            k = int(rng.integers(0, min(8, n - P - S + 1) + 1))
+            for off in sorted(rng.choice(n - P - S + 1, size=k, replace=False)):
+                windows.append((d, int(off), bool(rng.random() < 0.6), float(rng.random())))
+    rng.shuffle(windows)  # the table must not depend on the windows' order
+    frame = pd.DataFrame(windows, columns=["doc", "offset", "exact", "rouge_l"])
+    ids = [f"doc{d}" for d in range(len(n_tokens))]
+    got = document_table(frame, ids, n_tokens, P, S)
+    want = _brute_documents(windows, n_tokens, P, S)
+    assert got["id"].tolist() == ids and got["n_tokens"].tolist() == n_tokens.tolist()
+    for col in want.columns:
+        np.testing.assert_allclose(got[col].to_numpy(dtype=float), want[col].to_numpy(dtype=float), err_msg=col)
+    assert (got["reproduced_tokens"] > 0).sum() > 3 and (got["longest_reproduced_run"] > S).any()
+
+
+@pytest.fixture(scope="module")
+def few_docs(memorized, tmp_path_factory):
+    """Eight trained and four held-out documents (each several windows long) in one file."""
+    docs = pd.concat([read_documents(memorized.train_file, limit=8), read_documents(memorized.heldout_file, limit=4)])
+    path = write_documents(tmp_path_factory.mktemp("few") / "few.jsonl", docs.text.tolist(), docs.id.tolist())
+    return load_model(memorized.model_dir), path
+
+
+_ROW_COLUMNS = ["exact", "token_match", "match_prefix", "rouge_l", "rouge_l_text", "generated", "target"]
+
+
+def test_stride_equals_single_window_extract_at_each_offset(few_docs):
+    """Every --stride window's row equals the row today's single-window extract gives with --offset at its start."""
+    m, path = few_docs
+    kw = dict(prefix=8, suffix=8)
+    res = extract(model_dir=m, data=path, stride=16, write=False, **kw)
+    rows = res.samples
+    assert rows.exact.any() and not rows.exact.all() and rows.offset.nunique() > 5
+    compared = 0
+    for k in sorted(rows.offset.unique()):
+        single = _samples(m, path, offset=k, **kw).set_index("doc_id")
+        assert (single.offset == k).all()
+        for _, r in rows[rows.offset == k].iterrows():
+            if r.doc_id not in single.index:  # a window identical to another document's at this offset
+                continue
+            s = single.loc[r.doc_id]
+            assert [r[c] for c in _ROW_COLUMNS] == [s[c] for c in _ROW_COLUMNS], (k, r.doc_id)
+            assert list(r.generated_ids) == list(s.generated_ids) and r.id == f"{r.doc_id}@{k}"
+            compared += 1
+    assert compared >= len(rows) - res.summary["n_repeats"] > 50
+
+
+@pytest.mark.parametrize("options", [{"stride": 5}, {"tail": True}, {"windows_per_doc": 3, "seed": 4},
+                                     {"stride": 7, "offset": 3, "decoding": "sample", "num_samples": 3}])
+def test_whole_document_rows_documents_and_summary(few_docs, options):
+    """Each strategy's windows sit where the strategy says, each greedy continuation is what HF generate gives
+    from the window's prefix, and the documents table and summary block follow from the rows (brute force)."""
+    from transformers import GenerationConfig
+
+    from memaudit.samples import Sampling
+
+    m, path = few_docs
+    P, S = 6, 6
+    res = extract(model_dir=m, data=path, prefix=P, suffix=S, write=False, **options)
+    docs = read_documents(path)
+    toks = dict(zip(docs.id, tokenize(m.tokenizer, docs.text)))
+    sampling = Sampling(**{k: v for k, v in options.items() if k in ("stride", "tail", "windows_per_doc", "seed",
+                                                                     "offset")})
+    want = [(i, o) for d, i in enumerate(docs.id) for o in sampling.starts(len(toks[i]), P + S, d)]
+    rows = res.samples
+    assert list(zip(rows.doc_id, rows.offset)) == want
+    assert (rows.id == rows.doc_id + "@" + rows.offset.astype(str)).all()
+    assert [toks[i][o + P: o + P + S] for i, o in want] == [
+        m.tokenizer(t, add_special_tokens=False)["input_ids"] for t in rows.target]
+    if options.get("decoding") != "sample":
+        pick = rows.iloc[:: max(1, len(rows) // 12)]
+        prompts = torch.tensor([[m.tokenizer.bos_token_id] + toks[i][o:o + P] for i, o in zip(pick.doc_id, pick.offset)])
+        cfg = GenerationConfig(max_new_tokens=S, do_sample=False, eos_token_id=[], bos_token_id=None,
+                               pad_token_id=m.tokenizer.pad_token_id)  # []: never stop at the model's own EOS
+        with torch.no_grad():
+            hf = m.model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), generation_config=cfg)
+        assert hf[:, prompts.shape[1]:].tolist() == [list(g) for g in pick.generated_ids]
+    position = {i: d for d, i in enumerate(docs.id)}
+    windows = [(position[i], o, e, r) for i, o, e, r in zip(rows.doc_id, rows.offset, rows.exact, rows.rouge_l)]
+    want_docs = _brute_documents(windows, [len(toks[i]) for i in docs.id], P, S)
+    got = res.documents
+    assert got["id"].tolist() == docs.id.tolist()
+    for col in want_docs.columns:
+        np.testing.assert_allclose(got[col].to_numpy(dtype=float), want_docs[col].to_numpy(dtype=float), err_msg=col)
+    block = res.summary["documents"]
+    probed = want_docs.n_windows > 0
+    assert block == pytest.approx({
+        "n_documents": len(docs), "documents_with_exact": int((want_docs.n_exact > 0).sum()),
+        "mean_exact_fraction": float(want_docs.exact_fraction[probed].mean()),
+        "reproduced_token_fraction": want_docs.reproduced_tokens.sum() / sum(len(t) for t in toks.values())})
+    assert res.summary["sampling"] == sampling.strategy and res.summary["n_samples"] == len(want)
+
+
+def test_repeated_windows_are_probed_once_and_counted_everywhere(few_docs, tmp_path, monkeypatch):
+    """A document repeated under another id: whole-document strategies give it rows of its own (copies, probed
+    once), the first window drops it from samples as ever, and both credit it in the documents table."""
+    import memaudit.extraction as ex
+
+    m, path = few_docs
+    docs = read_documents(path)
+    twice = write_documents(tmp_path / "twice.jsonl", docs.text.tolist() + docs.text.tolist()[:3],
+                            docs.id.tolist() + ["again0", "again1", "again2"])
+    probed = []
+    real = ex._Job.prepare
+    monkeypatch.setattr(ex._Job, "prepare", classmethod(lambda cls, lm, w, st: probed.append(len(w.ids)) or
+                                                        real.__func__(cls, lm, w, st)))
+    res = extract(model_dir=m, data=twice, prefix=6, suffix=6, stride=6, write=False)
+    rows, d = res.samples, res.documents.set_index("id")
+    n_first3 = int((rows.doc_id.isin(docs.id[:3])).sum())
+    assert res.summary["n_repeats"] >= n_first3 and sum(probed) == len(rows) - res.summary["n_repeats"]
+    for k in range(3):
+        a, b = rows[rows.doc_id == docs.id[k]], rows[rows.doc_id == f"again{k}"]
+        assert a.drop(columns=["id", "doc_id"]).reset_index(drop=True).equals(
+            b.drop(columns=["id", "doc_id"]).reset_index(drop=True))
+        assert d.loc[f"again{k}"].tolist() == d.loc[docs.id[k]].tolist()
+    first = extract(model_dir=m, data=twice, prefix=6, suffix=6, write=False)
+    assert first.summary["n_duplicates"] == 3 and len(first.samples) == len(docs)
+    assert first.documents.set_index("id").loc["again1"].n_windows == 1
+    assert first.summary["documents"]["documents_with_exact"] == int((first.documents.n_exact > 0).sum())
+
+
+def test_chunked_windows_and_resume_equal_one_pass(few_docs, tmp_path, monkeypatch):
+    """Windows in many small chunks (numbered on across them) give the rows of one pass, for greedy and for
+    sampling (draws keyed by the run's window numbers); an interrupted chunked run resumes to the same files."""
+    import memaudit.extraction as ex
+
+    m, path = few_docs
+    for kw in (dict(stride=5, limit=6), dict(stride=9, limit=6, decoding="sample", num_samples=2)):
+        whole = extract(model_dir=m, data=path, prefix=6, suffix=6, batch_size=8, write=False, **kw)
+        monkeypatch.setattr(ex, "CHUNK_WINDOWS", 13)
+        chunked = extract(model_dir=m, data=path, prefix=6, suffix=6, batch_size=8, write=False, **kw)
+        pd.testing.assert_frame_equal(chunked.samples, whole.samples)
+        pd.testing.assert_frame_equal(chunked.documents, whole.documents)
+        assert chunked.summary == whole.summary
+        monkeypatch.undo()
+    monkeypatch.setattr(ex, "CHUNK_WINDOWS", 13)
+    kw = dict(prefix=6, suffix=6, stride=5, batch_size=8, limit=6)
+    done = extract(model_dir=m, data=path, out=tmp_path / "whole", **kw)
+
+    def stop(k):
+        if k == 5:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        extract(model_dir=m, data=path, out=tmp_path / "cut", on_batch=stop, **kw)
+    resumed = extract(model_dir=m, data=path, out=tmp_path / "cut", resume=True, **kw)
+    pd.testing.assert_frame_equal(resumed.samples, done.samples)
+    for name in ("samples.parquet", "documents.parquet"):
+        assert pd.read_parquet(tmp_path / "cut" / name).equals(pd.read_parquet(tmp_path / "whole" / name))
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text()) == done.summary
+    with pytest.raises(MemauditError, match="other settings"):
+        extract(model_dir=m, data=path, out=tmp_path / "cut", resume=True, **(kw | {"stride": 5}))
+
+
+def test_cli_extract_whole_documents(few_docs, run_cli, tmp_path):
+    m, path = few_docs
+    out = tmp_path / "run"
+    r = run_cli("extract", m.path, "--data", path, "--prefix", "8", "--suffix", "8", "--stride", "8",
+                "--device", "cpu", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "every window at stride 8" in r.stdout and "documents with an exact suffix:" in r.stdout
+    s = json.loads((out / "summary.json").read_text())
+    docs = pd.read_parquet(out / "documents.parquet")
+    assert list(docs.columns) == ["id", "n_tokens", "n_windows", "n_exact", "exact_fraction", "reproduced_tokens",
+                                  "longest_reproduced_run", "mean_rouge_l"] and len(docs) == 12
+    assert s["sampling"] == "stride" and s["stride"] == 8 and s["documents"]["n_documents"] == 12
+    assert s["documents"]["documents_with_exact"] == int((docs.n_exact > 0).sum()) > 0
+    samples = pd.read_parquet(out / "samples.parquet")
+    assert list(samples.columns[-2:]) == ["doc_id", "offset"] and s["n_samples"] == len(samples)
+    assert (out / "memorization_map.png").stat().st_size > 3000
+    assert json.loads((out / "config.json").read_text())["settings"]["stride"] == 8
+
+
+_MEM_STRIDE_SCRIPT = textwrap.dedent("""
+    import resource, sys, torch
+    import numpy as np
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from memaudit import extract, write_documents
+    from memaudit.models import LoadedModel
+    torch.manual_seed(0)
+    n_docs, path = int(sys.argv[1]), sys.argv[2]
+    cfg = GPT2Config(vocab_size=512, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    model = GPT2LMHeadModel(cfg).eval()
+    class Tok:  # text "12 7 300 ..." <-> ids, without a trained tokenizer
+        bos_token_id, pad_token_id, is_fast = 0, 0, False
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [[int(t) for t in x.split()] for x in texts]}
+        def batch_decode(self, rows):
+            return [" ".join(map(str, r)) for r in rows]
+    rng = np.random.default_rng(0)
+    write_documents(path, [" ".join(map(str, rng.integers(1, 512, size=336))) for _ in range(n_docs)])
+    lm = LoadedModel(model, Tok(), None, torch.device("cpu"), torch.float32)
+    res = extract(model_dir=lm, data=path, prefix=24, suffix=24, stride=32, batch_size=64, write=False)
+    assert len(res.samples) == 10 * n_docs and len(res.documents) == n_docs
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+""")
+
+
+def test_peak_memory_flat_in_number_of_documents_with_stride(tmp_path):
+    """Windows are cut lazily, a chunk at a time, and the texts are dropped once tokenized: ten times the
+    documents (300 -> 3,000 windows) may not raise the peak by more than the existing bound."""
+    script = tmp_path / "mem_stride.py"
+    script.write_text(_MEM_STRIDE_SCRIPT)
+    peaks = {}
+    for n in (30, 300):
+        r = subprocess.run([sys.executable, str(script), str(n), str(tmp_path / f"docs{n}.jsonl")],
+                           capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr
+        peaks[n] = int(r.stdout.split()[-1])
+    assert peaks[300] <= 1.10 * peaks[30], peaks
+
+
+def test_resume_of_rows_saved_without_document_positions(few_docs, tmp_path):
+    """Partial rows of an earlier version hold neither doc nor offset: a resumed run cuts the windows again for
+    them and ends as an uninterrupted run."""
+    m, path = few_docs
+    kw = dict(prefix=6, suffix=6, batch_size=4, limit=10)
+    whole = extract(model_dir=m, data=path, out=tmp_path / "whole", **kw)
+
+    def stop(k):
+        if k == 2:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        extract(model_dir=m, data=path, out=tmp_path / "cut", on_batch=stop, **kw)
+    saved = sorted((tmp_path / "cut" / "partial").glob("*.parquet"))
+    assert saved
+    for f in saved:
+        pd.read_parquet(f).drop(columns=["doc", "offset"]).to_parquet(f)
+    resumed = extract(model_dir=m, data=path, out=tmp_path / "cut", resume=True, **kw)
+    pd.testing.assert_frame_equal(resumed.samples, whole.samples)
+    pd.testing.assert_frame_equal(resumed.documents, whole.documents)

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from memaudit.errors import MemauditError
-from memaudit.samples import Windows, cut, document_samples, make_windows, tiles, training_rows
+from memaudit.samples import (DistinctWindows, Sampling, Windows, cut, document_samples, make_windows, tiles,
+                              training_rows)
 
 
 def _docs(seed: int, n: int = 60, vocab: int = 3, longest: int = 14) -> list[list[int]]:
@@ -220,3 +221,161 @@ def test_windows_skip_short_and_deduplicate():
     w = make_windows([[1, 2, 3, 4], [1, 2, 3, 4, 9], [5, 6], [7, 8, 9, 10]], ["a", "b", "c", "d"], 2, 2)
     assert w.ids == ["a", "d"] and w.n_skipped == 1 and w.n_duplicates == 1
     assert w.tokens.tolist() == [[1, 2, 3, 4], [7, 8, 9, 10]]
+
+
+# ---- sampling strategies: offsets and counts against brute-force loops ----------------------------------------------
+
+
+def _brute_starts(kind: str, n: int, length: int, offset: int = 0, stride: int = 1) -> list[int]:
+    """Every start 0..n tried against the strategy's rule, spelled out."""
+    fits = [s for s in range(n + 1) if s + length <= n]
+    if kind == "first":
+        return [s for s in fits if s == offset]
+    if kind == "stride":
+        return [s for s in fits if s >= offset and (s - offset) % stride == 0]
+    if kind == "tail":
+        return [s for s in fits if s == n - length]
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("kind,length,offset,stride", [
+    ("first", 4, 0, 1), ("first", 3, 5, 1), ("stride", 4, 0, 1), ("stride", 4, 0, 4), ("stride", 3, 2, 5),
+    ("stride", 5, 1, 2), ("tail", 4, 0, 1), ("tail", 1, 0, 1)])
+def test_window_starts_and_stream_against_brute_force(seed, kind, length, offset, stride):
+    docs = _docs(seed, longest=30)
+    ids = [f"d{i}" for i in range(len(docs))]
+    sampling = Sampling(offset=offset, stride=stride if kind == "stride" else None, tail=kind == "tail")
+    sampling.validate()
+    expected, skipped = [], 0
+    for d, t in enumerate(docs):
+        starts = _brute_starts(kind, len(t), length, offset, stride)
+        assert list(sampling.starts(len(t), length, d)) == starts
+        skipped += not starts
+        expected += [(d, ids[d], s, t[s:s + length]) for s in starts]
+    stream = sampling.windows(docs, ids, length)
+    got = [(w.doc, w.doc_id, w.offset, list(w.tokens)) for w in stream]
+    assert got == expected and stream.count() == len(expected)
+    assert (stream.n_documents, stream.n_skipped) == (len(docs), skipped)
+    if kind == "first":  # the default strategy is today's cut, window for window
+        s = cut(docs, ids, length=length, offset=offset)
+        assert [(g[1], g[2], g[3]) for g in got] == list(zip(s.doc_ids, s.offsets, s.tokens))
+
+
+@pytest.mark.parametrize("n_per_doc", [1, 3, 40])
+def test_random_windows_per_document(n_per_doc):
+    """N distinct sorted starts where a whole window fits (all when fewer fit), the same for the same seed and
+    document, another draw for another seed, and uniform over the starts."""
+    length = 5
+    s0, s1 = Sampling(windows_per_doc=n_per_doc, seed=0), Sampling(windows_per_doc=n_per_doc, seed=1)
+    for n in (0, 4, 5, 6, 12, 50, 300):
+        fits = list(range(n - length + 1)) if n >= length else []
+        for doc in range(5):
+            starts = list(s0.starts(n, length, doc))
+            assert len(starts) == min(n_per_doc, len(fits))
+            assert starts == sorted(set(starts)) and set(starts) <= set(fits)
+            assert list(s0.starts(n, length, doc)) == starts  # seeded: drawn again, the same
+    if n_per_doc < 40:
+        assert [list(s0.starts(300, length, d)) for d in range(20)] != [list(s1.starts(300, length, d)) for d in range(20)]
+        assert len({tuple(s0.starts(300, length, d)) for d in range(20)}) > 15  # documents draw independently
+    # uniform: every start is drawn about as often, over many documents (a chi-square bound far in the tail)
+    n, docs = 20, 6000
+    counts = np.zeros(n - length + 1)
+    for d in range(docs):
+        np.add.at(counts, list(s0.starts(n, length, d)), 1)
+    expected = docs * min(n_per_doc, n - length + 1) / len(counts)
+    if n_per_doc < len(counts):
+        chi2 = ((counts - expected) ** 2 / expected).sum()
+        assert chi2 < 50, (chi2, counts)  # 15 degrees of freedom: P(chi2 > 50) < 1e-5
+    else:
+        assert (counts == docs).all()
+
+
+def test_random_windows_of_a_document_do_not_depend_on_the_others():
+    docs = _docs(0, longest=40)
+    s = Sampling(windows_per_doc=2, seed=7)
+    whole = [(w.doc, w.offset) for w in s.windows(docs, None, 4)]
+    for d in (3, 10, 25):
+        alone = list(s.starts(len(docs[d]), 4, d))
+        assert [o for doc, o in whole if doc == d] == alone
+
+
+def test_streams_are_lazy():
+    """Iterating reads one document at a time: the first window comes before any later document is touched."""
+    class Docs:
+        def __init__(self, docs):
+            self.docs, self.read = docs, []
+
+        def __len__(self):
+            return len(self.docs)
+
+        def __getitem__(self, i):
+            if i >= len(self.docs):
+                raise IndexError(i)
+            self.read.append(i)
+            return self.docs[i]
+
+    docs = Docs([[1, 2, 3, 4, 5, 6]] * 1000)
+    it = iter(Sampling(stride=2).windows(docs, None, 4))
+    assert next(it).offset == 0 and next(it).offset == 2 and docs.read == [0]
+    assert next(it).doc == 1 and docs.read == [0, 1]
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("chunk,window_ids", [(1, False), (3, True), (1000, True)])
+def test_distinct_windows_against_brute_force(seed, chunk, window_ids):
+    docs = _docs(seed, vocab=2, longest=12)
+    ids = [f"d{i}" for i in range(len(docs))]
+    sampling = Sampling(stride=2)
+    first, rows, repeats = {}, [], []
+    for d, t in enumerate(docs):
+        for s in _brute_starts("stride", len(t), 4, 0, 2):
+            w = tuple(t[s:s + 4])
+            if w in first:
+                repeats.append((d, s, first[w]))
+            else:
+                first[w] = len(rows)
+                rows.append((d, s, list(w)))
+    plan = DistinctWindows(sampling.windows(docs, ids, 4), 3, 1, chunk=chunk, window_ids=window_ids)
+    chunks = list(plan)
+    assert all(0 < len(c.ids) <= chunk for c in chunks)
+    assert [c.base for c in chunks] == list(np.cumsum([0] + [len(c.ids) for c in chunks[:-1]]))
+    got = [(d, o, list(t)) for c in chunks for d, o, t in zip(c.docs, c.offsets, c.tokens.tolist())]
+    assert got == rows and plan.repeats == repeats and plan.n_distinct == len(rows)
+    assert all(c.tokens.dtype == np.int64 and (c.prefix, c.suffix) == (3, 1) for c in chunks)
+    want_ids = [f"d{d}@{o}" if window_ids else f"d{d}" for d, o, _ in rows]
+    assert [i for c in chunks for i in c.ids] == want_ids
+
+
+def test_distinct_first_windows_equal_make_windows():
+    for seed in range(3):
+        docs = _docs(seed)
+        ids = [str(i) for i in range(len(docs))]
+        for offset in (0, 2):
+            w = make_windows(docs, ids, 2, 2, offset)
+            plan = DistinctWindows(Sampling(offset=offset).windows(docs, ids, 4), 2, 2)
+            chunks = list(plan)
+            assert [i for c in chunks for i in c.ids] == w.ids
+            assert np.concatenate([c.tokens for c in chunks]).tolist() == w.tokens.tolist()
+            assert (plan.n_skipped, len(plan.repeats)) == (w.n_skipped, w.n_duplicates)
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"stride": 0}, "--stride must be >= 1"), ({"stride": -2}, "--stride must be >= 1"),
+    ({"windows_per_doc": 0}, "--windows-per-doc must be >= 1"), ({"offset": -1}, "--offset must be >= 0"),
+    ({"stride": 2, "tail": True}, "--stride and --tail exclude each other"),
+    ({"stride": 2, "windows_per_doc": 2}, "--stride and --windows-per-doc exclude each other"),
+    ({"windows_per_doc": 2, "tail": True}, "--windows-per-doc and --tail exclude each other"),
+    ({"tail": True, "offset": 3}, "does not go with --tail"),
+    ({"windows_per_doc": 2, "offset": 3}, "does not go with --windows-per-doc"),
+    ({"windows_per_doc": 2, "seed": -1}, "--seed"),
+])
+def test_sampling_refuses_bad_values_and_combinations(kw, message):
+    with pytest.raises(MemauditError, match=message):
+        Sampling(**kw).validate()
+
+
+def test_sampling_strategies_named():
+    assert [Sampling(**kw).strategy for kw in ({}, {"offset": 3}, {"stride": 2}, {"windows_per_doc": 1},
+                                                {"tail": True})] == ["first", "first", "stride", "random", "tail"]
+    assert not Sampling(offset=4).whole_document and Sampling(tail=True).whole_document
