@@ -25,6 +25,8 @@ H_DEVICE = "auto (CUDA if available, else CPU), cpu or cuda[:N]."
 H_DTYPE = "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16."
 H_TEXT = "Field/column holding the document text (jsonl, parquet, csv)."
 H_ID = "Field/column holding the document id (defaults to the row number)."
+H_TOKEN_DTYPE = "Token width of a pre-tokenized .bin file: uint16 or uint32."
+H_TOKEN_SEQ_LEN = "Tokens per row a pre-tokenized .bin file is cut into (needed for a .bin)."
 H_PICKLE = "Allow pickled .bin weights (they can run code when loaded). Off: safetensors only."
 H_REMOTE = "Allow the model directory's own Python code to run (trust_remote_code)."
 H_OUT = "Run directory to write (default: runs/<command>-<time>)."
@@ -42,6 +44,8 @@ AllowPickle = Annotated[bool, typer.Option(help=H_PICKLE)]
 TrustRemoteCode = Annotated[bool, typer.Option(help=H_REMOTE)]
 TextField = Annotated[str, typer.Option(help=H_TEXT)]
 IdField = Annotated[str, typer.Option(help=H_ID)]
+TokenDtype = Annotated[str, typer.Option(help=H_TOKEN_DTYPE)]
+TokenSeqLen = Annotated[Optional[int], typer.Option("--seq-len", help=H_TOKEN_SEQ_LEN)]
 
 
 @app.callback()
@@ -80,8 +84,11 @@ def train(
                                                         "(default: train one on the training documents)."),
     epochs: int = typer.Option(10, help="Passes over the training documents."),
     lr: float = typer.Option(1e-3, help="Peak learning rate (linear warmup, cosine decay to 10%)."),
-    batch_size: int = typer.Option(16, help="Documents per optimizer step."),
-    seq_len: int = typer.Option(128, help="Tokens per row (BOS + the document's first seq_len-1 tokens)."),
+    batch_size: int = typer.Option(16, help="Rows per optimizer step."),
+    seq_len: int = typer.Option(128, help="Tokens per row, BOS included."),
+    rows: str = typer.Option("packed", help="packed: the documents joined with EOS and cut into --seq-len rows "
+                                            "(every token trained on); first: one row per document, BOS + its "
+                                            "first seq_len-1 tokens."),
     vocab_size: int = typer.Option(2048, help="Vocabulary of the tokenizer trained on the data (from scratch only)."),
     val_fraction: float = typer.Option(0.1, help="Fraction of documents held out for validation loss."),
     seed: int = typer.Option(0, help="Random seed (split, init, order)."),
@@ -120,7 +127,7 @@ def train(
 
     settings = TrainConfig(data=data, out=out, objective=objective, config=config, family=family,
                            tokenizer=tokenizer, epochs=epochs, lr=lr, batch_size=batch_size, seq_len=seq_len,
-                           vocab_size=vocab_size, seed=seed, val_fraction=val_fraction, val_data=val_data,
+                           rows=rows, vocab_size=vocab_size, seed=seed, val_fraction=val_fraction, val_data=val_data,
                            warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip,
                            device=device, dtype=dtype, text_field=text_field, id_field=id_field, limit=limit,
                            allow_pickle=allow_pickle, goldfish_mode=goldfish_mode, goldfish_k=goldfish_k,
@@ -137,7 +144,8 @@ def train(
     if res.dropped_fraction is not None:
         typer.echo(f"goldfish dropped {res.dropped_fraction:.4f} of targets (1/k = {1 / goldfish_k:.4f})")
     val = f"{res.val_loss:.4f}" if res.val_loss is not None else "n/a"
-    typer.echo(f"trained {res.parameters:,} parameters for {res.steps} steps on {res.n_train} documents: "
+    packed = f" ({res.n_rows} packed rows)" if rows == "packed" else ""
+    typer.echo(f"trained {res.parameters:,} parameters for {res.steps} steps on {res.n_train} documents{packed}: "
                f"train loss {res.train_loss:.4f}, validation loss {val} -> {res.out}")
 
 
@@ -150,7 +158,14 @@ def extract(
     data: Path = typer.Option(..., help="Documents to probe (.jsonl, .txt, .parquet, .csv)."),
     prefix: int = typer.Option(32, help="Prompt length in tokens (Pythia: 32; Carlini 2023: 50)."),
     suffix: int = typer.Option(32, help="Target length in tokens, compared with the continuation."),
-    offset: int = typer.Option(0, help="Token position in each document where the window starts."),
+    offset: int = typer.Option(0, help="Token position in each document where the window starts (the first window, "
+                                       "or --stride's first)."),
+    stride: Optional[int] = typer.Option(None, help="Whole documents: every window of prefix + suffix tokens, one "
+                                                    "starting each N tokens."),
+    windows_per_doc: Optional[int] = typer.Option(None, help="Whole documents: N windows per document at random "
+                                                             "starts (seeded by --seed; Carlini et al. 2023)."),
+    tail: bool = typer.Option(False, "--tail", help="Whole documents: the last prefix + suffix tokens of each "
+                                                    "document (the goldfish paper's evaluation)."),
     decoding: str = typer.Option("greedy", help="greedy (single-pass shortcut), sample, or beam."),
     num_beams: int = typer.Option(4, help="Beams for --decoding beam."),
     num_samples: int = typer.Option(10, help="Draws per sample (n) for --decoding sample."),
@@ -173,13 +188,14 @@ def extract(
     overwrite: Overwrite = False,
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
-    seed: int = typer.Option(0, help="Seed for sampled decoding."),
+    seed: int = typer.Option(0, help="Seed for sampled decoding and --windows-per-doc starts."),
 ):
     """Extraction: prompt with each document's prefix and measure how much of the true suffix comes back."""
     from .extraction import ExtractSettings, extract as run_extract, format_summary  # lazy: fast CLI start-up
 
     res = run_extract(ExtractSettings(
-        model_dir=model_dir, data=data, prefix=prefix, suffix=suffix, offset=offset, decoding=decoding,
+        model_dir=model_dir, data=data, prefix=prefix, suffix=suffix, offset=offset, stride=stride,
+        windows_per_doc=windows_per_doc, tail=tail, decoding=decoding,
         num_beams=num_beams, num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p,
         np_threshold=np_threshold, bos=bos, shortcut=shortcut, batch_size=_batch_size(batch_size), device=device,
         dtype=dtype, limit=limit, text_field=text_field, id_field=id_field, out=out, resume=resume,
@@ -213,7 +229,8 @@ def demo(
 @app.command()
 def memorization(
     model_dir: Path = typer.Argument(..., help="Target model directory."),
-    data: Path = typer.Option(..., help="Samples to measure (.jsonl, .txt, .parquet, .csv)."),
+    data: Path = typer.Option(..., help="Samples to measure (.jsonl, .txt, .parquet, .csv), or pre-tokenized ids "
+                              "(.npy, .bin, an input_ids column in .jsonl/.parquet)."),
     reference: str = typer.Option(..., help="Reference: a model directory with the same tokenizer, or 'zstd'."),
     zstd_level: int = typer.Option(19, help="zstd compression level (1-22) for --reference zstd."),
     zstd_dict_from: Optional[Path] = typer.Option(None, help="Train a zstd dictionary on this text file first."),
@@ -225,6 +242,8 @@ def memorization(
     text_field: TextField = "text",
     id_field: IdField = "id",
     limit: Optional[int] = typer.Option(None, help="Use only the first N samples."),
+    token_dtype: TokenDtype = "uint16",
+    seq_len: TokenSeqLen = None,
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
     resume: Resume = False,
@@ -236,8 +255,8 @@ def memorization(
     res = run_memorization(MemorizationSettings(
         model_dir=model_dir, data=data, reference=reference, zstd_level=zstd_level, zstd_dict_from=zstd_dict_from,
         top_k=top_k, out=out, batch_size=_batch_size(batch_size), device=device, dtype=dtype, text_field=text_field,
-        id_field=id_field, limit=limit, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-        resume=resume, overwrite=overwrite))
+        id_field=id_field, limit=limit, token_dtype=token_dtype, seq_len=seq_len, allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code, resume=resume, overwrite=overwrite))
     s = res.summary
     typer.echo(f"{s['n_samples']} samples: {s['total_mem_u_bits']:.1f} bits of unintended memorization against "
                f"{s['reference']} ({s['fraction_samples_with_mem_u']:.1%} of samples > 0) -> {res.path}")
@@ -305,6 +324,10 @@ def mia(
     k: str = typer.Option("10,20,30", help="Percentages for min_k and min_k_pp (one score column per k)."),
     window: Optional[int] = typer.Option(None, help="Score each document's first N tokens (shorter documents "
                                                     "skipped). Default: whole documents truncated to the context."),
+    stride: Optional[int] = typer.Option(None, help="With --window: score every window starting each N tokens "
+                                                    "(windows.parquet); a document scores the mean of its windows."),
+    collection: bool = typer.Option(False, help="Dataset inference: is the members file (the suspect set) trained "
+                                                "on, against the non-members file (known unseen)? Adds a p-value."),
     bos: bool = typer.Option(True, help="Prepend the tokenizer's BOS so every token is scored (as the trainer "
                                         "trains rows). --no-bos: the first token is context only."),
     recall_shots: int = typer.Option(5, help="Non-member samples joined as recall's prefix (left out of recall's "
@@ -332,7 +355,8 @@ def mia(
 
     res = run_mia(MiaSettings(
         model_dir=model_dir, members=members, nonmembers=nonmembers, reference=reference, attacks=attacks, k=k,
-        window=window, bos=bos, recall_shots=recall_shots, dcpdd_corpus=dcpdd_corpus, bootstrap=bootstrap,
+        window=window, stride=stride, collection=collection, bos=bos, recall_shots=recall_shots,
+        dcpdd_corpus=dcpdd_corpus, bootstrap=bootstrap,
         calibration_fraction=calibration_fraction, seed=seed, batch_size=_batch_size(batch_size), device=device,
         dtype=dtype, text_field=text_field, id_field=id_field, limit=limit, out=out, resume=resume,
         overwrite=overwrite, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
@@ -391,7 +415,8 @@ def report(
     from .report import ReportSettings, report as write_report
 
     res = write_report(ReportSettings(run_dirs=run_dirs, out=out, labels=label, title=title, top=top))
-    typer.echo(f"report of {len(res.runs)} runs with {res.figures} figures -> {res.markdown}, {res.html}")
+    typer.echo(f"report of {len(res.runs)} runs with {res.figures} figures; Markdown: {res.markdown}")
+    typer.echo(f"report -> {res.html}")
 
 
 @app.command()
@@ -439,6 +464,8 @@ def risk(
         text_field=text_field, id_field=id_field, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
         overwrite=overwrite), echo=typer.echo)
     typer.echo(f"-> {res.path}")
+    if res.report is not None:  # the report's path comes last: the file a reviewer opens
+        typer.echo(f"report -> {res.report}")
     if res.exit_code:
         raise typer.Exit(res.exit_code)
 

@@ -69,7 +69,8 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, epochs: int = 50, n_train:
                        title="memaudit demo: standard vs goldfish vs sinks on stdlib docstrings")
     figures = {objective: p.figures for objective, p in probed.items()}
     _echo_table(figures, echo)
-    echo(f"report -> {rep.markdown}, {rep.html} ({time.time() - t_start:.0f} s in all)")
+    echo(f"demo done in {time.time() - t_start:.0f} s; report as Markdown: {rep.markdown}")
+    echo(f"report -> {rep.html}")
     return {"figures": figures, "report": {"markdown": str(rep.markdown), "html": str(rep.html)},
             "seconds": time.time() - t_start}
 
@@ -88,7 +89,7 @@ def _train_or_reuse(out: Path, objective: str, train_file: Path, *, epochs: int,
                     overwrite: bool, echo: Callable[[str], None]) -> Path:
     model_dir = out / "models" / objective
     cfg = TrainConfig(data=str(train_file), out=str(model_dir), objective=objective, config=config, epochs=epochs,
-                      lr=3e-3, batch_size=16, seq_len=SEQ_LEN, val_fraction=0.0, seed=seed, device="cpu",
+                      lr=3e-3, batch_size=16, seq_len=SEQ_LEN, rows="first", val_fraction=0.0, seed=seed, device="cpu",
                       overwrite=True)  # a model of ours trained with other settings is replaced
     t0 = time.time()
     res = train(cfg) if overwrite else train_or_reuse(cfg)

@@ -308,6 +308,7 @@ def _exposure_figure(run: RunDir, df: pd.DataFrame) -> None:
     ax.set_yticks(range(len(df)))
     ax.set_yticklabels(labels, fontsize=7)
     ax.set_xlabel("exposure (bits)")
+    ax.set_ylabel("canary or control secret")
     ax.set_title("Canary exposure: inserted (red) vs never-seen controls (grey)")
     ax.legend(fontsize=7, loc="lower right")
     run.save_figure(fig, "exposure.png")

@@ -309,8 +309,7 @@ def risk(settings: RiskSettings | None = None, /, *, echo: Callable[[str], None]
     report = None
     if s.report:
         res = write_report(run_dirs=[run.path] + runs, out=run.path / "report", title="memaudit pre-release risk")
-        report = res.html
-        echo(f"report -> {res.markdown}, {res.html}")
+        report = res.html  # the command line prints its path last
     return RiskResult(summary=summary, path=run.path, report=report, exit_code=summary["exit_code"])
 
 

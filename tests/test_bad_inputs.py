@@ -57,6 +57,7 @@ def _run_main(argv: list[str]) -> int:
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> SimpleNamespace:
     """Everything the cases point at: the sentinels, valid inputs, and a collection of broken ones."""
+    import numpy as np
     import pandas as pd
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -129,6 +130,14 @@ def world(tmp_path_factory) -> SimpleNamespace:
     (bad / "corrupt.parquet").write_bytes(b"this is not a parquet file")
     (bad / "badutf8.txt").write_bytes(b"ok line\n\xff\xfe\xfa broken\n")
     _write_jsonl(bad / "long.jsonl", [{"text": t} for t in _texts(4, 300, seed=3)])  # longer than 128 positions
+    # pre-tokenized corpora: a good .bin, and each way one goes wrong
+    (np.arange(64) % len(tok)).astype(np.uint16).tofile(bad / "tokens.bin")
+    (bad / "odd.bin").write_bytes(b"\x01\x00\x02")  # 3 bytes: not a whole number of uint16 tokens
+    np.array([1, 2, 3, 4, 5, 60000, 6, 7], dtype=np.uint16).tofile(bad / "beyond.bin")  # row 1 of 4-token rows
+    np.save(bad / "beyond.npy", np.array([[1, 2, 3], [4, len(tok) + 5, 6]]))
+    _write_jsonl(bad / "idsbeyond.jsonl", [{"input_ids": [1, 2]}, {"input_ids": [len(tok)]}])
+    _write_jsonl(bad / "idsnotlist.jsonl", [{"input_ids": [1, 2]}, {"input_ids": "3 4"}])
+    pd.DataFrame({"input_ids": ["1 2", "3"]}).to_parquet(bad / "idsnotlist.parquet")
 
     # --- broken model directories ------------------------------------------------------------------------------
     def model_variant(name: str, *, config=True, weights=True, tokenizer=True) -> Path:
@@ -365,6 +374,7 @@ def _cases() -> list:
 
     # ---- good-input controls: must exit 0 ---------------------------------------------------------------------
     add(P("ok-extract", "extract", ok=True))
+    add(P("ok-extract-stride", "extract", stride="8", ok=True))
     add(P("ok-risk-pretraining", "risk", ok=True))
     add(P("ok-mia-loss", "mia", ok=True))
     add(P("ok-memorization-zstd", "memorization", ok=True))
@@ -404,6 +414,7 @@ def _cases() -> list:
         ("extract", "prefix", ("0", "-1")), ("extract", "suffix", ("0", "-1")), ("extract", "offset", ("-1",)),
         ("extract", "num_samples", ("0",)), ("extract", "top_k", ("-1",)), ("extract", "limit", ("0", "-1")),
         ("extract", "seed", ("-1", "4294967296")), ("extract", "batch_size", ("0", "-1", "x", "1.5")),
+        ("extract", "stride", ("0", "-1", "x")), ("extract", "windows_per_doc", ("0", "-1")),
         ("mia", "window", ("0", "1", "-1")), ("mia", "recall_shots", ("-1",)), ("mia", "bootstrap", ("-1",)),
         ("mia", "seed", ("-1",)), ("mia", "limit", ("0", "-1")), ("mia", "batch_size", ("0", "x")),
         ("memorization", "zstd_level", ("0", "23", "-1")), ("memorization", "top_k", ("-1",)),
@@ -446,8 +457,20 @@ def _cases() -> list:
           data="{long_jsonl}"))
     add(P("extract-window-exceeds-context", "extract", prefix="100", suffix="100"))
     add(P("extract-offset-past-every-document", "extract", offset="1000"))
+    add(P("extract-stride-with-tail", "extract", stride="4", tail=True, expect="--stride and --tail exclude"))
+    add(P("extract-stride-with-windows-per-doc", "extract", stride="4", windows_per_doc="2"))
+    add(P("extract-windows-per-doc-with-tail", "extract", windows_per_doc="2", tail=True))
+    add(P("extract-offset-with-tail", "extract", offset="2", tail=True))
+    add(P("extract-stride-past-every-document", "extract", stride="4", prefix="100", suffix="20"))
     add(P("mia-limit-1", "mia", limit="1"))
     add(P("mia-recall-shots-too-many", "mia", attacks="loss,recall", recall_shots="100"))
+    for v in ("0", "-1", "x"):
+        add(P(f"mia-stride-{v.replace('-', 'neg')}", "mia", window="8", stride=v))
+    add(P("mia-stride-without-window", "mia", stride="4", expect="--stride needs --window"))
+    add(P("mia-collection-fewer-than-ten-documents", "mia", collection=True, expect="--collection needs at least 10"))
+    add(P("mia-collection-dc-pdd-alone", "mia", collection=True, attacks="dc_pdd", expect="add --dcpdd-corpus"))
+    add(P("mia-collection-recall-shots-not-counted", "mia", collection=True, limit="12", attacks="loss,recall",
+          expect="validation: 7 once recall's 5 shot documents are left out"))
     add(P("memorization-zstd-dict-from-with-model-reference", "memorization", reference="{model}",
           zstd_dict_from="{members}"))
     add(P("capacity-widths-8__16", "capacity", widths="8,,16"))
@@ -506,6 +529,7 @@ def _cases() -> list:
     add(P("train-family-nope", "train", family="nope"))
     add(P("train-config-nope", "train", config="nope"))
     add(P("train-goldfish-mode-nope", "train", objective="goldfish", goldfish_mode="nope"))
+    add(P("train-rows-nope", "train", rows="nope"))
     add(P("capacity-compile-maybe", "capacity", compile_="maybe"))
     add(P("capacity-dtype-nonsense", "capacity", dtype="nonsense"))
     add(P("risk-precision-nope", "risk", precision="nope"))
@@ -551,6 +575,20 @@ def _cases() -> list:
     add(P("mia-dcpdd-corpus-dir", "mia", attacks="loss,dc_pdd", dcpdd_corpus="{adir}"))
     for tag, path in (data_bad[0], data_bad[1], data_bad[9], data_bad[11], data_bad[2]):
         add(P(f"memorization-data-{tag}", "memorization", data=path))
+    add(P("ok-memorization-bin", "memorization", ok=True, data="{tokens_bin}", seq_len="8"))
+    add(P("memorization-bin-size-not-token-multiple", "memorization", data="{odd_bin}", seq_len="8",
+          expect="3 bytes is not a whole number of 2-byte uint16 tokens"))
+    add(P("memorization-bin-without-seq-len", "memorization", data="{tokens_bin}", expect="needs --seq-len"))
+    add(P("memorization-bin-seq-len-0", "memorization", data="{tokens_bin}", seq_len="0"))
+    add(P("memorization-bin-token-dtype-int8", "memorization", data="{tokens_bin}", seq_len="8", token_dtype="int8"))
+    add(P("memorization-seq-len-without-bin", "memorization", seq_len="8", expect="--seq-len cuts a .bin"))
+    add(P("memorization-input-ids-not-list-jsonl", "memorization", data="{idsnotlist_jsonl}",
+          expect="line 2: 'input_ids' is not a list of integers"))
+    add(P("memorization-input-ids-not-list-parquet", "memorization", data="{idsnotlist_parquet}",
+          expect="row 0: column 'input_ids' is not a list of integers"))
+    for tag, path, where, extra in (("npy", "{beyond_npy}", "row 1", {}), ("jsonl", "{idsbeyond_jsonl}", "line 2", {}),
+                                    ("bin", "{beyond_bin}", "row 1", {"seq_len": "4"})):
+        add(P(f"memorization-ids-beyond-vocab-{tag}", "memorization", data=path, expect=f"{where}: token id", **extra))
     add(P("memorization-zstd-dict-from-missing", "memorization", zstd_dict_from="{missing}"))
     add(P("memorization-zstd-dict-from-dir", "memorization", zstd_dict_from="{adir}"))
     for tag, path in (data_bad[0], data_bad[1], data_bad[2], data_bad[5], data_bad[4], data_bad[10]):

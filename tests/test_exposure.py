@@ -20,7 +20,8 @@ def canary_model(tmp_path_factory):
     docs, _ = demo_corpus(n_train=40, n_heldout=1, seed=3)
     data = write_documents(root / "train.jsonl", [d[:200] for d in docs])
     train(TrainConfig(data=str(data), out=str(root / "model"), config="2x64", epochs=25, lr=3e-3, batch_size=16,
-                      seq_len=64, val_fraction=0.0, seed=0, vocab_size=512, canaries=1, canary_repeats=40))
+                      seq_len=64, rows="first", val_fraction=0.0, seed=0, vocab_size=512, canaries=1,
+                      canary_repeats=40))
     return root / "model"
 
 
