@@ -523,7 +523,7 @@ def test_chunked_windows_and_resume_equal_one_pass(few_docs, tmp_path, monkeypat
         assert pd.read_parquet(tmp_path / "cut" / name).equals(pd.read_parquet(tmp_path / "whole" / name))
     assert json.loads((tmp_path / "cut" / "summary.json").read_text()) == done.summary
     with pytest.raises(MemauditError, match="other settings"):
-        extract(model_dir=m, data=path, out=tmp_path / "cut", resume=True, **(kw | {"stride": 5}))
+        extract(model_dir=m, data=path, out=tmp_path / "cut", resume=True, **(kw | {"stride": 7}))
 
 
 def test_cli_extract_whole_documents(few_docs, run_cli, tmp_path):
