@@ -949,10 +949,14 @@ def _memorization_map(run: RunDir, documents: pd.DataFrame, windows: pd.DataFram
         image[r, :n] = 0.0
         for o in starts.get(d, ()):
             image[r, o + prefix: o + prefix + suffix] = 1.0
-    image = np.nanmean(image.reshape(len(top), -1, per_col), axis=2) if per_col > 1 else image
-    cmap = plt.get_cmap("Reds").with_extremes(bad="white")
+    if per_col > 1:  # each column: the fraction of its tokens reproduced (NaN where all lie past the end)
+        cells = image.reshape(len(top), -1, per_col)
+        counts = (~np.isnan(cells)).sum(2)
+        image = np.where(counts > 0, np.nansum(cells, 2) / np.maximum(counts, 1), np.nan)
+    cmap = plt.matplotlib.colors.LinearSegmentedColormap.from_list("reproduced", ["#e4e4e4", "#b2182b"])
+    cmap = cmap.with_extremes(bad="white")  # past a document's end
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.12 * len(top)))
-    im = ax.imshow(np.ma.masked_invalid(image), aspect="auto", interpolation="nearest", cmap=cmap, vmin=-0.15,
+    im = ax.imshow(np.ma.masked_invalid(image), aspect="auto", interpolation="nearest", cmap=cmap, vmin=0.0,
                    vmax=1.0, extent=(0, image.shape[1] * per_col, len(top), 0))
     ax.set_xlabel("token position in the document")
     ax.set_ylabel("document (most reproduced first)")
@@ -960,7 +964,9 @@ def _memorization_map(run: RunDir, documents: pd.DataFrame, windows: pd.DataFram
         ax.set_yticks(np.arange(len(top)) + 0.5, [str(i)[:24] for i in top["id"]], fontsize=7)
     ax.set_title(f"memorization map: tokens in an exactly reproduced suffix ({len(top)} of {len(documents)} "
                  f"documents" + (f", {per_col} tokens per column" if per_col > 1 else "") + ")", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.03, label="reproduced" + (" (fraction)" if per_col > 1 else ""))
+    bar = fig.colorbar(im, ax=ax, fraction=0.03, label="reproduced" + (" (share of column)" if per_col > 1 else ""))
+    if per_col == 1:
+        bar.set_ticks([0, 1], labels=["no", "yes"])
     run.save_figure(fig, "memorization_map.png")
 
 
