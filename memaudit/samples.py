@@ -176,16 +176,6 @@ class Sampling:
         """The windows of `length` tokens of each document, produced lazily (see WindowStream)."""
         return WindowStream(self, token_lists, ids, length)
 
-    def describe(self) -> str:
-        kind = self.strategy
-        if kind == "first":
-            return f"the window at offset {self.offset}" if self.offset else "the first window"
-        if kind == "stride":
-            return f"every window at stride {self.stride}" + (f" from offset {self.offset}" if self.offset else "")
-        if kind == "random":
-            return f"{self.windows_per_doc} random windows per document (seed {self.seed})"
-        return "the last window of each document"
-
 
 class Window(NamedTuple):
     doc: int  # the document's position in the input
