@@ -36,6 +36,10 @@ from memaudit.metrics import rouge_l_text
 from memaudit.training import train_or_reuse
 
 PREFIX, SUFFIX = 32, 32
+# generate's eos_token_id: [] never stops early. None falls back to the model's generation_config (its EOS, which a
+# model trained on EOS-joined packed rows emits), and min_new_tokens = max_new_tokens would forbid EOS instead,
+# changing the tokens: either breaks the exact comparison (checked with transformers 5.24).
+NEVER_STOP: list[int] = []
 
 
 def trained_model(cache: Path) -> tuple[Path, Path, Path]:
@@ -57,7 +61,7 @@ def hf_generate_extract(m, data: Path, batch_size: int) -> list[dict]:
     docs = read_documents(data)
     token_lists = m.tokenizer(docs["text"].tolist(), add_special_tokens=False)["input_ids"]  # the standard call
     w = make_windows(token_lists, docs["id"].tolist(), PREFIX, SUFFIX)
-    cfg = GenerationConfig(max_new_tokens=SUFFIX, do_sample=False, eos_token_id=None, bos_token_id=None,
+    cfg = GenerationConfig(max_new_tokens=SUFFIX, do_sample=False, eos_token_id=NEVER_STOP, bos_token_id=None,
                            pad_token_id=m.tokenizer.pad_token_id)
     rows = []
     for s in range(0, len(w.ids), batch_size):
@@ -86,7 +90,7 @@ def bare_times(m, data: Path, batch_size: int, repeats: int) -> tuple[float, flo
     docs = read_documents(data)
     w = make_windows(tokenize(m.tokenizer, docs["text"].tolist()), docs["id"].tolist(), PREFIX, SUFFIX)
     x = torch.cat([torch.full((len(w.ids), 1), m.tokenizer.bos_token_id), torch.as_tensor(w.tokens)], dim=1)
-    cfg = GenerationConfig(max_new_tokens=SUFFIX, do_sample=False, eos_token_id=None, bos_token_id=None,
+    cfg = GenerationConfig(max_new_tokens=SUFFIX, do_sample=False, eos_token_id=NEVER_STOP, bos_token_id=None,
                            pad_token_id=m.tokenizer.pad_token_id)
 
     def teacher_forced():

@@ -1,12 +1,22 @@
-"""Benchmark: every logit-based MIA attack at once through memaudit vs the per-sample way peers do it.
+"""Benchmark: `memaudit mia` with every default attack against MIMIR's loop, on a 124M-parameter GPT-2 shape.
 
-memaudit: `memaudit.mia` with loss, zlib, zstd, reference, min_k, min_k_pp (k = 10, 20, 30), recall and dc_pdd:
-three batched scoring passes in all (target, reference model, shots-conditioned target), every score derived
-from the kept per-token arrays.
-Peer way (MIMIR-style): each attack is its own loop over the documents, one forward pass per document at batch
-size 1 with the full [T, V] log-softmax kept; reference and recall need two passes per document.
-Same models, data and machine, one run. The two ways' scores are compared as a check. Metrics are not timed
-(--bootstrap 0). Usage: python bench/bench_mia.py [--docs 100] [--window 64] [--config tiny|small] [--repeats 2]
+memaudit: `memaudit.mia` with `--attacks all` and a reference model (loss, zlib, zstd, reference, min_k, min_k_pp
+at k = 10, 20, 30, recall, dc_pdd, gradnorm): batched target and reference passes, ReCaLL scored after the shots'
+KV cache (read once), per-sample gradient norms a batch at once.
+MIMIR's loop, as its run.py (`get_mia_scores`, github.com/iamgroot42/mimir) does it, batch size 1: per document one
+target pass shared by every logit attack (MIMIR's `get_probabilities`: the full log-softmax kept for Min-K%++,
+each token's log-probability read one by one), then a reference-model pass, a ReCaLL pass of shots + document
+(`model(ids, labels=...)`, the prefix masked) and a gradnorm forward and backward (`loss.backward()`). Two
+kindnesses to MIMIR: dc_pdd reuses the shared target pass (MIMIR's runs one more, EOS-first), and documents used as
+ReCaLL shots are not scored by it (memaudit leaves them out too). gradnorm is reduced as memaudit does (the L2 norm
+over all parameters; MIMIR's default, the mean of per-parameter inf-norms, costs the same) so the scores compare.
+Same models, data, process and machine. Rows:
+  1. memaudit vs MIMIR's loop, every default attack (documents/s; the ratio is `speedup`, the last line);
+  2. the old per-attack comparison: the logit attacks through memaudit vs each attack its own per-document loop;
+  3. the ReCaLL pass: after the cached shots vs the shots re-read before every sample (the way before);
+  4. the gradnorm pass: a batch at once vs one backward per sample (the way before).
+Every row checks its two ways' scores (1e-5; gradnorm 1e-4 relative). Metrics are not timed (--bootstrap 0).
+Usage: python bench/bench_mia.py [--docs 16] [--window 64] [--config gpt2|tiny|small|LxW] [--repeats 1]
 """
 from __future__ import annotations
 
@@ -15,6 +25,7 @@ import math
 import tempfile
 import time
 import zlib
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +33,14 @@ import torch
 import zstandard
 
 ROOT = Path(__file__).resolve().parents[1]
-ATTACKS = "loss,zlib,zstd,reference,min_k,min_k_pp,recall,dc_pdd"
+LOGIT_ATTACKS = "loss,zlib,zstd,reference,min_k,min_k_pp,recall,dc_pdd"
 KS = (10.0, 20.0, 30.0)
+ATOL, GRAD_RTOL = 1e-5, 1e-4
 
 
-def build(tmp: Path, docs: int, config: str, window: int):
-    from transformers import AutoModelForCausalLM
+def build(tmp: Path, docs: int, config: str):
+    """Members, non-members, a tokenizer trained on both, a target and a reference model (random init)."""
+    from transformers import AutoModelForCausalLM, GPT2Config
 
     from memaudit.corpus import demo_corpus
     from memaudit.data import train_tokenizer, write_documents
@@ -40,127 +53,258 @@ def build(tmp: Path, docs: int, config: str, window: int):
     dirs = []
     for name, seed in (("target", 0), ("reference", 1)):
         torch.manual_seed(seed)
-        cfg = build_config(config, vocab_size=len(tok), max_length=2 * window, bos_token_id=tok.bos_token_id,
-                           eos_token_id=tok.eos_token_id)
-        model = AutoModelForCausalLM.from_config(cfg)
-        model.save_pretrained(tmp / name)
+        ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        cfg = GPT2Config(vocab_size=len(tok), **ids) if config == "gpt2" else \
+            build_config(config, vocab_size=len(tok), max_length=1024, **ids)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp / name)
         tok.save_pretrained(tmp / name)
         dirs.append(tmp / name)
     return dirs[0], dirs[1], mem_f, non_f
 
 
-def peer(target_dir, ref_dir, mem_f, non_f, window: int, shot_ids: list[str]) -> tuple[dict[str, np.ndarray], int]:
-    """Each attack its own per-document loop, batch size 1, full log-softmax kept."""
+def documents(tok, mem_f, non_f, window: int) -> list[tuple[str, list[int]]]:
+    """(id, first `window` tokens) of every document long enough, members first: memaudit's samples."""
     from memaudit.data import read_documents, tokenize
+
+    out = []
+    for f in (mem_f, non_f):
+        df = read_documents(f)
+        out += [(i, t[:window]) for i, t in zip(df["id"], tokenize(tok, df["text"])) if len(t) >= window]
+    return out
+
+
+def log_frequencies(tok, non_f) -> np.ndarray:
+    from memaudit.data import read_documents, tokenize
+
+    corpus = [t for d in tokenize(tok, read_documents(non_f)["text"]) for t in d]
+    counts = np.bincount(corpus, minlength=len(tok)).astype(float)
+    return np.log((counts + 1) / (counts.sum() + len(tok)))
+
+
+def recall_prefix(docs, shot_ids: list[str], eos: int, bos: int, window: int, ctx: int) -> list[int]:
+    """memaudit's ReCaLL prefix: BOS, then the shots joined by EOS, cut from the left to the room before a sample."""
+    by_id = dict(docs)
+    return [bos] + [t for s in shot_ids for t in by_id[s] + [eos]][-(ctx - window):]
+
+
+def logit_scores(lp: torch.Tensor, lsm: torch.Tensor, x: list[int], text: bytes, logf: np.ndarray) -> dict:
+    """Every logit attack from one pass's token log-probabilities `lp` [T] and log-softmax `lsm` [T, V]."""
+    ll = lp.mean().item()
+    out = {"loss": ll, "zlib": ll / (8 * len(zlib.compress(text))),
+           "zstd": ll / (8 * len(zstandard.ZstdCompressor(level=3).compress(text)))}
+    lp_sorted = torch.sort(lp).values
+    p = lsm.exp()  # Min-K%++'s mu and sigma in float32, as MIMIR computes them
+    mu = (p * lsm).sum(-1)
+    sigma = ((p * lsm ** 2).sum(-1) - mu ** 2).clamp_min(1e-12).sqrt()
+    z = torch.sort((lp - mu) / sigma).values
+    for k in KS:
+        n = max(1, int(len(lp) * k / 100 + 1e-9))
+        out[f"min_k_{k:g}"] = lp_sorted[:n].mean().item()
+        out[f"min_k_pp_{k:g}"] = z[:n].mean().item()
+    seen, alphas = set(), []
+    for t, lv in zip(x, lp.tolist()):
+        if t not in seen:
+            seen.add(t)
+            alphas.append(min(math.exp(lv) * -logf[t], 0.01))
+    out["dc_pdd"] = float(np.mean(alphas))
+    return out
+
+
+def mimir_probabilities(model, ids: list[int], grads: bool = False):
+    """MIMIR's Model.get_probabilities on a document within the context: one forward (labels passed, as MIMIR does),
+    the full log-softmax kept, each token's log-probability read one at a time."""
+    with torch.set_grad_enabled(grads):
+        t = torch.tensor([ids])
+        logits = model(t, labels=t).logits
+        lsm = torch.log_softmax(logits[0, :-1].float(), -1)
+        lps = [lsm[i, tok] if grads else lsm[i, tok].item() for i, tok in enumerate(ids[1:])]
+    return (torch.stack(lps) if grads else torch.tensor(lps)), lsm
+
+
+def mimir_loop(target_dir, ref_dir, mem_f, non_f, window: int, shot_ids: list[str]):
+    """MIMIR's run.py loop over the documents; returns the score columns and seconds per part."""
+    from memaudit.models import load_model
+
+    secs: dict[str, float] = defaultdict(float)
+    t0 = time.perf_counter()
+    tm = load_model(target_dir, device="cpu", dtype="float32")
+    rm = load_model(ref_dir, device="cpu", dtype="float32").model
+    tok, model = tm.tokenizer, tm.model
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    docs = documents(tok, mem_f, non_f, window)
+    logf = log_frequencies(tok, non_f)
+    prefix = recall_prefix(docs, shot_ids, eos, bos, window, tm.max_length)
+    params = [p for p in model.parameters() if p.requires_grad]
+    secs["load"] = time.perf_counter() - t0
+    cols: dict[str, list[float]] = defaultdict(list)
+    for doc_id, x in docs:
+        t = time.perf_counter()
+        lp, lsm = mimir_probabilities(model, [bos] + x)  # the one target pass every logit attack shares
+        for c, v in logit_scores(lp, lsm, x, tok.decode(x).encode("utf-8"), logf).items():
+            cols[c].append(v)
+        secs["target pass + logit attacks"] += time.perf_counter() - t
+        t = time.perf_counter()
+        cols["reference"].append(cols["loss"][-1] - mimir_probabilities(rm, [bos] + x)[0].mean().item())
+        secs["reference pass"] += time.perf_counter() - t
+        t = time.perf_counter()
+        if doc_id in shot_ids:
+            cols["recall"].append(float("nan"))
+        else:  # MIMIR's get_conditional_ll: the model's loss on prefix + document, the prefix masked
+            ids = torch.tensor([prefix + x])
+            labels = ids.clone()
+            labels[0, :len(prefix)] = -100
+            with torch.no_grad():
+                cond = -model(ids, labels=labels).loss.item()
+            cols["recall"].append(cond / min(cols["loss"][-1], -1e-12))
+        secs["recall pass"] += time.perf_counter() - t
+        t = time.perf_counter()
+        model.zero_grad()
+        lp_g, _ = mimir_probabilities(model, [bos] + x, grads=True)
+        (-lp_g.mean()).backward()
+        cols["gradnorm"].append(-math.sqrt(sum(float(p.grad.double().square().sum()) for p in params
+                                               if p.grad is not None)))
+        model.zero_grad()
+        secs["gradnorm backward"] += time.perf_counter() - t
+    return {c: np.asarray(v) for c, v in cols.items()}, dict(secs)
+
+
+def per_attack_peer(target_dir, ref_dir, mem_f, non_f, window: int, shot_ids: list[str]):
+    """The old comparison: each logit attack its own per-document loop, batch size 1, full log-softmax kept."""
     from memaudit.models import load_model
 
     tm = load_model(target_dir, device="cpu", dtype="float32")
     rm = load_model(ref_dir, device="cpu", dtype="float32").model
     tok = tm.tokenizer
-    bos, eos, ctx = tok.bos_token_id, tok.eos_token_id, tm.max_length
-    docs = [(i, t[:window]) for f in (mem_f, non_f) for i, t in
-            zip(read_documents(f)["id"], tokenize(tok, read_documents(f)["text"])) if len(t) >= window]
-    passes = 0
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    docs = documents(tok, mem_f, non_f, window)
+    logf = log_frequencies(tok, non_f)
+    prefix = recall_prefix(docs, shot_ids, eos, bos, window, tm.max_length)
 
-    def full_lp(model, ids):  # the peer's one forward pass: whole log-softmax over the vocabulary
-        nonlocal passes
-        passes += 1
+    def lp_of(model, ids):
         with torch.no_grad():
             lsm = torch.log_softmax(model(torch.tensor([ids[:-1]])).logits[0].float(), -1)
-        return lsm, lsm[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+        return lsm[torch.arange(len(ids) - 1), torch.tensor(ids[1:])], lsm
 
-    cols: dict[str, list[float]] = {}
-    for name in ("loss", "zlib", "zstd"):
-        out = []
-        for _, x in docs:
-            _, lp = full_lp(tm.model, [bos] + x)
-            ll = lp.mean().item()
-            text = tok.decode(x).encode("utf-8")
-            if name == "loss":
-                out.append(ll)
-            elif name == "zlib":
-                out.append(ll / (8 * len(zlib.compress(text))))
-            else:
-                out.append(ll / (8 * len(zstandard.ZstdCompressor(level=3).compress(text))))
-        cols[name] = out
-    cols["reference"] = [full_lp(tm.model, [bos] + x)[1].mean().item() - full_lp(rm, [bos] + x)[1].mean().item()
-                         for _, x in docs]
-    cols.update({f"min_k_{k:g}": [] for k in KS} | {f"min_k_pp_{k:g}": [] for k in KS})
+    cols: dict[str, list[float]] = defaultdict(list)
+    for name in ("loss", "zlib", "zstd", "min_k", "min_k_pp", "dc_pdd"):
+        for _, x in docs:  # each attack runs its own pass over every document
+            lp, lsm = lp_of(tm.model, [bos] + x)
+            for c, v in logit_scores(lp, lsm, x, tok.decode(x).encode("utf-8"), logf).items():
+                if name in (c, c.rsplit("_", 1)[0]):  # min_k_10 belongs to min_k, min_k_pp_10 to min_k_pp
+                    cols[c].append(v)
     for _, x in docs:
-        _, lp = full_lp(tm.model, [bos] + x)
-        for k in KS:
-            cols[f"min_k_{k:g}"].append(torch.sort(lp).values[:max(1, int(len(lp) * k / 100))].mean().item())
-    for _, x in docs:
-        lsm, lp = full_lp(tm.model, [bos] + x)
-        p = lsm.exp()
-        mu = (p * lsm).sum(-1)
-        sigma = ((p * lsm ** 2).sum(-1) - mu ** 2).clamp_min(1e-12).sqrt()
-        z = torch.sort((lp - mu) / sigma).values
-        for k in KS:
-            cols[f"min_k_pp_{k:g}"].append(z[:max(1, int(len(z) * k / 100))].mean().item())
-    id_tok = dict(docs)
-    prefix = [t for s in shot_ids for t in id_tok[s] + [eos]][-(ctx - window):]
-    rec = []
+        cols["reference"].append(lp_of(tm.model, [bos] + x)[0].mean().item() - lp_of(rm, [bos] + x)[0].mean().item())
     for i, x in docs:
-        if i in shot_ids:
-            rec.append(float("nan"))
-            continue
-        ll = full_lp(tm.model, [bos] + x)[1].mean().item()
-        rec.append(full_lp(tm.model, [bos] + prefix + x)[1][-len(x):].mean().item() / ll)
-    cols["recall"] = rec
-    corpus = [t for d in tokenize(tok, read_documents(non_f)["text"]) for t in d]
-    counts = np.bincount(corpus, minlength=len(tok)).astype(float)
-    logf = np.log((counts + 1) / (counts.sum() + len(tok)))
-    dc = []
-    for _, x in docs:
-        _, lp = full_lp(tm.model, [bos] + x)
-        seen, alphas = set(), []
-        for t, l in zip(x, lp.tolist()):
-            if t not in seen:
-                seen.add(t)
-                alphas.append(min(math.exp(l) * -logf[t], 0.01))
-        dc.append(float(np.mean(alphas)))
-    cols["dc_pdd"] = dc
-    return {k: np.asarray(v) for k, v in cols.items()}, passes
+        cols["recall"].append(float("nan") if i in shot_ids else
+                              lp_of(tm.model, prefix + x)[0][-len(x):].mean().item()
+                              / lp_of(tm.model, [bos] + x)[0].mean().item())
+    return {c: np.asarray(v) for c, v in cols.items()}
+
+
+def max_diff(res_samples, cols: dict, relative: tuple[str, ...] = ("gradnorm",)) -> tuple[float, float]:
+    """(max |difference| over the absolute columns, max relative difference over `relative`), NaNs matched."""
+    ab, rel = 0.0, 0.0
+    for c, v in cols.items():
+        mine = res_samples[f"score_{c}"].to_numpy()
+        assert np.array_equal(np.isnan(mine), np.isnan(v)), c
+        ok = ~np.isnan(v)
+        if c in relative:
+            rel = max(rel, float(np.max(np.abs(mine[ok] / v[ok] - 1))))
+        else:
+            ab = max(ab, float(np.max(np.abs(mine[ok] - v[ok]))))
+    return ab, rel
+
+
+def timed(fn, repeats: int):
+    """(result of the last call, fastest seconds)."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return out, best
+
+
+def passes_today(target_dir, mem_f, non_f, window: int, shot_ids: list[str], repeats: int) -> list[tuple]:
+    """Rows 3 and 4: ReCaLL's and gradnorm's pass, the new way and the way before, on the same samples."""
+    from memaudit.attacks import gradient_norms
+    from memaudit.models import load_model
+    from memaudit.scoring import score
+
+    tm = load_model(target_dir, device="cpu", dtype="float32")
+    tok, model = tm.tokenizer, tm.model
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    docs = documents(tok, mem_f, non_f, window)
+    prefix = recall_prefix(docs, shot_ids, eos, bos, window, tm.max_length)
+    xs = [x for i, x in docs if i not in shot_ids]
+    new, t_new = timed(lambda: score(model, xs, prefix=prefix, max_length=tm.max_length), repeats)
+    old, t_old = timed(lambda: score(model, [prefix + x for x in xs], max_length=tm.max_length), repeats)
+    d_recall = max(abs(float(a.logprob.mean()) - float(b.logprob[-len(x):].mean())) for a, b, x in zip(new, old, xs))
+    all_x = [x for _, x in docs]
+    g_new, tg_new = timed(lambda: gradient_norms(model, all_x, bos_id=bos, method="auto"), repeats)
+    g_old, tg_old = timed(lambda: gradient_norms(model, all_x, bos_id=bos, method="loop"), repeats)
+    d_grad = float(np.max(np.abs(g_new / g_old - 1)))
+    return [("ReCaLL pass: cached shots vs shots re-read", len(xs), t_new, t_old, f"LL(x | shots) {d_recall:.1e}",
+             d_recall <= ATOL),
+            ("gradnorm pass: batched vs backward each", len(all_x), tg_new, tg_old, f"rel {d_grad:.1e}",
+             d_grad <= GRAD_RTOL)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--docs", type=int, default=100, help="members and as many non-members")
-    ap.add_argument("--repeats", type=int, default=2, help="time both ways this many times, interleaved; "
-                                                          "report the fastest of each (the CPU may be shared)")
+    ap.add_argument("--docs", type=int, default=16, help="members and as many non-members")
+    ap.add_argument("--repeats", type=int, default=1, help="time each way this many times, interleaved; report the "
+                                                          "fastest of each (the CPU may be shared)")
     ap.add_argument("--window", type=int, default=64)
-    ap.add_argument("--config", default="tiny", help="tiny, small or LxW")
+    ap.add_argument("--config", default="gpt2", help="gpt2 (GPT2Config() defaults, 124M-parameter shape with "
+                                                     "GPT-2's vocabulary; here the test tokenizer's), tiny, small "
+                                                     "or LxW")
     args = ap.parse_args()
 
     from memaudit import mia
     from memaudit.models import count_parameters, load_model
 
+    rows = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        target, ref, mem_f, non_f = build(tmp, args.docs, args.config, args.window)
+        target, ref, mem_f, non_f = build(tmp, args.docs, args.config)
         params = count_parameters(load_model(target, device="cpu").model)
-        t_mem = t_peer = float("inf")
+        kw = dict(model_dir=target, members=mem_f, nonmembers=non_f, reference=ref, k=KS, window=args.window,
+                  bootstrap=0, device="cpu", dtype="float32", write=False)
+        t_mem = t_mimir = t_logit = t_peer = float("inf")
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            res = mia(model_dir=target, members=mem_f, nonmembers=non_f, reference=ref, attacks=ATTACKS, k=KS,
-                      window=args.window, bootstrap=0, device="cpu", dtype="float32", write=False)
+            res = mia(**kw, attacks="all")
             t_mem = min(t_mem, time.perf_counter() - t0)
+            shots = res.summary["recall"]["shot_ids"]
             t0 = time.perf_counter()
-            cols, passes = peer(target, ref, mem_f, non_f, args.window, res.summary["recall"]["shot_ids"])
+            cols, secs = mimir_loop(target, ref, mem_f, non_f, args.window, shots)
+            t_mimir = min(t_mimir, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            res_logit = mia(**kw, attacks=LOGIT_ATTACKS)
+            t_logit = min(t_logit, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            peer_cols = per_attack_peer(target, ref, mem_f, non_f, args.window, shots)
             t_peer = min(t_peer, time.perf_counter() - t0)
+        n = len(res.samples)
+        ab, rel = max_diff(res.samples, cols)
+        ab_peer, _ = max_diff(res_logit.samples, peer_cols)
+        rows.append(("memaudit mia vs MIMIR's loop, all attacks", n, t_mem, t_mimir,
+                     f"{ab:.1e}; gradnorm rel {rel:.1e}", ab <= ATOL and rel <= GRAD_RTOL))
+        rows.append(("old: logit attacks vs a loop per attack", n, t_logit, t_peer, f"{ab_peer:.1e}", ab_peer <= ATOL))
+        rows += passes_today(target, mem_f, non_f, args.window, shots, args.repeats)
 
-    n = len(res.samples)
-    diff = max(float(np.nanmax(np.abs(res.samples[f"score_{c}"].to_numpy() - v))) for c, v in cols.items())
-    speedup = t_peer / t_mem
-    print(f"model: GPT-2 {args.config}, {params:,} parameters, vocab 2048; {n} samples of {args.window} tokens "
-          f"(+BOS); CPU, torch threads {torch.get_num_threads()}; fastest of {args.repeats} interleaved runs each")
-    print(f"score columns: {', '.join(cols)} ({len(cols)})")
-    print(f"{'way':<44}{'forward passes':>16}{'seconds':>10}{'samples/s':>11}")
-    print(f"{'memaudit.mia (3 batched scoring passes)':<44}{'3 x batched':>16}{t_mem:>10.2f}{n / t_mem:>11.1f}")
-    print(f"{'peer: per attack, per document, batch 1':<44}{passes:>16}{t_peer:>10.2f}{n / t_peer:>11.1f}")
-    print(f"max |score difference| between the two ways: {diff:.2e}")
-    print(f"speedup={speedup:.1f}")
+    print(f"model: GPT-2 {args.config}, {params:,} parameters, vocab 2048, context 1024; {n} samples of "
+          f"{args.window} tokens (+BOS), {args.docs} members and {args.docs} non-members, 5 ReCaLL shots; CPU, "
+          f"torch threads {torch.get_num_threads()}; fastest of {args.repeats} interleaved run(s) each")
+    print(f"MIMIR's loop, seconds by part: " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()))
+    print(f"{'row':<46}{'samples':>8}{'new s':>9}{'old s':>9}{'new/s':>8}{'old/s':>8}{'ratio':>7}  max score diff")
+    for name, m, t_new, t_old, diff, _ in rows:
+        print(f"{name:<46}{m:>8}{t_new:>9.1f}{t_old:>9.1f}{m / t_new:>8.2f}{m / t_old:>8.2f}{t_old / t_new:>7.2f}  "
+              f"{diff}")
+    ok = all(r[-1] for r in rows)
+    print(f"scores equal to {ATOL:g} (gradnorm {GRAD_RTOL:g} relative) in every row: {'yes' if ok else 'NO'}")
+    print(f"speedup={t_mimir / t_mem:.2f}")
 
 
 if __name__ == "__main__":

@@ -6,17 +6,20 @@ the reference model's pass for `reference` and a second, shots-conditioned pass 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib as _zlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import zstandard
+from torch.utils._pytree import tree_flatten, tree_unflatten
+from transformers.pytorch_utils import Conv1D
 
 from .errors import MemauditError
-from .scoring import TokenStats
+from .scoring import TokenStats, auto_batch_size, is_oom, padded
 
 DEFAULT_K = (10.0, 20.0, 30.0)  # percent; Min-K% default is 20 (Shi et al. 2023)
 DCPDD_CAP = 0.01  # a in alpha_t = min(p * ln(1/f), a) (Zhang et al. 2024)
@@ -190,27 +193,337 @@ def token_log_frequencies(token_lists: Sequence[Sequence[int]], vocab_size: int)
     return np.log((counts + 1.0) / (counts.sum() + vocab_size))
 
 
-def gradient_norms(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, bos_id: int | None,
-                   on_progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Per sample, the L2 norm over all parameters of d(mean NLL of its scored tokens)/d(theta).
+# --- gradient norms: per sample, a batch at once ------------------------------------------------------------------
 
-    One forward and backward per sample (the gradient is per sample, so nothing is batched); scored tokens
-    as in the scoring engine: every token after BOS, or all but the first without BOS.
+GRADIENT_METHODS = ("auto", "batched", "loop")
+_PROBE_TOKENS = 16  # the longer of choose_gradient_method's two rows
+_PROBE_RTOL = {torch.float32: 1e-3, torch.float64: 1e-3}  # per parameter; 16-bit dtypes: 5e-2
+
+
+class _Unsupported(Exception):
+    """A layer the batched per-sample gradients cannot attribute to samples."""
+
+
+def gradient_norms(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, bos_id: int | None,
+                   on_progress: Callable[[int], None] | None = None, method: str = "auto",
+                   batch_size: int | str = "auto", pad_id: int = 0) -> np.ndarray:
+    """Per sample, the L2 norm over all trainable parameters of d(mean NLL of its scored tokens)/d(theta); scored
+    tokens as in the scoring engine: every token after BOS, or all but the first without BOS.
+
+    `batched`: a batch of samples at once (right-padded): one forward, one backward to every layer's output (no
+    weight gradient is formed), then each sample's squared norm per parameter from the layer's inputs x_t and
+    output gradients g_t: for a linear layer ||sum_t g_t x_t^T||^2 = sum_{t,s} (g_t . g_s)(x_t . x_s) (the "ghost
+    norm"), or the sample's weight gradient itself where that is cheaper (long samples); an embedding table
+    likewise, tied matrices with their cross terms; other layers' own parameters (norms, ...) get per-sample
+    gradients from torch.func. `loop`: one forward and backward per sample. `auto`: `choose_gradient_method`.
     """
-    params = [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]
-    device = next(model.parameters()).device
+    if method not in GRADIENT_METHODS:
+        raise MemauditError(f"gradient method must be one of {', '.join(GRADIENT_METHODS)}, not {method!r}")
+    rows = [([bos_id] if bos_id is not None else []) + list(s) for s in sequences]
+    if method == "auto":
+        method, _ = choose_gradient_method(model, sequences, bos_id=bos_id, pad_id=pad_id)
+    with _grad_mode(model):
+        if method == "loop":
+            params = _trainable(model)
+            out = np.empty(len(rows))
+            for i, row in enumerate(rows):
+                out[i] = math.sqrt(sum(_loop_sq(model, params, row).values()))
+                if on_progress is not None:
+                    on_progress(1)
+            return out
+        return _batched_norms(model, rows, pad_id, batch_size, on_progress)
+
+
+def choose_gradient_method(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, bos_id: int | None,
+                           pad_id: int = 0) -> tuple[str, str | None]:
+    """("batched", None) when, in a batch of the starts of the two shortest `sequences` cut to different lengths,
+    the shorter (padded) row's batched squared norm of every parameter equals its own backward's to 1e-3 (5e-2 in
+    16-bit dtypes); else ("loop", why). The rows are short, so the check costs about one short backward. A single
+    sample: ("loop", None), as there is nothing to batch."""
+    rows = sorted((([bos_id] if bos_id is not None else []) + list(s) for s in sequences), key=len)
+    if len(rows) < 2:
+        return "loop", None
+    first = rows[0][:_PROBE_TOKENS]
+    probe = [first, rows[1][:max(2, len(first) // 2)]]
+    rtol = _PROBE_RTOL.get(next(model.parameters()).dtype, 5e-2)
+    with _grad_mode(model):
+        try:
+            fast = _batch_sq(model, probe, pad_id)
+        except Exception as exc:  # anything the batched way cannot do on this model, the loop can
+            return "loop", f"{type(exc).__name__}: {exc}"
+        slow = _loop_sq(model, _trainable(model), probe[1])
+    total = sum(slow.values())
+    named = {id(p): n for n, p in model.named_parameters()}
+    for pid in set(slow) | set(fast):
+        got, want = float(fast[pid][1]) if pid in fast else 0.0, slow.get(pid, 0.0)
+        if abs(got - want) > rtol * want + 1e-6 * total:
+            return "loop", (f"the batched per-sample gradient of {named.get(pid, '?')} differs from one backward "
+                            "per sample on this architecture")
+    return "batched", None
+
+
+@contextlib.contextmanager
+def _grad_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) with gradients on; the model's mode is restored after."""
     was_training = model.training
     model.eval()
-    out = np.empty(len(sequences))
     try:
-        for i, seq in enumerate(sequences):
-            ids = torch.tensor([([bos_id] if bos_id is not None else []) + list(seq)], device=device)
-            logits = model(input_ids=ids[:, :-1]).logits[0].float()
-            nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:])
-            grads = torch.autograd.grad(nll, params, allow_unused=True)
-            out[i] = math.sqrt(sum(float(g.double().square().sum()) for g in grads if g is not None))
-            if on_progress is not None:
-                on_progress(1)
+        with torch.enable_grad():
+            yield
     finally:
         model.train(was_training)
+
+
+def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]
+
+
+def _loop_sq(model: torch.nn.Module, params: list[torch.nn.Parameter], row: Sequence[int]) -> dict[int, float]:
+    """One sample's squared gradient norm per parameter (by id) from its own forward and backward."""
+    ids = torch.tensor([list(row)], device=next(model.parameters()).device)
+    logits = model(input_ids=ids[:, :-1]).logits[0].float()
+    nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:])
+    grads = torch.autograd.grad(nll, params, allow_unused=True)
+    return {id(p): float(g.double().square().sum()) for p, g in zip(params, grads) if g is not None}
+
+
+def _batched_norms(model: torch.nn.Module, rows: list[list[int]], pad_id: int, batch_size: int | str,
+                   on_progress: Callable[[int], None] | None) -> np.ndarray:
+    """Per-sample norms in batches of similar length, longest first; the batch halves on out-of-memory."""
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    out = np.empty(len(rows))
+    if not order:
+        return out
+    # Half the scoring pass's batch: the backward keeps each layer's output gradient beside its activations.
+    bs = max(1, min(len(rows), auto_batch_size(model, len(rows[order[0]]) - 1) // 2)) if batch_size == "auto" \
+        else int(batch_size)
+    pos = 0
+    while pos < len(order):
+        idx = order[pos:pos + bs]
+        try:
+            sq = _batch_sq(model, [rows[i] for i in idx], pad_id)
+        except Exception as exc:
+            if is_oom(exc) and bs > 1:
+                bs //= 2
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            raise
+        out[idx] = np.sqrt(np.sum(list(sq.values()), axis=0)) if sq else 0.0
+        pos += len(idx)
+        if on_progress is not None:
+            on_progress(len(idx))
+    return out
+
+
+def _batch_sq(model: torch.nn.Module, rows: list[list[int]], pad_id: int) -> dict[int, np.ndarray]:
+    """Each row's squared gradient norm per parameter (by id; float64 [rows]): one padded forward, one backward to
+    the outputs of the layers that own trainable parameters, then the per-sample formulas of `_parts`."""
+    device = next(model.parameters()).device
+    inputs, targets, mask = (t.to(device) for t in padded(rows, pad_id))
+    with _Taps(model, len(rows)) as taps:
+        logits = model(input_ids=inputs, attention_mask=mask, use_cache=False).logits.float()
+    taps.check()
+    # Each row's mean NLL over its own tokens, summed: the gradient at row r's activations is its own loss's.
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none") * mask
+    loss = (nll.sum(1) / mask.sum(1)).sum()
+    grads = torch.autograd.grad(loss, [c.out for c in taps.calls], allow_unused=True)
+    del logits, nll, loss
+    parts: dict[int, list] = {}
+    for call, g in zip(taps.calls, grads):
+        if g is not None:
+            for pid, part in _parts(call, g, len(rows)):
+                parts.setdefault(pid, []).append(part)
+    return {pid: _sq_norm(ps) for pid, ps in parts.items()}
+
+
+@dataclass
+class _Call:
+    """One call of a module that owns trainable parameters: its inputs and the output its gradient is taken for."""
+    module: torch.nn.Module
+    args: tuple
+    kwargs: dict
+    out: torch.Tensor
+    version: int  # out._version when the module returned it
+
+
+class _Taps:
+    """Forward hooks on every module owning trainable parameters; each call is kept. An output of batch size 1 in
+    a batch of `batch` rows (position embeddings, broadcast over rows) is handed on expanded to every row, so each
+    row's share of its gradient stays apart. An output later edited in place (its gradient would then be that of
+    the edited tensor) makes the batched way unsupported (`check`)."""
+
+    def __init__(self, model: torch.nn.Module, batch: int):
+        self.model, self.batch = model, batch
+        self.calls: list[_Call] = []
+        self.handles: list = []
+
+    def __enter__(self) -> "_Taps":
+        for m in self.model.modules():
+            if any(p.requires_grad for p in m.parameters(recurse=False)):
+                self.handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def check(self) -> None:
+        for c in self.calls:
+            if c.out._version != c.version:
+                raise _Unsupported(f"{type(c.module).__name__}'s output is edited in place")
+
+    def _hook(self, module, args, kwargs, output):
+        if not isinstance(output, torch.Tensor):
+            raise _Unsupported(f"{type(module).__name__} returns {type(output).__name__}, not one tensor")
+        if not output.requires_grad:
+            return None
+        expand = self.batch > 1 and output.dim() > 0 and output.shape[0] == 1
+        if expand:
+            output = output.expand(self.batch, *output.shape[1:])
+            args = tuple(a.expand(self.batch, *a.shape[1:]) if isinstance(a, torch.Tensor) and a.dim() > 0
+                         and a.shape[0] == 1 else a for a in args)
+        self.calls.append(_Call(module, args, kwargs, output, output._version))
+        return output if expand else None
+
+
+@dataclass
+class _Outer:
+    """A per-sample gradient sum_t u_t v_t^T of a parameter viewed as [a, b]: u [B, N, a] (or, for an embedding
+    table, ids [B, N] meaning one-hot rows of width a), v [B, N, b]."""
+    u: torch.Tensor
+    v: torch.Tensor
+    a: int
+
+    @property
+    def one_hot(self) -> bool:
+        return self.u.dim() == 2
+
+
+@dataclass
+class _Dense:
+    """Per-sample gradients [B, *parameter shape]."""
+    g: torch.Tensor
+
+
+def _flat(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """[B, ..., d] as [B, N, d] in float32 (at least); anything without the batch first cannot be split by sample."""
+    if t.dim() < 2 or t.shape[0] != batch:
+        raise _Unsupported(f"a layer input of shape {tuple(t.shape)} has no batch dimension first")
+    t = t.reshape(batch, -1, t.shape[-1])
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _parts(call: _Call, g: torch.Tensor, batch: int) -> list[tuple[int, _Outer | _Dense]]:
+    """The per-sample gradient of each trainable parameter `call.module` owns, from this call's input and output
+    gradient: outer-product factors for linear layers and embedding tables, elementwise sums for layer norms,
+    torch.func for anything else."""
+    m, x = call.module, (call.args[0] if call.args else None)
+    out: list[tuple[int, _Outer | _Dense]] = []
+    kind = type(m)
+    if kind in (torch.nn.Linear, Conv1D) and isinstance(x, torch.Tensor):
+        xs, gs = _flat(x.detach(), batch), _flat(g, batch)
+        if m.weight.requires_grad:  # Linear's weight is [out, in], Conv1D's [in, out]
+            out.append((id(m.weight), _Outer(gs, xs, gs.shape[-1]) if kind is torch.nn.Linear
+                        else _Outer(xs, gs, xs.shape[-1])))
+        if m.bias is not None and m.bias.requires_grad:
+            out.append((id(m.bias), _Dense(gs.sum(1))))
+    elif kind is torch.nn.Embedding and m.max_norm is None and not m.scale_grad_by_freq \
+            and isinstance(x, torch.Tensor) and m.weight.requires_grad:
+        ids, gs = x.reshape(batch, -1), _flat(g, batch)
+        if m.padding_idx is not None:  # the padding row gets no gradient
+            gs = gs * (ids != m.padding_idx).unsqueeze(-1)
+        out.append((id(m.weight), _Outer(ids, gs, m.num_embeddings)))
+    elif kind is torch.nn.LayerNorm and isinstance(x, torch.Tensor) and not call.kwargs and len(call.args) == 1:
+        xs, gs = x.detach().float(), g.float()
+        if xs.shape[0] != batch or gs.shape != xs.shape:
+            raise _Unsupported("a layer norm input without the batch dimension first")
+        dims = tuple(range(1, xs.dim() - len(m.normalized_shape)))
+        if m.weight is not None and m.weight.requires_grad:
+            xhat = torch.nn.functional.layer_norm(xs, m.normalized_shape, eps=m.eps)
+            out.append((id(m.weight), _Dense((gs * xhat).sum(dims))))
+        if m.bias is not None and m.bias.requires_grad:
+            out.append((id(m.bias), _Dense(gs.sum(dims))))
+    else:
+        out += _module_grads(call, g, batch)
+    return out
+
+
+def _module_grads(call: _Call, g: torch.Tensor, batch: int) -> list[tuple[int, _Dense]]:
+    """Per-sample gradients of the module's own trainable parameters by torch.func: the module is re-run on each
+    row of its inputs (those with the batch dimension first) under vmap, and its output contracted with the
+    row's output gradient."""
+    own = {n: p for n, p in call.module.named_parameters(recurse=False) if p.requires_grad}
+    if g.dim() == 0 or g.shape[0] != batch:
+        raise _Unsupported(f"{type(call.module).__name__}'s output has no batch dimension first")
+    flat, spec = tree_flatten((call.args, call.kwargs))
+    flat = [a.detach() if isinstance(a, torch.Tensor) else a for a in flat]
+    rowed = [isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch for a in flat]
+
+    def contracted(params: dict, g_row: torch.Tensor, *rows: torch.Tensor) -> torch.Tensor:
+        it = iter(rows)
+        args, kwargs = tree_unflatten([next(it).unsqueeze(0) if r else a for a, r in zip(flat, rowed)], spec)
+        out = torch.func.functional_call(call.module, params, args, kwargs)
+        return (out * g_row.unsqueeze(0)).sum()
+
+    rows = [a for a, r in zip(flat, rowed) if r]
+    grads = torch.func.vmap(torch.func.grad(contracted), in_dims=(None, 0) + (0,) * len(rows))(
+        {n: p.detach() for n, p in own.items()}, g.detach(), *rows)
+    return [(id(p), _Dense(grads[n])) for n, p in own.items()]
+
+
+def _sq_norm(parts: list) -> np.ndarray:
+    """Per sample, the squared norm of the sum of one parameter's gradient parts (float64 [B])."""
+    if len(parts) == 1 and isinstance(parts[0], _Dense):
+        return parts[0].g.flatten(1).double().square().sum(1).cpu().numpy()
+    outers = [p for p in parts if isinstance(p, _Outer)]
+    if len({(p.a, p.v.shape[-1]) for p in outers}) > 1:
+        raise _Unsupported("one parameter used by layers that lay it out differently")
+    if len(outers) == len(parts):
+        n = sum(p.v.shape[1] for p in parts)
+        a, b = parts[0].a, parts[0].v.shape[-1]
+        if n * (a + b) <= a * b:  # the N x N Gram matrices cost less than the a x b gradient
+            return _ghost_sq(parts)
+    return _dense_sq(parts)
+
+
+def _ghost_sq(parts: list[_Outer]) -> np.ndarray:
+    """||sum_t u_t v_t^T||^2 = sum_{t,s} (u_t . u_s)(v_t . v_s) over every pair of parts (tied weights have cross
+    terms), without forming the gradient. The Gram matrices in float32 (as a weight gradient is formed), their
+    products summed in float64, as the terms may cancel."""
+    total = 0
+    for i, p in enumerate(parts):
+        for j, q in enumerate(parts[i:], start=i):
+            uu = _gram_u(p, q)
+            vv = torch.bmm(p.v, q.v.transpose(1, 2))
+            total = total + (1 if i == j else 2) * (uu.double() * vv.double()).sum((1, 2))
+    return total.cpu().numpy()
+
+
+def _gram_u(p: _Outer, q: _Outer) -> torch.Tensor:
+    """u_p . u_q for every pair of positions [B, Np, Nq], one-hot rows as indices."""
+    if p.one_hot and q.one_hot:
+        return (p.u.unsqueeze(2) == q.u.unsqueeze(1)).to(q.v.dtype)
+    if p.one_hot:
+        return _gram_u(q, p).transpose(1, 2)
+    if q.one_hot:  # u_p . onehot(id) = u_p[id]
+        return torch.gather(p.u, 2, q.u.unsqueeze(1).expand(-1, p.u.shape[1], -1))
+    return torch.bmm(p.u, q.u.transpose(1, 2))
+
+
+def _dense_sq(parts: list) -> np.ndarray:
+    """Form each sample's gradient (one sample at a time, to bound memory) and take its squared norm."""
+    batch = parts[0].g.shape[0] if isinstance(parts[0], _Dense) else parts[0].v.shape[0]
+    out = np.empty(batch)
+    for r in range(batch):
+        grad = None
+        for p in parts:
+            if isinstance(p, _Dense):
+                g = p.g[r].reshape(-1).float()
+            elif p.one_hot:
+                g = torch.zeros(p.a, p.v.shape[-1], dtype=p.v.dtype, device=p.v.device).index_add_(0, p.u[r], p.v[r])
+            else:
+                g = p.u[r].T @ p.v[r]
+            grad = g.reshape(-1) if grad is None else grad + g.reshape(-1)
+        out[r] = float(grad.double().square().sum())
     return out

@@ -46,6 +46,16 @@ TextField = Annotated[str, typer.Option(help=H_TEXT)]
 IdField = Annotated[str, typer.Option(help=H_ID)]
 TokenDtype = Annotated[str, typer.Option(help=H_TOKEN_DTYPE)]
 TokenSeqLen = Annotated[Optional[int], typer.Option("--seq-len", help=H_TOKEN_SEQ_LEN)]
+# Models larger than one device (docs/architecture.md, "Large models"): accelerate places, bitsandbytes quantizes.
+DeviceMap = Annotated[Optional[str], typer.Option(help="Place the model through accelerate: auto (every GPU, then CPU "
+                                                       "memory, then disk), balanced (GPUs equally) or cpu-offload "
+                                                       "(--device, what exceeds it in CPU memory, then disk). "
+                                                       "Default: the whole model on --device.")]
+MaxMemory = Annotated[Optional[str], typer.Option(help="With --device-map: memory per device, e.g. 0=20GiB,cpu=60GiB, "
+                                                       "or one size for each device the model runs on.")]
+Quantize = Annotated[Optional[str], typer.Option(help="Load the weights in 8bit or 4bit through bitsandbytes (pip "
+                                                      "install 'memaudit[quantize]'); other numbers than full "
+                                                      "precision, and no gradnorm.")]
 
 
 @app.callback()
@@ -75,7 +85,9 @@ def _batch_size(value: str) -> int | str:
 
 @app.command()
 def train(
-    data: Path = typer.Option(..., help="Training documents (.jsonl, .txt, .parquet, .csv)."),
+    data: Path = typer.Option(..., help="Training documents (.jsonl, .txt, .parquet, .csv), or pre-tokenized ids "
+                              "(.npy, .bin, an input_ids column in .jsonl/.parquet; they need --tokenizer or a "
+                              "--config model directory)."),
     out: Path = typer.Option(..., help="Model directory to write."),
     objective: str = typer.Option("standard", help="Training objective: standard, goldfish or sinks."),
     config: str = typer.Option("tiny", help="tiny, small, LxW (layers x width), or a model directory to continue."),
@@ -85,10 +97,12 @@ def train(
     epochs: int = typer.Option(10, help="Passes over the training documents."),
     lr: float = typer.Option(1e-3, help="Peak learning rate (linear warmup, cosine decay to 10%)."),
     batch_size: int = typer.Option(16, help="Rows per optimizer step."),
-    seq_len: int = typer.Option(128, help="Tokens per row, BOS included."),
+    seq_len: int = typer.Option(128, help="Tokens per row, BOS included (a .bin is cut into rows of seq_len-1 "
+                                          "stored tokens)."),
     rows: str = typer.Option("packed", help="packed: the documents joined with EOS and cut into --seq-len rows "
                                             "(every token trained on); first: one row per document, BOS + its "
-                                            "first seq_len-1 tokens."),
+                                            "first seq_len-1 tokens. A .bin, already a packed stream, is always "
+                                            "one row per seq_len-1 stored tokens."),
     vocab_size: int = typer.Option(2048, help="Vocabulary of the tokenizer trained on the data (from scratch only)."),
     val_fraction: float = typer.Option(0.1, help="Fraction of documents held out for validation loss."),
     seed: int = typer.Option(0, help="Random seed (split, init, order)."),
@@ -97,6 +111,7 @@ def train(
     text_field: TextField = "text",
     id_field: IdField = "id",
     limit: Optional[int] = typer.Option(None, help="Use only the first N documents."),
+    token_dtype: TokenDtype = "uint16",
     allow_pickle: AllowPickle = False,
     val_data: Optional[Path] = typer.Option(None, help="Separate validation documents (then --data is all training)."),
     warmup_steps: int = typer.Option(20, help="Linear learning-rate warmup steps."),
@@ -130,8 +145,8 @@ def train(
                            rows=rows, vocab_size=vocab_size, seed=seed, val_fraction=val_fraction, val_data=val_data,
                            warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip,
                            device=device, dtype=dtype, text_field=text_field, id_field=id_field, limit=limit,
-                           allow_pickle=allow_pickle, goldfish_mode=goldfish_mode, goldfish_k=goldfish_k,
-                           goldfish_h=goldfish_h, sink_fraction=sink_fraction, sink_density=sink_density,
+                           token_dtype=token_dtype, allow_pickle=allow_pickle, goldfish_mode=goldfish_mode,
+                           goldfish_k=goldfish_k, goldfish_h=goldfish_h, sink_fraction=sink_fraction, sink_density=sink_density,
                            release=release, canaries=canaries, canary_repeats=canary_repeats,
                            checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite,
                            stop_after=stop_after)
@@ -144,7 +159,7 @@ def train(
     if res.dropped_fraction is not None:
         typer.echo(f"goldfish dropped {res.dropped_fraction:.4f} of targets (1/k = {1 / goldfish_k:.4f})")
     val = f"{res.val_loss:.4f}" if res.val_loss is not None else "n/a"
-    packed = f" ({res.n_rows} packed rows)" if rows == "packed" else ""
+    packed = f" ({res.n_rows} packed rows)" if rows == "packed" and data.suffix != ".bin" else ""
     typer.echo(f"trained {res.parameters:,} parameters for {res.steps} steps on {res.n_train} documents{packed}: "
                f"train loss {res.train_loss:.4f}, validation loss {val} -> {res.out}")
 
@@ -155,7 +170,8 @@ def train(
 @app.command()
 def extract(
     model_dir: Path = typer.Argument(..., help="Model directory (save_pretrained: config, safetensors, tokenizer)."),
-    data: Path = typer.Option(..., help="Documents to probe (.jsonl, .txt, .parquet, .csv)."),
+    data: Path = typer.Option(..., help="Documents to probe (.jsonl, .txt, .parquet, .csv), or pre-tokenized ids "
+                              "(.npy, .bin, an input_ids column in .jsonl/.parquet)."),
     prefix: int = typer.Option(32, help="Prompt length in tokens (Pythia: 32; Carlini 2023: 50)."),
     suffix: int = typer.Option(32, help="Target length in tokens, compared with the continuation."),
     offset: int = typer.Option(0, help="Token position in each document where the window starts (the first window, "
@@ -180,9 +196,14 @@ def extract(
     batch_size: BatchSize = "auto",
     device: Device = "auto",
     dtype: Dtype = "auto",
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    quantize: Quantize = None,
     limit: Optional[int] = typer.Option(None, help="Use only the first N documents."),
     text_field: TextField = "text",
     id_field: IdField = "id",
+    token_dtype: TokenDtype = "uint16",
+    seq_len: TokenSeqLen = None,
     out: OutDir = None,
     resume: Resume = False,
     overwrite: Overwrite = False,
@@ -198,8 +219,11 @@ def extract(
         windows_per_doc=windows_per_doc, tail=tail, decoding=decoding,
         num_beams=num_beams, num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p,
         np_threshold=np_threshold, bos=bos, shortcut=shortcut, batch_size=_batch_size(batch_size), device=device,
-        dtype=dtype, limit=limit, text_field=text_field, id_field=id_field, out=out, resume=resume,
+        dtype=dtype, limit=limit, text_field=text_field, id_field=id_field, token_dtype=token_dtype,
+        seq_len=seq_len, out=out, resume=resume, device_map=device_map, max_memory=max_memory, quantize=quantize,
         overwrite=overwrite, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, seed=seed))
+    if res is None:  # a non-zero rank under torchrun: rank 0 reports
+        return
     typer.echo(format_summary(res.summary))
     typer.echo(f"-> {res.path}")
 
@@ -235,10 +259,20 @@ def memorization(
     zstd_level: int = typer.Option(19, help="zstd compression level (1-22) for --reference zstd."),
     zstd_dict_from: Optional[Path] = typer.Option(None, help="Train a zstd dictionary on this text file first."),
     top_k: int = typer.Option(20, help="How many samples with the most mem_U to list in summary.json."),
+    window: Optional[int] = typer.Option(None, help="Measure each document's first N tokens (shorter documents "
+                                                    "skipped). Default: whole documents cut to the context."),
+    stride: Optional[int] = typer.Option(None, help="With --window: measure every window starting each N tokens "
+                                                    "(documents.parquet sums each document's windows)."),
+    windows_per_doc: Optional[int] = typer.Option(None, help="With --window: N windows per document at random "
+                                                             "starts (seeded by --seed); documents.parquet."),
+    seed: int = typer.Option(0, help="Seed for --windows-per-doc starts."),
     out: OutDir = None,
     batch_size: BatchSize = "auto",
     device: Device = "auto",
     dtype: str = typer.Option("float32", help="Scoring precision: float32 (default, exact code lengths) or bfloat16."),
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    quantize: Quantize = None,
     text_field: TextField = "text",
     id_field: IdField = "id",
     limit: Optional[int] = typer.Option(None, help="Use only the first N samples."),
@@ -254,11 +288,17 @@ def memorization(
 
     res = run_memorization(MemorizationSettings(
         model_dir=model_dir, data=data, reference=reference, zstd_level=zstd_level, zstd_dict_from=zstd_dict_from,
-        top_k=top_k, out=out, batch_size=_batch_size(batch_size), device=device, dtype=dtype, text_field=text_field,
+        top_k=top_k, window=window, stride=stride, windows_per_doc=windows_per_doc, seed=seed, out=out,
+        batch_size=_batch_size(batch_size), device=device, dtype=dtype, text_field=text_field,
+        device_map=device_map, max_memory=max_memory, quantize=quantize,
         id_field=id_field, limit=limit, token_dtype=token_dtype, seq_len=seq_len, allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code, resume=resume, overwrite=overwrite))
+    if res is None:  # a non-zero rank under torchrun: rank 0 reports
+        return
     s = res.summary
-    typer.echo(f"{s['n_samples']} samples: {s['total_mem_u_bits']:.1f} bits of unintended memorization against "
+    docs = s.get("documents")
+    what = f"{s['n_samples']} windows of {docs['n_documents']} documents" if docs else f"{s['n_samples']} samples"
+    typer.echo(f"{what}: {s['total_mem_u_bits']:.1f} bits of unintended memorization against "
                f"{s['reference']} ({s['fraction_samples_with_mem_u']:.1%} of samples > 0) -> {res.path}")
 
 
@@ -315,7 +355,8 @@ ending exactly as an uninterrupted run would (same --threads).
 @app.command()
 def mia(
     model_dir: Path = typer.Argument(..., help="Target model directory."),
-    members: Path = typer.Option(..., help="Documents the model was trained on (.jsonl, .txt, .parquet, .csv)."),
+    members: Path = typer.Option(..., help="Documents the model was trained on (.jsonl, .txt, .parquet, .csv), or "
+                                 "pre-tokenized ids (.npy, .bin, an input_ids column in .jsonl/.parquet)."),
     nonmembers: Path = typer.Option(..., help="Documents from the same source it never saw."),
     reference: Optional[Path] = typer.Option(None, help="Reference model directory (same tokenizer) for the "
                                                         "reference attack."),
@@ -326,6 +367,9 @@ def mia(
                                                     "skipped). Default: whole documents truncated to the context."),
     stride: Optional[int] = typer.Option(None, help="With --window: score every window starting each N tokens "
                                                     "(windows.parquet); a document scores the mean of its windows."),
+    windows_per_doc: Optional[int] = typer.Option(None, help="With --window: N windows per document at random "
+                                                             "starts (seeded by --seed; Carlini et al. 2023), "
+                                                             "scored as --stride's are."),
     collection: bool = typer.Option(False, help="Dataset inference: is the members file (the suspect set) trained "
                                                 "on, against the non-members file (known unseen)? Adds a p-value."),
     bos: bool = typer.Option(True, help="Prepend the tokenizer's BOS so every token is scored (as the trainer "
@@ -337,13 +381,19 @@ def mia(
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples for the confidence intervals (0: none)."),
     calibration_fraction: float = typer.Option(0.5, help="Fraction of each class used to calibrate thresholds; "
                                                          "calibrated figures are measured on the rest."),
-    seed: int = typer.Option(0, help="Seed for the calibration split, bootstrap and recall shots."),
+    seed: int = typer.Option(0, help="Seed for the calibration split, bootstrap, recall shots and "
+                                     "--windows-per-doc starts."),
     batch_size: BatchSize = "auto",
     device: Device = "auto",
     dtype: Dtype = "auto",
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    quantize: Quantize = None,
     text_field: TextField = "text",
     id_field: IdField = "id",
     limit: Optional[int] = typer.Option(None, help="Use only the first N documents of each file."),
+    token_dtype: TokenDtype = "uint16",
+    seq_len: TokenSeqLen = None,
     out: OutDir = None,
     resume: Resume = False,
     overwrite: Overwrite = False,
@@ -355,10 +405,11 @@ def mia(
 
     res = run_mia(MiaSettings(
         model_dir=model_dir, members=members, nonmembers=nonmembers, reference=reference, attacks=attacks, k=k,
-        window=window, stride=stride, collection=collection, bos=bos, recall_shots=recall_shots,
-        dcpdd_corpus=dcpdd_corpus, bootstrap=bootstrap,
+        window=window, stride=stride, windows_per_doc=windows_per_doc, collection=collection, bos=bos,
+        recall_shots=recall_shots, dcpdd_corpus=dcpdd_corpus, bootstrap=bootstrap,
         calibration_fraction=calibration_fraction, seed=seed, batch_size=_batch_size(batch_size), device=device,
-        dtype=dtype, text_field=text_field, id_field=id_field, limit=limit, out=out, resume=resume,
+        dtype=dtype, text_field=text_field, id_field=id_field, limit=limit, token_dtype=token_dtype,
+        seq_len=seq_len, out=out, resume=resume, device_map=device_map, max_memory=max_memory, quantize=quantize,
         overwrite=overwrite, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
     if res is None:  # a non-zero rank under torchrun: rank 0 reports
         return
@@ -382,6 +433,9 @@ def exposure(
     batch_size: BatchSize = "auto",
     device: Device = "auto",
     dtype: Dtype = "auto",
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    quantize: Quantize = None,
     out: OutDir = None,
     overwrite: Overwrite = False,
     allow_pickle: AllowPickle = False,
@@ -393,6 +447,7 @@ def exposure(
     res = run_exposure(ExposureSettings(
         model_dir=model_dir, canaries=canaries, controls=controls, exact_limit=exact_limit, sample_size=sample_size,
         estimator=estimator, seed=seed, batch_size=_batch_size(batch_size), device=device, dtype=dtype, out=out,
+        device_map=device_map, max_memory=max_memory, quantize=quantize,
         overwrite=overwrite, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
     s = res.summary
     ctrl = f"{s['mean_control_exposure_bits']:.2f}" if s["mean_control_exposure_bits"] is not None else "n/a"
@@ -445,6 +500,9 @@ def risk(
     batch_size: BatchSize = "auto",
     device: Device = "auto",
     dtype: Dtype = "auto",
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    quantize: Quantize = None,
     limit: Optional[int] = typer.Option(None, help="Use only the first N documents of each file."),
     text_field: TextField = "text",
     id_field: IdField = "id",
@@ -461,6 +519,7 @@ def risk(
         precision=precision, bits_per_token=bits_per_token, random_vocab=random_vocab, model=model, data=data,
         nonmembers=nonmembers, canaries=canaries, fail_above=fail_above, laws_dir=laws_dir, prefix=prefix,
         suffix=suffix, batch_size=_batch_size(batch_size), device=device, dtype=dtype, limit=limit,
+        device_map=device_map, max_memory=max_memory, quantize=quantize,
         text_field=text_field, id_field=id_field, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
         overwrite=overwrite), echo=typer.echo)
     typer.echo(f"-> {res.path}")

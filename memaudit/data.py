@@ -269,8 +269,55 @@ class _RowNumbers(collections.abc.Sequence):
 
 
 def decode(tokenizer, ids: Sequence[int]) -> str:
-    """The text of token ids as outputs show it (no clean-up of spaces: the text is exactly what the ids say)."""
-    return tokenizer.decode([int(i) for i in ids], clean_up_tokenization_spaces=False)
+    """The text of token ids as outputs show it (no clean-up of spaces: the text is exactly what the ids say). An
+    id beyond the tokenizer's vocabulary (a model whose embedding is larger than its tokenizer, as Pythia's)
+    shows as `⟨id N⟩` (`out_of_vocab_text`) instead of vanishing."""
+    return _decode_marked(tokenizer, [int(i) for i in ids], clean_up_tokenization_spaces=False)
+
+
+def decode_rows(tokenizer, rows: Sequence[Sequence[int]]) -> list[str]:
+    """Each row's text as `tokenizer.batch_decode` gives it (its own clean-up of spaces), ids beyond the
+    tokenizer's vocabulary shown as `⟨id N⟩` as in `decode`."""
+    rows = [[int(i) for i in r] for r in rows]
+    n = _vocab(tokenizer)
+    if n is None or all(0 <= i < n for r in rows for i in r):
+        return tokenizer.batch_decode(rows)
+    return [_decode_marked(tokenizer, r) for r in rows]
+
+
+def count_out_of_vocab(tokenizer, rows: np.ndarray) -> np.ndarray:
+    """Per row of ids [n, k], how many lie beyond the tokenizer's vocabulary (the `⟨id N⟩` of `decode`)."""
+    n = _vocab(tokenizer)
+    rows = np.asarray(rows)
+    return np.zeros(len(rows), dtype=np.int64) if n is None else ((rows < 0) | (rows >= n)).sum(-1)
+
+
+def _vocab(tokenizer) -> int | None:
+    """The tokenizer's vocabulary size, added tokens included (None for an object that does not say it)."""
+    return len(tokenizer) if hasattr(tokenizer, "__len__") else None
+
+
+def out_of_vocab_text(token_id: int) -> str:
+    """How a text shows an id the tokenizer cannot decode."""
+    return f"\u27e8id {int(token_id)}\u27e9"
+
+
+def _decode_marked(tokenizer, ids: list[int], **kwargs) -> str:
+    """The text of `ids`, decoded in runs between the ids beyond the vocabulary, which show as placeholders."""
+    n = _vocab(tokenizer)
+    if n is None or all(0 <= i < n for i in ids):
+        return tokenizer.decode(ids, **kwargs)
+    parts, run = [], []
+    for i in [*ids, None]:  # None flushes the last run
+        if i is not None and 0 <= i < n:
+            run.append(i)
+            continue
+        if run:
+            parts.append(tokenizer.decode(run, **kwargs))
+            run = []
+        if i is not None:
+            parts.append(out_of_vocab_text(i))
+    return "".join(parts)
 
 
 @dataclass

@@ -110,6 +110,12 @@ def shard_indices(n: int, rank_: int | None = None, world: int | None = None) ->
     return list(range(r, n, w))
 
 
+def shard_todo(todo: Sequence[int], rank_: int | None = None, world: int | None = None) -> list[int]:
+    """This rank's share of the items still to do (strided over them, as shard_indices): after a resume the ranks
+    split what is left evenly, whichever items an earlier run finished."""
+    return [todo[i] for i in shard_indices(len(todo), rank_, world)]
+
+
 def gather_object(obj: Any) -> list[Any] | None:
     """Every rank's `obj`, in rank order, on rank 0; None on the other ranks."""
     if world_size() == 1:

@@ -29,9 +29,10 @@ import pandas as pd
 from . import checks
 from .canaries import Canary, default_canary_file, read_canaries
 from .data import file_hash, tokenize
+from .devices import check_placement, placement
 from .errors import MemauditError
 from .figures import pyplot
-from .models import LoadedModel, load_model, weights_hash
+from .models import LoadedModel, first_token, load_model, weights_hash
 from .progress import progress_bar
 from .rundir import RunDir, check_output, summary_header
 from .scoring import score
@@ -96,7 +97,7 @@ def canary_log_likelihoods(loaded: LoadedModel, texts: Sequence[str], *, batch_s
                            on_progress=None) -> np.ndarray:
     """Sum of ln p over every token of each text (BOS-conditioned), in nats, via memaudit.scoring.score."""
     tok = loaded.tokenizer
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    bos = first_token(tok)
     seqs = tokenize(tok, texts)
     stats = score(loaded.model, seqs, batch_size=batch_size, bos_id=bos, pad_id=tok.pad_token_id or 0,
                   on_progress=on_progress, max_length=loaded.max_length)
@@ -180,6 +181,9 @@ class ExposureSettings:
     batch_size: int | str = "auto"
     device: str = "auto"
     dtype: str = "auto"
+    device_map: str | None = None  # auto, balanced, cpu-offload: accelerate places the model (None: all on device)
+    max_memory: str | None = None  # device_map's limit per device: "0=20GiB,cpu=60GiB", or one size for each
+    quantize: str | None = None  # 8bit or 4bit through bitsandbytes (None: full precision)
     out: str | Path | None = None  # None: RunDir.default_out("exposure")
     overwrite: bool = False
     allow_pickle: bool = False
@@ -196,6 +200,7 @@ class ExposureSettings:
         checks.choice("--estimator", self.estimator, ESTIMATORS)
         checks.seed(self.seed)
         checks.batch_size(self.batch_size)
+        check_placement(self.device_map, self.max_memory, self.quantize, self.device)
         if self.canaries is None and not self.canary_file().is_file():
             raise MemauditError(f"no canaries.jsonl in {self.model_dir}: pass --canaries FILE")
         checks.readable_file(self.canary_file(), "canary file")
@@ -235,7 +240,7 @@ def exposure(settings: ExposureSettings | None = None, /, **options: Any) -> Exp
     out = s.out or RunDir.default_out("exposure")
     check_output(out, "exposure", inputs=[s.model_dir, s.canary_file()], overwrite=s.overwrite)
     loaded = load_model(s.model_dir, device=s.device, dtype=s.dtype, allow_pickle=s.allow_pickle,
-                        trust_remote_code=s.trust_remote_code)
+                        trust_remote_code=s.trust_remote_code, **placement(s))
     run = _open_run(s, out)
     df = _compute(s, loaded, cans)
     return _write(s, run, df)

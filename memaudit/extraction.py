@@ -20,12 +20,16 @@ sequential steps are needed. `shortcut=False` decodes every sample from the pref
 Sampling reports the (n, p)-discoverable extraction of Hayes et al. 2024 (see `_np_columns`).
 
 The entry is `extract(ExtractSettings)`: validate, load, compute, write; `extract_windows` runs the last two on
-windows a caller already cut.
+windows a caller already cut. Documents are text (tokenized here) or stored token ids (.npy, .bin, `input_ids`:
+never tokenized; outputs decode the ids, as they always do). Under `torchrun` every rank probes its share of each
+chunk of windows, with the same fast paths, and rank 0 gathers the chunk's rows, saves them for --resume and
+writes the run: the results equal one process's.
 """
 from __future__ import annotations
 
+import collections.abc
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypedDict
 
@@ -35,12 +39,16 @@ import torch
 
 from . import backend
 from . import checks
+from . import distributed
 from . import generation as gen
-from .data import file_hash, read_documents, tokenize
+from .data import (Documents, TokenRows, check_token_options, count_out_of_vocab, decode_rows, file_hash,
+                   load_documents, tokenize)
+from .devices import check_placement, placement
 from .errors import MemauditError
 from .figures import pyplot
 from .metrics import rouge_l_ids, rouge_l_text, rouge_tokenize
-from .models import LoadedModel, load_model, weights_hash
+from .models import (LoadedModel, check_trained_first_token, first_token, load_model, record_first_token,
+                     weights_hash)
 from .progress import progress_bar
 from .rundir import RunDir, check_output, summary_header
 from .samples import DistinctWindows, Sampling, Windows
@@ -88,7 +96,7 @@ class ExtractSettings(DecodingSettings):
     options come from DecodingSettings."""
     model_dir: str | os.PathLike | LoadedModel  # or a model the caller loaded (device, dtype, allow_pickle and
     # trust_remote_code are then unused)
-    data: str | os.PathLike  # documents to probe (.jsonl, .txt, .parquet, .csv)
+    data: str | os.PathLike  # documents to probe (.jsonl, .txt, .parquet, .csv; pre-tokenized .npy, .bin, input_ids)
     prefix: int = 32  # prompt tokens
     suffix: int = 32  # target tokens, compared with the continuation
     offset: int = 0  # token position in each document where the window starts (the first window, or --stride's)
@@ -97,9 +105,14 @@ class ExtractSettings(DecodingSettings):
     tail: bool = False  # the last prefix + suffix tokens of each document
     device: str = "auto"
     dtype: str = "auto"
+    device_map: str | None = None  # auto, balanced, cpu-offload: accelerate places the model (None: all on device)
+    max_memory: str | None = None  # device_map's limit per device: "0=20GiB,cpu=60GiB", or one size for each
+    quantize: str | None = None  # 8bit or 4bit through bitsandbytes (None: full precision)
     limit: int | None = None  # only the first N documents
     text_field: str = "text"
     id_field: str = "id"
+    token_dtype: str = "uint16"  # a .bin's token width: uint16 or uint32
+    seq_len: int | None = None  # tokens per row a .bin is cut into (needed for a .bin, refused otherwise)
     out: str | os.PathLike | None = None  # None: RunDir.default_out("extract")
     resume: bool = False
     overwrite: bool = False
@@ -116,10 +129,12 @@ class ExtractSettings(DecodingSettings):
         self.sampling().validate()
         checks.limit(self.limit)
         checks.readable_file(self.data)
+        check_token_options(self.data, self.token_dtype, self.seq_len)
         # Only write=False refuses --resume: --resume without --out has always started a new default folder.
         if self.resume and not self.write:
             raise MemauditError("--resume needs --out (the run directory to continue)")
         checks.device(self.device)
+        check_placement(self.device_map, self.max_memory, self.quantize, self.device)
         checks.dtype(self.dtype)
         ctx = self.model_dir.max_length if isinstance(self.model_dir, LoadedModel) else checks.context_length(
             checks.model_dir(self.model_dir, allow_pickle=self.allow_pickle))
@@ -152,7 +167,8 @@ class ExtractSummary(TypedDict, total=False):
     prefix: int
     suffix: int
     decoding: str  # greedy, sample or beam
-    bos: bool  # whether BOS was prepended to each window
+    bos: bool  # whether a first token (BOS, else EOS: models.first_token) was prepended to each window
+    n_out_of_vocab_tokens: int  # generated ids beyond the tokenizer's vocabulary, shown as ⟨id N⟩ in `generated`
     num_beams: int  # beam only
     num_samples: int  # sample only: n
     temperature: float  # sample only
@@ -168,6 +184,7 @@ class ExtractSummary(TypedDict, total=False):
     stride: int  # --stride only
     windows_per_doc: int  # --windows-per-doc only
     n_repeats: int  # whole-document strategies: windows identical to an earlier one, probed once, row copied
+    world_size: int  # torchrun processes (1: a plain process), `extract` only
     documents: DocumentsSummary  # per-document aggregates (documents.parquet), `extract` only
 
 
@@ -190,7 +207,7 @@ class ExtractResult:
 # --- the entry ---------------------------------------------------------------------------------------------------
 
 def extract(settings: ExtractSettings | None = None, /, *, on_batch: Callable[[int], None] | None = None,
-            **options: Any) -> ExtractResult:
+            **options: Any) -> ExtractResult | None:
     """Extraction probe: prompt with each window's prefix and compare the continuation with its true suffix.
 
     Takes an ExtractSettings or its fields as keywords (`extract(model_dir=..., data=...)`). The windows are each
@@ -201,19 +218,25 @@ def extract(settings: ExtractSettings | None = None, /, *, on_batch: Callable[[i
     generated_ids (+ p_hat, any_exact, p_seq, p_extract for sampling), doc_id, offset) and one row per document
     (`documents`, see `document_table`). With `write=True` (the default) it also writes the run directory `out`,
     saving each finished group of windows as it goes so `resume` continues an interrupted run. `on_batch(k)` is
-    called after the k-th group is saved (not a setting: a hook for callers).
+    called after the k-th group is saved (not a setting: a hook for callers). Under torchrun every rank probes its
+    share of the windows and rank 0 gathers, measures and writes (a group is then a chunk of windows, saved and
+    hooked on rank 0); the other ranks return None.
     """
     s = settings_from(ExtractSettings, settings, options)
     s.validate()
     loaded, corpus, run = _load(s)
     plan = corpus.plan(s.prefix, s.suffix)
-    rows, use_bos = _compute(loaded, plan, plan.suffix, s, run, on_batch, total=corpus.n_windows)
+    rows, use_bos = _compute(loaded, plan, plan.suffix, s, run, on_batch, total=corpus.n_windows,
+                             sharded=distributed.world_size() > 1)
+    if not distributed.is_main():  # rank 0 holds every gathered row: it alone measures and writes
+        return None
     samples, windows = _assemble(rows, plan, corpus)
     documents = document_table(windows, corpus.ids, corpus.n_tokens, s.prefix, s.suffix)
     whole = corpus.sampling.whole_document
     summary = summarize(samples, s, use_bos, prefix=s.prefix, suffix=s.suffix, n_skipped=plan.n_skipped,
                         n_duplicates=0 if whole else len(plan.repeats))
     summary |= _sampling_keys(corpus.sampling, n_repeats=len(plan.repeats) if whole else 0)
+    summary["world_size"] = distributed.world_size()
     summary["documents"] = documents_summary(documents)
     return _write(run, samples, summary, documents=documents, windows=windows if whole else None)
 
@@ -272,10 +295,10 @@ CHUNK_WINDOWS = 8192  # distinct windows in memory at a time (their tokens, and 
 
 @dataclass
 class _Corpus:
-    """The documents of a run: ids, tokens (one int32 array each, 4 bytes a token: the texts are not kept) and
-    the windows the sampling strategy takes from them."""
-    ids: list[str]
-    tokens: list[np.ndarray]
+    """The documents of a run: ids, tokens (an integer array each: texts tokenized into int32, 4 bytes a token, and
+    not kept; stored ids as views of their file) and the windows the sampling strategy takes from them."""
+    ids: Sequence[str]
+    tokens: Sequence[np.ndarray]
     sampling: Sampling
     n_windows: int = 0  # windows the strategy takes, repeated ones included
 
@@ -290,14 +313,19 @@ class _Corpus:
 
 
 def _load(s: ExtractSettings) -> tuple[LoadedModel, _Corpus, RunDir | None]:
-    """The model, the tokenized documents (refused when no window fits), and the run directory claimed."""
-    out = _checked_out(s)  # before the model is loaded: a refused folder costs nothing
+    """This rank's model, the documents' tokens (refused when no window fits), and (rank 0) the run directory
+    claimed."""
+    device = _join(s)
+    out = _checked_out(s) if distributed.is_main() else None  # before the model is loaded: a refusal costs nothing
+    docs = load_documents(s.data, text_field=s.text_field, id_field=s.id_field, limit=s.limit,
+                          token_dtype=s.token_dtype, seq_len=s.seq_len)  # a damaged file fails before the model loads
     loaded = s.model_dir if isinstance(s.model_dir, LoadedModel) else load_model(
-        s.model_dir, device=s.device, dtype=s.dtype, allow_pickle=s.allow_pickle,
-        trust_remote_code=s.trust_remote_code)
-    docs = read_documents(s.data, text_field=s.text_field, id_field=s.id_field, limit=s.limit)
+        s.model_dir, device=device, dtype=s.dtype, allow_pickle=s.allow_pickle,
+        trust_remote_code=s.trust_remote_code, **placement(s))
+    if s.decoding != "beam":  # a cache our loops cannot drive: refused before the run directory is claimed
+        backend.cache_kind(loaded.model)
     torch.manual_seed(s.seed)
-    corpus = _Corpus(docs["id"].tolist(), _tokenized(loaded.tokenizer, docs["text"]), s.sampling())
+    corpus = _Corpus(docs.ids, _token_arrays(docs, loaded.tokenizer), s.sampling())
     del docs  # the texts: outputs decode the tokens
     corpus.n_windows = corpus.sampling.windows(corpus.tokens, corpus.ids, s.prefix + s.suffix).count()
     if corpus.n_windows == 0:
@@ -313,12 +341,43 @@ def _load(s: ExtractSettings) -> tuple[LoadedModel, _Corpus, RunDir | None]:
     return loaded, corpus, run
 
 
-def _tokenized(tokenizer, texts: pd.Series, chunk: int = 1024) -> list[np.ndarray]:
+def _join(s: ExtractSettings) -> str:
+    """Join torchrun's processes, if any (gloo on CPU, NCCL on CUDA); returns this rank's device (its own GPU)."""
+    device = distributed.rank_device(s.device)
+    group_device = s.model_dir.device if isinstance(s.model_dir, LoadedModel) else torch.device(
+        "cpu" if device == "auto" else device)
+    distributed.init_from_env(group_device)
+    return device
+
+
+def _token_arrays(docs: Documents, tokenizer) -> Sequence[np.ndarray]:
+    """Each document's tokens as an integer array: stored ids checked against the vocabulary and left in their
+    file (a memory-mapped row is read where windows are cut), or the texts tokenized."""
+    if docs.pretokenized:
+        docs.tokens(tokenizer)  # refuses an id outside the vocabulary, naming its row
+        return _RowArrays(docs.rows)
+    return _tokenized(tokenizer, docs.texts)
+
+
+class _RowArrays(collections.abc.Sequence):
+    """Stored token rows as numpy views (TokenRows' items are lists): nothing is copied until a window is cut."""
+
+    def __init__(self, rows: TokenRows):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
+        return self.rows.row(range(len(self.rows))[i])  # an IndexError past the end ends iteration
+
+
+def _tokenized(tokenizer, texts: Sequence[str], chunk: int = 1024) -> list[np.ndarray]:
     """Each text's tokens as one int32 array, tokenized `chunk` documents at a time: Python lists of ints (about
     ten times larger) never exist for the whole corpus at once."""
     out: list[np.ndarray] = []
     for a in range(0, len(texts), chunk):
-        out.extend(np.asarray(t, dtype=np.int32) for t in tokenize(tokenizer, texts.iloc[a:a + chunk].tolist()))
+        out.extend(np.asarray(t, dtype=np.int32) for t in tokenize(tokenizer, list(texts[a:a + chunk])))
     return out
 
 
@@ -334,32 +393,43 @@ def _checked_out(s: ExtractSettings) -> str | os.PathLike | None:
 
 def _recorded_settings(s: ExtractSettings, loaded: LoadedModel) -> dict[str, Any]:
     """config.json's `settings`, key for key as earlier versions recorded them (--resume compares this dict;
-    batch_size is left out, so a resumed run may use another). The sampling options are None when unused (tail
-    too), so a run recorded before they existed still resumes."""
+    batch_size and the number of torchrun processes are left out, so a resumed run may use others). The sampling
+    and .bin options are None when unused (tail too), so a run recorded before they existed still resumes."""
     keys = ("prefix", "suffix", "offset", "decoding", "num_beams", "num_samples", "temperature", "top_k", "top_p",
             "np_threshold", "bos", "shortcut", "seed", "limit", "text_field", "id_field")
     return ({k: getattr(s, k) for k in keys} | {"dtype": str(loaded.dtype)}
-            | {"stride": s.stride, "windows_per_doc": s.windows_per_doc, "tail": True if s.tail else None})
+            | {"stride": s.stride, "windows_per_doc": s.windows_per_doc, "tail": True if s.tail else None}
+            | {"seq_len": s.seq_len, "token_dtype": s.token_dtype if s.seq_len is not None else None}
+            | {"quantize": s.quantize})  # quantized weights give other numbers; placement gives the same
 
 
 # --- compute: every window's result row, then the summary --------------------------------------------------------
 
 def _compute(loaded: LoadedModel, chunks: Iterable[Windows], suffix: int, st: DecodingSettings, run: RunDir | None,
-             on_batch: Callable[[int], None] | None, total: int) -> tuple[pd.DataFrame, bool]:
+             on_batch: Callable[[int], None] | None, total: int, sharded: bool = False) -> tuple[pd.DataFrame, bool]:
     """Every distinct window's result row, in window order with its number (`index`), and whether BOS was
     prepended. The windows come chunk by chunk (one chunk's tokens in memory at a time); the choice of the first
-    verification stage learns across chunks."""
-    results = _Results(run, on_batch)
+    verification stage learns across chunks. `sharded` (under torchrun): each rank probes its share of every
+    chunk's windows still to do, and rank 0 gathers the chunk's rows and saves them as one group; the other
+    ranks return no rows. Every rank walks the same chunks, so the gathers meet."""
+    results = _Results(run, on_batch, sharded)
     stages = _Stages(suffix)
     for f in results.frames:  # resume: what the finished windows showed
         stages.record(f["match_prefix"].to_numpy())
     use_bos = False
-    with progress_bar(total - len(results.done), "extract") as advance:
+    with progress_bar(total - len(results.done) if distributed.is_main() else 0, "extract") as advance:
         for windows in chunks:
             job = _Job.prepare(loaded, windows, st)
             use_bos = job.bos_id is not None
-            for rows in _finished_groups(job, results, stages):
-                results.save(rows, advance)
+            if run is not None and "first_token" not in run.config:
+                record_first_token(run, loaded.tokenizer, job.bos_id)
+            if not sharded:
+                for rows in _finished_groups(job, results, stages):
+                    results.save(rows, advance)
+                continue
+            others = job.others_share(results.done)
+            results.save_gathered([r for rows in _finished_groups(job, results, stages, others) for r in rows],
+                                  advance)
     return results.frame(), use_bos
 
 
@@ -416,16 +486,21 @@ class _Job:
     @classmethod
     def prepare(cls, loaded: LoadedModel, windows: Windows, st: DecodingSettings) -> _Job:
         tok = loaded.tokenizer
-        use_bos = st.bos if st.bos is not None else tok.bos_token_id is not None
-        if use_bos and tok.bos_token_id is None:
-            raise MemauditError("--bos was asked for but the tokenizer has no BOS token")
-        P, S, b = windows.prefix, windows.suffix, int(use_bos)
+        first = first_token(tok) if st.bos is not False else None  # the trainer's convention: BOS, else EOS
+        if st.bos and first is None:
+            raise MemauditError("--bos was asked for but the tokenizer has neither a BOS nor an EOS token")
+        check_trained_first_token(loaded, first)
+        # our own loops drive the model's cache (beam: HF generate): refused up front when they cannot; a state-space
+        # model's teacher-forced scan is not its step-by-step decoding to the last bit, so it decodes every window
+        if st.decoding != "beam" and backend.cache_kind(loaded.model) == "recurrent" and st.shortcut:
+            st = replace(st, shortcut=False)
+        P, S, b = windows.prefix, windows.suffix, int(first is not None)
         positions = P + S - 1 + b
         if positions > loaded.max_length:
             raise MemauditError(f"windows of {P}+{S} tokens{' after BOS' if b else ''} need {positions} positions "
                                 f"but the model's context is {loaded.max_length}: use a smaller --prefix/--suffix")
         return cls(model=loaded.model, tok=tok, W=windows.tokens, ids=windows.ids, P=P, S=S,
-                   bos_id=tok.bos_token_id if use_bos else None,
+                   bos_id=first,
                    pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0, max_length=loaded.max_length, st=st,
                    windows=windows)
 
@@ -461,15 +536,24 @@ class _Job:
         base = self.windows.base
         return {i - base for i in done if base <= i < base + len(self.W)}
 
+    def others_share(self, done: set[int]) -> set[int]:
+        """Under torchrun: the chunk's windows still to do that other ranks take (chunk positions); the ranks
+        share what is left, so a resumed run stays balanced."""
+        skip = self.skipped(done)
+        todo = [i for i in range(len(self.W)) if i not in skip]
+        return set(todo) - set(distributed.shard_todo(todo))
+
 
 class _Results:
     """Finished result rows: each group is saved as a partial result of the run directory (so --resume skips
-    its windows), or kept in memory without one."""
+    its windows), or kept in memory without one. `sharded`: under torchrun, where rank 0 alone holds the run
+    directory and every rank learns from it which windows are done."""
 
-    def __init__(self, run: RunDir | None, on_batch: Callable[[int], None] | None):
+    def __init__(self, run: RunDir | None, on_batch: Callable[[int], None] | None, sharded: bool = False):
         self.run, self.on_batch = run, on_batch
         self.frames: list[pd.DataFrame] = run.load_partials() if run is not None else []
-        self.done = {int(i) for f in self.frames for i in f["index"]}  # windows saved by an earlier run
+        done = {int(i) for f in self.frames for i in f["index"]}  # windows saved by an earlier run
+        self.done: set[int] = distributed.broadcast_object(done) if sharded else done
         self.n_partials = len(self.frames)
         self.records: list[dict] = []  # rows without a run directory (a DataFrame is built once, at the end)
 
@@ -487,6 +571,13 @@ class _Results:
         if self.on_batch is not None:
             self.on_batch(self.n_partials)
 
+    def save_gathered(self, rows: list[dict], advance: Callable[[int], None]) -> None:
+        """Under torchrun: every rank's rows of one chunk, gathered to rank 0 and saved there as one group, in
+        the windows' order (the other ranks keep nothing)."""
+        parts = distributed.gather_object(rows)
+        if parts is not None:
+            self.save(sorted((r for part in parts for r in part), key=lambda r: r["index"]), advance)
+
     def frame(self) -> pd.DataFrame:
         """Every row, in the windows' order, with its number (`index`)."""
         parts = self.frames + ([pd.DataFrame(self.records)] if self.records else [])
@@ -494,9 +585,11 @@ class _Results:
         return df.sort_values("index", kind="stable").reset_index(drop=True)
 
 
-def _finished_groups(job: _Job, results: _Results, stages: _Stages) -> Iterator[list[dict]]:
-    """The result rows each scoring batch of the chunk finishes (and, for the shortcut, the last decoding pool)."""
-    st, skip = job.st, job.skipped(results.done)
+def _finished_groups(job: _Job, results: _Results, stages: _Stages,
+                     others: set[int] = frozenset()) -> Iterator[list[dict]]:
+    """The result rows each scoring batch of the chunk finishes (and, for the shortcut, the last decoding pool);
+    windows done before and those in `others` (other ranks' share) are skipped."""
+    st, skip = job.st, job.skipped(results.done) | others
     if st.decoding == "greedy" and st.shortcut:
         yield from _Shortcut(job, stages).run(skip)
     elif st.decoding == "sample":  # the pass gives ln p of the targets, and (shortcut) the cache to draw from
@@ -530,15 +623,16 @@ def sample_metrics(generated: np.ndarray, target: np.ndarray) -> dict:
 
 
 _COLUMNS = ["index", "id", "exact", "token_match", "match_prefix", "rouge_l", "rouge_l_text", "generated", "target",
-            "generated_ids"]
+            "generated_ids", "out_of_vocab"]
 
 
 def _records(indices: Sequence[int], generated: np.ndarray, targets: np.ndarray, tokenizer, ids: Sequence[str],
              extra: dict[str, np.ndarray] | None = None, reproduced: bool = False) -> list[dict]:
     """One result row per sample (plain dicts: a DataFrame is built once per saved group, not per batch).
     `reproduced`: the generated suffixes are the targets themselves, so their text is decoded once."""
-    tgt_text = tokenizer.batch_decode(targets.tolist())
-    gen_text = tgt_text if reproduced else tokenizer.batch_decode(generated.tolist())
+    tgt_text = decode_rows(tokenizer, targets.tolist())  # ids beyond the tokenizer show as ⟨id N⟩, counted
+    gen_text = tgt_text if reproduced else decode_rows(tokenizer, generated.tolist())
+    oov = count_out_of_vocab(tokenizer, generated)
     rows = []
     S = targets.shape[1]
     for k, i in enumerate(indices):
@@ -550,7 +644,8 @@ def _records(indices: Sequence[int], generated: np.ndarray, targets: np.ndarray,
             rl_text = rouge_l_text(tgt_text[k], gen_text[k])
         row = {"index": int(i), "id": ids[i], **m, "rouge_l_text": rl_text,
                "generated": gen_text[k], "target": tgt_text[k],
-               "generated_ids": generated[k].astype(np.int32)}  # compact: 4 bytes a token
+               "generated_ids": generated[k].astype(np.int32),  # compact: 4 bytes a token
+               "out_of_vocab": int(oov[k])}
         for name, values in (extra or {}).items():
             row[name] = values[k]
         rows.append(row)
@@ -898,7 +993,8 @@ def summarize(df: pd.DataFrame, st: DecodingSettings, use_bos: bool, *, prefix: 
         "n_exact": int(df["exact"].sum()) if len(df) else 0,
         "mean_token_match": mean("token_match"), "mean_match_prefix": mean("match_prefix"),
         "mean_rouge_l": mean("rouge_l"), "mean_rouge_l_text": mean("rouge_l_text"),
-        "prefix": prefix, "suffix": suffix, "decoding": st.decoding, "bos": use_bos}
+        "prefix": prefix, "suffix": suffix, "decoding": st.decoding, "bos": use_bos,
+        "n_out_of_vocab_tokens": int(df["out_of_vocab"].fillna(0).sum()) if "out_of_vocab" in df else 0}
     if st.decoding == "beam":
         summary["num_beams"] = st.num_beams
     if st.decoding == "sample":

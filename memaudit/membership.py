@@ -5,15 +5,18 @@ passes -> attacks and metrics -> summary -> write. Passes over the model (each s
 gathered on rank 0, and saved in resumable chunks):
   1. target scoring pass (memaudit.scoring) -> every logit-based attack but recall
   2. reference model's scoring pass        -> `reference`
-  3. shots + x scoring pass (same engine)   -> `recall` (the x part of each conditioned sequence)
-  4. one backward per sample                -> `gradnorm`
+  3. x scored after the shots' KV cache     -> `recall` (same engine; the shots are read once)
+  4. per-sample gradient norms, batched     -> `gradnorm` (one backward each where a model needs it)
 Metrics per score column: ROC AUC with a bootstrap interval, oracle TPR at 1% / 0.1% FPR (threshold picked on
 all samples, as peers report), and TPR / FPR, balanced accuracy and F1 at thresholds calibrated on a held-out,
 stratified split and applied to the rest (what an auditor can really achieve).
-With `stride` the samples are every `window`-token window starting each `stride` tokens: the passes score windows
-(windows.parquet), a document's score is the mean of its windows' (samples.parquet), and the metrics are reported
-per document (`attacks`) and per window (`window_attacks`). With `collection` the per-sample scores feed a
-dataset-inference test of "the members file was trained on" (memaudit.collection).
+With `stride` the samples are every `window`-token window starting each `stride` tokens (with `windows_per_doc`,
+that many windows per document at seeded random starts): the passes score windows (windows.parquet), a
+document's score is the mean of its windows' (samples.parquet), and the metrics are reported per document
+(`attacks`) and per window (`window_attacks`). With `collection` the per-sample scores feed a
+dataset-inference test of "the members file was trained on" (memaudit.collection). Pre-tokenized files (.npy,
+.bin, input_ids columns; `token_dtype`, `seq_len`) are read as stored ids and never tokenized; attacks that need
+text (zlib, zstd) read it decoded from the ids, as they always do.
 """
 from __future__ import annotations
 
@@ -29,19 +32,21 @@ import pandas as pd
 import torch
 
 from . import checks, distributed
-from .attacks import ATTACKS, DCPDD_CAP, AttackInputs, gradient_norms, parse_attacks, parse_ks, run_attacks, \
-    token_log_frequencies
+from .attacks import ATTACKS, DCPDD_CAP, AttackInputs, choose_gradient_method, gradient_norms, parse_attacks, \
+    parse_ks, run_attacks, token_log_frequencies
 from .collection import CollectionTest, check_sizes, dataset_inference
-from .data import file_hash, read_documents, tokenize
+from .data import Documents, check_token_options, file_hash, load_documents
+from .devices import check_placement, gradient_blocker, placement
 from .errors import MemauditError
 from .figures import pyplot
 from .labels import attack_label
 from .metrics import (binary_metrics, bootstrap_roc, roc_auc, roc_curve, stratified_split, threshold_at_fpr,
                       threshold_max_balanced_accuracy, tpr_at_fpr)
-from .models import LoadedModel, load_model, load_tokenizer, tokenizers_match, weights_hash
+from .models import (LoadedModel, check_trained_first_token, first_token, load_model, load_tokenizer,
+                     record_first_token, tokenizers_match, weights_hash)
 from .progress import progress_bar
 from .rundir import RunDir, check_output, summary_header
-from .samples import Samples, cut, document_samples
+from .samples import Samples, Sampling, document_samples, sampled_windows
 from .scoring import TokenStats, score_sharded
 from .settings import settings_from
 
@@ -50,19 +55,24 @@ FPR_TARGETS = (0.01, 0.001)
 # so it must hold several of the largest batches (512 on GPU) or chunking would shrink the batches themselves.
 RESUME_CHUNK = 4096
 MIN_RECALL_PREFIX = 8  # fewer shot tokens than this is not a prefix worth the name
+# Private switches of the passes' fast paths, so bench/bench_mia.py can time the ways before them in one process.
+_RECALL_PREFIX_CACHED = True  # False: recall re-reads the shots before every sample
+_GRADNORM_METHOD = "auto"  # "loop": one backward per sample (attacks.gradient_norms)
 
 
 @dataclass(kw_only=True)
 class MiaSettings:
     """Every option of `memaudit mia`: the CLI flags' names and defaults (the CLI only parses)."""
     model_dir: str | Path  # the target model directory
-    members: str | Path  # documents the model was trained on (.jsonl, .txt, .parquet, .csv)
+    members: str | Path  # documents the model was trained on (.jsonl, .txt, .parquet, .csv; pre-tokenized .npy,
+    # .bin, input_ids in .jsonl/.parquet: data.load_documents)
     nonmembers: str | Path  # documents from the same source it never saw
     reference: str | Path | None = None  # reference model (same tokenizer) for the reference attack
     attacks: str | Sequence[str] = "all"  # all, or a comma list / sequence of attack names (attacks.ATTACKS)
     k: str | Sequence[float] = "10,20,30"  # percentages for min_k and min_k_pp (one score column per k)
     window: int | None = None  # each document's first N tokens; None: whole documents truncated to the context
     stride: int | None = None  # with window: every window starting each N tokens; a document scores its mean
+    windows_per_doc: int | None = None  # with window: N windows per document at seeded random starts (as stride)
     bos: bool = True  # prepend the tokenizer's BOS so every token is scored
     recall_shots: int = 5  # non-member samples joined as recall's prefix (left out of recall's metrics)
     dcpdd_corpus: str | Path | None = None  # dc_pdd's token frequencies; None: the non-member file
@@ -72,9 +82,14 @@ class MiaSettings:
     batch_size: int | str = "auto"
     device: str = "auto"
     dtype: str = "auto"
+    device_map: str | None = None  # auto, balanced, cpu-offload: accelerate places the model (None: all on device)
+    max_memory: str | None = None  # device_map's limit per device: "0=20GiB,cpu=60GiB", or one size for each
+    quantize: str | None = None  # 8bit or 4bit through bitsandbytes (None: full precision)
     text_field: str = "text"
     id_field: str = "id"
     limit: int | None = None  # only the first N documents of each file
+    token_dtype: str = "uint16"  # a .bin's token width: uint16 or uint32
+    seq_len: int | None = None  # tokens per row a .bin is cut into (needed for a .bin, refused otherwise)
     collection: bool = False  # dataset inference: members = the suspect set, non-members = the validation set
     out: str | Path | None = None  # None: RunDir.default_out("mia")
     resume: bool = False
@@ -93,17 +108,22 @@ class MiaSettings:
         if self.stride is not None and self.window is None:
             raise MemauditError("--stride needs --window N: the length of the windows that start every --stride "
                                 "tokens")
+        self.sampling().validate()
+        if self.windows_per_doc is not None and self.window is None:
+            raise MemauditError("--windows-per-doc needs --window N: the length of the windows drawn in each document")
         checks.integer("--recall-shots", self.recall_shots, low=0)
         checks.integer("--bootstrap", self.bootstrap, low=0)
         checks.fraction("--calibration-fraction", self.calibration_fraction)
         checks.seed(self.seed)
         checks.device(self.device)
+        check_placement(self.device_map, self.max_memory, self.quantize, self.device)
         checks.dtype(self.dtype)
         checks.limit(self.limit)
         checks.batch_size(self.batch_size)
         checks.readable_file(self.members, "members file")
         checks.readable_file(self.nonmembers, "non-members file")
         checks.readable_file(self.dcpdd_corpus, "--dcpdd-corpus file")
+        check_token_options([self.members, self.nonmembers, self.dcpdd_corpus], self.token_dtype, self.seq_len)
         if Path(self.members).resolve() == Path(self.nonmembers).resolve():
             raise MemauditError("--members and --nonmembers are the same file: membership inference needs documents "
                                 "the model never saw")
@@ -117,6 +137,16 @@ class MiaSettings:
                                 "add --dcpdd-corpus FILE or other --attacks")
         if self.resume and (self.out is None or not self.write):
             raise MemauditError("--resume needs --out (the run directory to continue)")
+
+    def sampling(self) -> Sampling:
+        """Which windows of each document are scored with --window (samples.Sampling): the first (default), every
+        --stride tokens, or --windows-per-doc seeded random starts."""
+        return Sampling(stride=self.stride, windows_per_doc=self.windows_per_doc, seed=self.seed)
+
+    @property
+    def whole_document(self) -> bool:
+        """Several windows per document (--stride or --windows-per-doc): windows.parquet, per-document means."""
+        return self.sampling().whole_document
 
 
 # --- summary.json: the declared schema -----------------------------------------------------------------------
@@ -281,6 +311,9 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     if win.get("mode") == "stride":
         lines[0] += (f" (documents; {win['member_windows']} vs {win['nonmember_windows']} windows of {win['tokens']} "
                      f"tokens every {win['stride']})")
+    elif win.get("mode") == "random":
+        lines[0] += (f" (documents; {win['member_windows']} vs {win['nonmember_windows']} windows of {win['tokens']} "
+                     f"tokens, {win['windows_per_doc']} per document at random starts)")
     windows = summary.get("window_attacks") or {}
     for c, m in summary["attacks"].items():
         ci = m.get("auc_ci95")
@@ -355,13 +388,16 @@ def _load(s: MiaSettings) -> _Loaded:
     folder, then the documents, the models and the samples; the run directory is claimed last."""
     plan = _plan(s)
     dev, out = _start(s)
-    mem_df, non_df, overlap_ids = _read(s)
+    docs, overlap_ids = _read(s)
     if s.collection:  # checked again once too-short documents and recall's shots are known
-        _check_collection(len(mem_df), len(non_df))
+        _check_collection(len(docs[0]), len(docs[1]))
+    tokens = _tokens(s, docs)
     target, ref = _load_models(s, plan, dev)
     bos_id, ctx, max_tokens = _context(s, target, ref)
-    samples, overlap_samples = _cut_samples(s, plan, target.tokenizer, mem_df, non_df, bos_id, max_tokens)
+    samples, overlap_samples = _cut_samples(s, plan, docs, tokens, bos_id, max_tokens)
     run = _open_run(s, plan, out) if out is not None and distributed.is_main() else None
+    if run is not None:
+        record_first_token(run, target.tokenizer, bos_id)
     return _Loaded(plan=plan, target=target, ref=ref, bos_id=bos_id, ctx=ctx, max_tokens=max_tokens,
                    samples=samples, run=run, overlap=MiaOverlap(ids_in_both_files=overlap_ids,
                                                                 identical_samples_in_both_sets=overlap_samples))
@@ -374,10 +410,10 @@ def _plan(s: MiaSettings) -> _Plan:
         for n in [n for n in names if "reference" in ATTACKS[n].needs]:
             names.remove(n)
             skipped[n] = "no --reference model given"
-    if is_all and s.stride is not None and "gradnorm" in names:  # named, it runs per window
+    if is_all and s.whole_document and "gradnorm" in names:  # named, it runs per window
         names.remove("gradnorm")
-        skipped["gradnorm"] = ("one backward pass per window, each unbatched: name it in --attacks to run it on "
-                               "every window")
+        skipped["gradnorm"] = ("a forward and backward pass per window (about 3x the loss attack): name it in "
+                               "--attacks to run it on every window")
     return _Plan(names=names, is_all=is_all, ks=parse_ks(s.k), skipped=skipped)
 
 
@@ -395,27 +431,41 @@ def _start(s: MiaSettings) -> tuple[str, Path | None]:
     return dev, out
 
 
-def _read(s: MiaSettings) -> tuple[pd.DataFrame, pd.DataFrame, int]:
-    """Both document files and how many ids they share (0 when both use row numbers, which always coincide)."""
-    mem_df = read_documents(s.members, text_field=s.text_field, id_field=s.id_field, limit=s.limit)
-    non_df = read_documents(s.nonmembers, text_field=s.text_field, id_field=s.id_field, limit=s.limit)
+def _read(s: MiaSettings) -> tuple[tuple[Documents, Documents], int]:
+    """Both document files (text, or pre-tokenized ids: data.load_documents) and how many ids they share (0 when
+    both use row numbers, which always coincide)."""
+    mem, non = (load_documents(path, text_field=s.text_field, id_field=s.id_field, limit=s.limit,
+                               token_dtype=s.token_dtype, seq_len=s.seq_len) for path in (s.members, s.nonmembers))
     overlap_ids = 0
-    if not (_auto_ids(mem_df) and _auto_ids(non_df)):
-        overlap_ids = len(set(mem_df["id"]) & set(non_df["id"]))
+    if not (_auto_ids(mem) and _auto_ids(non)):
+        overlap_ids = len(set(mem.ids) & set(non.ids))
         if overlap_ids:
             _warn(f"{overlap_ids} id(s) appear in both the member and the non-member file; "
                   "keeping both rows (rows are keyed by id and member)")
-    return mem_df, non_df, overlap_ids
+    return (mem, non), overlap_ids
 
 
-def _auto_ids(df: pd.DataFrame) -> bool:
-    return df["id"].tolist() == [str(i) for i in range(len(df))]
+def _auto_ids(docs: Documents) -> bool:
+    return all(i == str(n) for n, i in enumerate(docs.ids))
+
+
+def _tokens(s: MiaSettings, docs: tuple[Documents, Documents]) -> list[Sequence[list[int]]]:
+    """Each file's token lists for the target's tokenizer (loaded alone, before any model): text tokenized, stored
+    ids as they are once every id is checked against the vocabulary (an error names the row)."""
+    tok = load_tokenizer(s.model_dir, s.trust_remote_code)
+    return [d.tokens(tok) for d in docs]
 
 
 def _load_models(s: MiaSettings, plan: _Plan, dev: str) -> tuple[LoadedModel, LoadedModel | None]:
     """The target, and the reference when its attack runs (refused unless it shares the target's tokenizer)."""
     target = load_model(s.model_dir, device=dev, dtype=s.dtype, allow_pickle=s.allow_pickle,
-                        trust_remote_code=s.trust_remote_code)
+                        trust_remote_code=s.trust_remote_code, **placement(s))
+    if "gradnorm" in plan.names and (why := gradient_blocker(target.model)):  # its norm would miss those weights
+        if not plan.is_all:
+            raise MemauditError(f"gradnorm needs the gradient of every weight, but {why}: leave gradnorm out of "
+                                "--attacks, or load the model whole (no --quantize, a larger --max-memory)")
+        plan.names.remove("gradnorm")
+        plan.skipped["gradnorm"] = f"needs every weight's gradient, but {why}"
     if not _needs_reference(plan.names):
         return target, None
     tok, ref_tok = target.tokenizer, load_tokenizer(s.reference, s.trust_remote_code)
@@ -425,15 +475,17 @@ def _load_models(s: MiaSettings, plan: _Plan, dev: str) -> tuple[LoadedModel, Lo
                             "differ): the reference attack compares per-token log-likelihoods, so both must "
                             "share it")
     ref = load_model(s.reference, device=dev, dtype=s.dtype, allow_pickle=s.allow_pickle,
-                     trust_remote_code=s.trust_remote_code)
+                     trust_remote_code=s.trust_remote_code, **placement(s))
     return target, ref
 
 
 def _context(s: MiaSettings, target: LoadedModel, ref: LoadedModel | None) -> tuple[int | None, int, int]:
     """(BOS id or None, the context both models take, the longest sample that fits)."""
-    bos_id = target.tokenizer.bos_token_id if s.bos else None
+    bos_id = first_token(target.tokenizer) if s.bos else None  # the trainer's convention: BOS, else EOS
     if s.bos and bos_id is None:
-        _warn("the tokenizer has no BOS token: scoring without one (each sample's first token is context only)")
+        _warn("the tokenizer has neither a BOS nor an EOS token: scoring without one (each sample's first token is "
+              "context only)")
+    check_trained_first_token(target, bos_id)
     ctx = target.max_length if ref is None else min(target.max_length, ref.max_length)
     # The model input is [BOS] + tokens minus the last one, so `ctx` tokens fit with BOS and ctx + 1 without.
     max_tokens = ctx if bos_id is not None else ctx + 1
@@ -442,15 +494,12 @@ def _context(s: MiaSettings, target: LoadedModel, ref: LoadedModel | None) -> tu
     return bos_id, ctx, max_tokens
 
 
-def _cut_samples(s: MiaSettings, plan: _Plan, tok, mem_df: pd.DataFrame, non_df: pd.DataFrame, bos_id: int | None,
-                 max_tokens: int) -> tuple[_Samples, int]:
-    """Members then non-members: one sample per document or, with --stride, every window; and how many samples
-    are identical in both sets."""
+def _cut_samples(s: MiaSettings, plan: _Plan, docs: tuple[Documents, Documents],
+                 tokens: list[Sequence[list[int]]], bos_id: int | None, max_tokens: int) -> tuple[_Samples, int]:
+    """Members then non-members: one sample per document or, with --stride or --windows-per-doc, several windows;
+    and how many samples are identical in both sets."""
     min_tokens = 1 if bos_id is not None else 2
-    sides = []
-    for df in (mem_df, non_df):
-        toks = tokenize(tok, df["text"])
-        sides.append((df, toks, *_cut(s, toks, max_tokens, min_tokens)))
+    sides = [(d, toks, *_cut(s, toks, max_tokens, min_tokens)) for d, toks in zip(docs, tokens)]
     (_, _, m, _), (_, _, n, _) = sides
     if not len(m) or not len(n):
         which = "member" if not len(m) else "non-member"
@@ -475,10 +524,11 @@ def _check_collection(n_suspect: int, n_validation: int, shots: int = 0) -> None
 
 def _cut(s: MiaSettings, token_lists: Sequence[list[int]], max_tokens: int,
          min_tokens: int) -> tuple[Samples, SampleCounts]:
-    """One sample per document (`samples.document_samples`) or, with --stride, every window (`samples.cut`),
-    identical samples kept once; and the counts. Samples name their document by its position in the file."""
-    if s.stride is not None:
-        c = cut(token_lists, length=s.window, stride=s.stride, dedup=True)
+    """One sample per document (`samples.document_samples`) or, with --stride or --windows-per-doc, the windows the
+    sampling takes (`samples.sampled_windows`), identical samples kept once; and the counts. Samples name their
+    document by its position in the file."""
+    if s.whole_document:
+        c = sampled_windows(s.sampling(), token_lists, s.window, dedup=True)
     else:
         c = document_samples(token_lists, max_tokens=max_tokens, min_tokens=min_tokens, window=s.window, dedup=True)
     return c, {"documents": len(token_lists), "samples": len(c), "skipped_too_short": c.n_skipped,
@@ -489,15 +539,15 @@ def _assemble(sides: list, bos_id: int | None) -> _Samples:
     """_Samples from the members' and the non-members' cuts ((documents, their tokens, cut, counts) each):
     documents with at least one sample are numbered in order, members first."""
     ids, member, tokens, offsets, doc, doc_ids, doc_member, doc_tokens = [], [], [], [], [], [], [], []
-    for is_member, (df, toks, c, _) in zip((True, False), sides):
+    for is_member, (docs, toks, c, _) in zip((True, False), sides):
         number: dict[int, int] = {}
         for pos, t, off in zip(c.doc_ids, c.tokens, c.offsets):
             if pos not in number:
                 number[pos] = len(doc_ids)
-                doc_ids.append(df["id"].iat[pos])
+                doc_ids.append(docs.ids[pos])
                 doc_member.append(is_member)
                 doc_tokens.append(len(toks[pos]))
-            ids.append(df["id"].iat[pos])
+            ids.append(docs.ids[pos])
             member.append(is_member)
             tokens.append(t)
             offsets.append(off)
@@ -518,7 +568,11 @@ def _open_run(s: MiaSettings, plan: _Plan, out: Path) -> RunDir:
                 "device": s.device, "dtype": s.dtype, "text_field": s.text_field, "id_field": s.id_field,
                 "limit": s.limit}
     # Recorded only when set, so a run without them records (and resumes) exactly as before they existed.
-    settings |= {k: v for k, v in (("stride", s.stride), ("collection", s.collection or None)) if v is not None}
+    settings |= {k: v for k, v in (("stride", s.stride), ("windows_per_doc", s.windows_per_doc),
+                                   ("collection", s.collection or None), ("seq_len", s.seq_len),
+                                   ("token_dtype", s.token_dtype if s.seq_len is not None else None),
+                                   ("quantize", s.quantize))
+                 if v is not None}  # token_dtype: for a .bin only
     inputs = {"model": str(s.model_dir), "model_weights_sha256": weights_hash(s.model_dir),
               "members": str(s.members), "members_sha256": file_hash(s.members),
               "nonmembers": str(s.nonmembers), "nonmembers_sha256": file_hash(s.nonmembers)}
@@ -583,9 +637,12 @@ def _recall_pass(s: MiaSettings, L: _Loaded, score_kw: dict[str, Any]) -> tuple[
     shot_docs = set(samples.doc[shots].tolist())
     todo = [i for i in range(n) if samples.doc[i] not in shot_docs]
     start = [L.bos_id] if L.bos_id is not None else []
-    cond = [start + prefix + samples.tokens[i] for i in todo]
-    got = _resumable(L.run, "recall", len(cond), "mia: recall pass",
-                     _scoring(L.target.model, cond, {**score_kw, "bos_id": None, "max_length": L.ctx}))
+    kw = {**score_kw, "bos_id": None, "max_length": L.ctx}
+    if _RECALL_PREFIX_CACHED:  # the prefix is read once; every sample is scored after its cache
+        cond, kw["prefix"] = [samples.tokens[i] for i in todo], start + prefix
+    else:  # the way before the cache (kept to time against): the prefix re-read before every sample
+        cond = [start + prefix + samples.tokens[i] for i in todo]
+    got = _resumable(L.run, "recall", len(cond), "mia: recall pass", _scoring(L.target.model, cond, kw))
     recall_stats: list[TokenStats | None] | None = None
     if got is not None:
         recall_stats = [None] * n
@@ -594,7 +651,7 @@ def _recall_pass(s: MiaSettings, L: _Loaded, score_kw: dict[str, Any]) -> tuple[
     info = RecallInfo(shots=len(shots), shot_ids=[samples.ids[i] for i in shots], prefix_tokens=len(prefix),
                       separator="eos" if tok.eos_token_id is not None else None,
                       note="shots are non-member samples (seeded draw); they are left out of recall's metrics"
-                      if s.stride is None else
+                      if not s.whole_document else
                       "shots are the first windows of non-member documents (seeded draw); every window of those "
                       "documents is left out of recall's metrics")
     return recall_stats, info
@@ -624,14 +681,24 @@ def _tail(st: TokenStats, m: int) -> TokenStats:
 
 
 def _gradnorm_pass(L: _Loaded) -> np.ndarray | None:
-    """Pass 4: one backward per sample, each rank its positions of every chunk."""
+    """Pass 4: per-sample gradient norms, each rank its positions of every chunk; a batch at once where the model
+    allows it (attacks.choose_gradient_method, decided once before the first chunk), else one backward per sample."""
+    pad_id = L.target.tokenizer.pad_token_id or 0
+    method: list[str] = []  # chosen on the first chunk computed (a fully resumed pass needs no choice)
+
     def grad_chunk(chunk, advance):
+        if not method:
+            chosen, why = (_GRADNORM_METHOD, None) if _GRADNORM_METHOD != "auto" else choose_gradient_method(
+                L.target.model, L.samples.tokens, bos_id=L.bos_id, pad_id=pad_id)
+            if why:
+                _warn(f"gradnorm: one backward per sample (slower): {why}")
+            method.append(chosen)
         pos = distributed.shard_indices(len(chunk))  # this rank's positions within the chunk
         local = gradient_norms(L.target.model, [L.samples.tokens[chunk[p]] for p in pos], bos_id=L.bos_id,
-                               on_progress=advance)
+                               on_progress=advance, method=method[0], pad_id=pad_id)
         return distributed.gather_sharded(local.tolist(), pos, len(chunk))
 
-    full = _resumable(L.run, "gradnorm", len(L.samples.ids), "mia: gradnorm (one backward per sample)", grad_chunk)
+    full = _resumable(L.run, "gradnorm", len(L.samples.ids), "mia: gradnorm (per-sample gradients)", grad_chunk)
     return np.asarray(full) if full is not None else None
 
 
@@ -694,10 +761,11 @@ def _attack_scores(s: MiaSettings, L: _Loaded, P: _Passes) -> tuple[pd.DataFrame
 def _dcpdd_frequencies(s: MiaSettings, tok) -> tuple[np.ndarray, DcPddCorpus]:
     """ln f(v) over the reference corpus (--dcpdd-corpus, else the non-member file), and what it was."""
     path = Path(s.dcpdd_corpus) if s.dcpdd_corpus is not None else Path(s.nonmembers)
-    cdf = read_documents(path, text_field=s.text_field, id_field=s.id_field)
-    ctoks = tokenize(tok, cdf["text"])
+    cdocs = load_documents(path, text_field=s.text_field, id_field=s.id_field, token_dtype=s.token_dtype,
+                           seq_len=s.seq_len)
+    ctoks = cdocs.tokens(tok)  # text tokenized, or stored ids checked against the vocabulary
     return token_log_frequencies(ctoks, len(tok)), DcPddCorpus(
-        file=str(path), sha256=file_hash(path), documents=len(cdf), tokens=int(sum(map(len, ctoks))),
+        file=str(path), sha256=file_hash(path), documents=len(cdocs), tokens=int(sum(map(len, ctoks))),
         default_nonmember_file=s.dcpdd_corpus is None, smoothing="Laplace: f(v) = (count(v) + 1) / (N + V)",
         cap_a=DCPDD_CAP)
 
@@ -714,7 +782,7 @@ class _Measured:
 def _measure_all(s: MiaSettings, smp: _Samples, table: pd.DataFrame, cols: dict[str, np.ndarray]) -> _Measured:
     """Metrics per document (today's table and figures without --stride) and, with --stride, per window; then
     the collection test on the per-sample scores."""
-    if s.stride is None:
+    if not s.whole_document:
         out = _Measured(samples=table, windows=None, metrics=_measure(s, smp.member, cols), window_metrics=None,
                         collection=None)
     else:
@@ -855,6 +923,14 @@ def _windows_block(s: MiaSettings, L: _Loaded) -> dict[str, Any]:
                 "member_windows": int(member.sum()), "nonmember_windows": int((~member).sum()),
                 "how": (f"every {s.window}-token window starting each {s.stride} tokens (identical windows kept once; "
                         "documents shorter than a window skipped); a document's score is the mean of its windows'")}
+    if s.windows_per_doc is not None:
+        member = L.samples.member
+        return {"mode": "random", "tokens": s.window, "windows_per_doc": s.windows_per_doc, "seed": s.seed,
+                "member_windows": int(member.sum()), "nonmember_windows": int((~member).sum()),
+                "how": (f"{s.windows_per_doc} {s.window}-token windows per document at distinct starts drawn "
+                        "uniformly from a generator seeded with (seed, the document's position); all of them when "
+                        "fewer fit (identical windows kept once; documents shorter than a window skipped); a "
+                        "document's score is the mean of its windows'")}
     if s.window is not None:
         return {"mode": "window", "tokens": s.window,
                 "how": "one window per document: its first N tokens; shorter documents skipped"}

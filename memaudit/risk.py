@@ -31,6 +31,7 @@ from .canaries import default_canary_file, read_canaries
 from .capacity.laws import (LAW_SOURCES, LAWS, PUBLISHED_ALPHA, PUBLISHED_ALPHA_BF16, PUBLISHED_ALPHA_FP32,
                             predict_mia_f1)
 from .data import file_hash, read_documents, tokenize
+from .devices import check_placement, placement
 from .errors import MemauditError
 from .gate import FAIL_EXIT_CODE, parse_thresholds, verdict
 from .exposure import exposure
@@ -182,6 +183,9 @@ class RiskSettings:
     batch_size: int | str = "auto"
     device: str = "auto"
     dtype: str = "auto"
+    device_map: str | None = None  # auto, balanced, cpu-offload: accelerate places the model (None: all on device)
+    max_memory: str | None = None  # device_map's limit per device: "0=20GiB,cpu=60GiB", or one size for each
+    quantize: str | None = None  # 8bit or 4bit through bitsandbytes (None: full precision)
     limit: int | None = None
     text_field: str = "text"
     id_field: str = "id"
@@ -234,6 +238,7 @@ class RiskSettings:
         checks.integer("--suffix", self.suffix)
         checks.limit(self.limit)
         checks.batch_size(self.batch_size)
+        check_placement(self.device_map, self.max_memory, self.quantize, self.device)
         if self.canaries is not None or self.canary_file().is_file():
             checks.readable_file(self.canary_file(), "canary file")
             read_canaries(self.canary_file())
@@ -315,7 +320,7 @@ def risk(settings: RiskSettings | None = None, /, *, echo: Callable[[str], None]
 
 def _load_target(s: RiskSettings) -> _Target:
     loaded = load_model(s.model, device=s.device, dtype=s.dtype, allow_pickle=s.allow_pickle,
-                        trust_remote_code=s.trust_remote_code)
+                        trust_remote_code=s.trust_remote_code, **placement(s))
     docs = read_documents(s.data, text_field=s.text_field, id_field=s.id_field, limit=s.limit)
     lengths = [len(t) for t in tokenize(loaded.tokenizer, docs["text"].tolist())]
     train_tokens = s.train_tokens
@@ -367,7 +372,7 @@ def _measure(root: Path, loaded: LoadedModel, s: RiskSettings,
              echo: Callable[[str], None]) -> tuple[dict[str, float], list[Path]]:
     """Run extraction, MIA (with non-members), memorization vs zstd and exposure (with canaries); collect figures."""
     common = dict(batch_size=s.batch_size, device=s.device, dtype=s.dtype, allow_pickle=s.allow_pickle,
-                  trust_remote_code=s.trust_remote_code)
+                  trust_remote_code=s.trust_remote_code, **placement(s))
     docs = dict(limit=s.limit, text_field=s.text_field, id_field=s.id_field)
     measured: dict[str, float] = {}
     runs = [root / "extract"]

@@ -299,6 +299,28 @@ def document_samples(token_lists: Sequence[Sequence[int]], ids: Sequence[Any] | 
     return cut(token_lists, ids, length=max_tokens, truncate=True, min_length=min_tokens, dedup=dedup)
 
 
+def sampled_windows(sampling: Sampling, token_lists: Sequence[Sequence[int]], length: int,
+                    ids: Sequence[Any] | None = None, *, dedup: bool = False) -> Samples:
+    """Membership over whole documents: the windows of `length` tokens a sampling strategy takes from each document
+    (every `stride` tokens, or `windows_per_doc` seeded random starts), all at once as Samples; with `dedup` a
+    window identical to an earlier one is dropped and counted. For a stride this is `cut(stride=...)`."""
+    out = Samples()
+    seen: set[tuple] = set()
+    stream = sampling.windows(token_lists, ids, length)
+    for w in stream:
+        window = list(w.tokens)
+        if dedup:
+            if (key := tuple(window)) in seen:
+                out.n_duplicates += 1
+                continue
+            seen.add(key)
+        out.tokens.append(window)
+        out.doc_ids.append(w.doc_id)
+        out.offsets.append(w.offset)
+    out.n_documents, out.n_skipped = stream.n_documents, stream.n_skipped
+    return out
+
+
 def tiles(token_lists: Sequence[Sequence[int]], window: int) -> Samples:
     """Capacity on text: every non-overlapping `window`-token chunk of every document, duplicates dropped (first
     kept)."""

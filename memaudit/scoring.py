@@ -85,18 +85,20 @@ def token_stats_from_logits(logits: torch.Tensor, targets: torch.Tensor,
     return {k: torch.cat(v, dim=1) for k, v in parts.items()}
 
 
-def _is_oom(exc: BaseException) -> bool:
+def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
 def auto_batch_size(model: torch.nn.Module, seq_len: int, n_samples: int | None = None,
-                    memory_budget: int | None = None) -> int:
+                    memory_budget: int | None = None, cache_tokens: int = 0) -> int:
     """A starting batch size from a memory budget; the pass halves it on out-of-memory.
 
     Per sample and position the pass holds the logits and ~3 float32 vocabulary-sized temporaries, plus
-    activations (~16 floats per layer and width). Budget: 40% of free GPU memory, or 2 GiB on CPU, where
-    larger batches no longer speed anything up.
+    activations (~16 floats per layer and width); per sample and position of a shared cached prefix
+    (`cache_tokens`), its keys and values copied into the row's cache and the attention over them (~4 floats per
+    layer and width). Budget: 40% of free GPU memory, or 2 GiB on CPU, where larger batches no longer speed
+    anything up.
     """
     vocab, width, layers = backend.dimensions(model)
     device = next(model.parameters()).device
@@ -106,7 +108,7 @@ def auto_batch_size(model: torch.nn.Module, seq_len: int, n_samples: int | None 
             memory_budget = int(free * 0.4)
         else:
             memory_budget = 2 << 30
-    per_sample = seq_len * 4 * (4 * vocab + 16 * layers * width)
+    per_sample = seq_len * 4 * (4 * vocab + 16 * layers * width) + cache_tokens * 4 * 4 * layers * width
     bs = max(1, memory_budget // max(1, per_sample))
     bs = min(bs, 512 if device.type == "cuda" else 64)
     if n_samples:
@@ -124,16 +126,62 @@ def _prepare(seqs: Sequence[Sequence[int]], bos_id: int | None) -> list[list[int
     return out
 
 
-def _check_lengths(seqs: Sequence[Sequence[int]], max_length: int | None) -> None:
+def _check_lengths(seqs: Sequence[Sequence[int]], max_length: int | None, past: int = 0) -> None:
+    """Refuse a sample with nothing to score, or longer (after `past` cached prefix positions) than the context."""
     for i, s in enumerate(seqs):
         if len(s) < 2:
             raise MemauditError(f"sample {i} has fewer than 2 tokens to score")
-        if max_length is not None and len(s) - 1 > max_length:
+        if max_length is not None and past + len(s) - 1 > max_length:
             raise MemauditError(
-                f"sample {i} needs {len(s) - 1} positions but the model's context is {max_length} tokens")
+                f"sample {i} needs {past + len(s) - 1} positions but the model's context is {max_length} tokens")
 
 
-def _padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@dataclass
+class _SharedPrefix:
+    """A prefix every sequence is scored after. With `kv` (the model's cache of every prefix token but the last,
+    one row) each row is the prefix's last token + the sequence and continues from the cache; with None (a model
+    whose cache cannot be reused) each row is the whole prefix + the sequence. Either way the kept stats are the
+    sequence's own tokens."""
+    tokens: list[int]
+    kv: backend.KV | None
+
+    @classmethod
+    def read(cls, model: torch.nn.Module, prefix: Sequence[int], device: torch.device, bos_id: int | None,
+             other_options: bool) -> "_SharedPrefix":
+        if bos_id is not None or other_options:
+            raise MemauditError("prefix: put BOS in the prefix; keep_cache, max_positions and score_from do not apply")
+        if len(prefix) < 1:
+            raise MemauditError("prefix: give at least one token")
+        kv = None
+        if len(prefix) >= 2:
+            ids = torch.tensor([list(prefix[:-1])], device=device)
+            with torch.inference_mode():
+                try:  # no logits are needed from the prefix
+                    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                except TypeError:  # models without logits_to_keep
+                    out = model(input_ids=ids, use_cache=True)
+            kv = backend.kv_from_cache(backend.output_cache(out))
+        return cls(tokens=list(prefix), kv=kv)
+
+    @property
+    def past(self) -> int:
+        """Positions read from the cache before each row."""
+        return len(self.tokens) - 1 if self.kv is not None else 0
+
+    def rows(self, seqs: Sequence[Sequence[int]]) -> list[list[int]]:
+        head = self.tokens[-1:] if self.kv is not None else self.tokens
+        return [head + list(s) for s in seqs]
+
+    def own(self, st: TokenStats) -> TokenStats:
+        """The stats of a row's sequence tokens (a cached row scores nothing else)."""
+        if self.kv is not None:
+            return st
+        m = len(st) - (len(self.tokens) - 1)
+        return TokenStats(logprob=st.logprob[-m:], hit=st.hit[-m:], argmax=st.argmax[-m:], mean_lp=st.mean_lp[-m:],
+                          var_lp=st.var_lp[-m:])
+
+
+def padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inputs (each row but its last token), targets (each row but its first) and the attention mask, padded
     on the right to the longest row."""
     width = max(len(r) for r in rows) - 1
@@ -165,13 +213,21 @@ def _per_sample(stats: dict[str, torch.Tensor], lengths: Sequence[int], width: i
                        var_lp=host["var_lp"][r, :n].astype(np.float32)) for r, n in enumerate(lengths)]
 
 
+def _forward(model: torch.nn.Module, inputs: torch.Tensor, mask: torch.Tensor, keep_cache: bool, first: int,
+             shared: _SharedPrefix | None):
+    """One batch's forward: after the shared prefix's cache when there is one, else from the rows alone."""
+    if shared is not None and shared.kv is not None:
+        return backend.forward_after(model, inputs, mask, shared.kv)
+    return backend.forward_from(model, inputs, mask, keep_cache, first)
+
+
 def iter_scored_batches(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *,
                         batch_size: int | str = "auto", bos_id: int | None = None, keep_cache: bool = False,
                         pad_id: int = 0, skip: set[int] | None = None,
                         on_progress: Callable[[int], None] | None = None,
                         max_length: int | None = None, greedy_only: bool = False,
                         max_positions: int | Callable[[int], int] | None = None,
-                        score_from: int = 0) -> Iterator[ScoredBatch]:
+                        score_from: int = 0, prefix: Sequence[int] | None = None) -> Iterator[ScoredBatch]:
     """Score `sequences` in batches of similar length (longest first, so out-of-memory shows at once).
 
     `greedy_only=True` keeps only `hit` and `argmax` (logprob, mean_lp, var_lp are NaN): cheaper, for greedy
@@ -184,15 +240,22 @@ def iter_scored_batches(model: torch.nn.Module, sequences: Sequence[Sequence[int
 
     With `bos_id`, BOS is prepended and every token of each sequence is scored; without it the first token
     is context only. `skip` holds sample indices already done (resume). Yields batches in processing order.
+    `prefix`: every sequence is scored after these tokens (ReCaLL's shots; pass BOS in it, not as `bos_id`), and
+    the stats cover the sequence's own tokens, its first predicted from the prefix's last. The prefix is read
+    once: its KV cache is reused by every batch (a model whose cache cannot be reused reads prefix + sequence
+    each time: the same numbers, slower).
     """
-    seqs = _prepare(sequences, bos_id)
-    _check_lengths(seqs, max_length)
+    device = next(model.parameters()).device
+    other = keep_cache or max_positions is not None or score_from != 0
+    shared = _SharedPrefix.read(model, prefix, device, bos_id, other) if prefix is not None else None
+    seqs = _prepare(sequences, bos_id) if shared is None else shared.rows(sequences)
+    past = shared.past if shared is not None else 0
+    _check_lengths(seqs, max_length, past)
     order = sorted((i for i in range(len(seqs)) if not skip or i not in skip), key=lambda i: -len(seqs[i]))
     if not order:
         return
-    device = next(model.parameters()).device
     longest = len(seqs[order[0]]) - 1
-    bs = auto_batch_size(model, longest, len(order)) if batch_size == "auto" else int(batch_size)
+    bs = auto_batch_size(model, longest, len(order), cache_tokens=past) if batch_size == "auto" else int(batch_size)
     if bs < 1:
         raise MemauditError("--batch-size must be >= 1 or auto")
     if isinstance(max_positions, int) and max_positions < 1:
@@ -208,22 +271,24 @@ def iter_scored_batches(model: torch.nn.Module, sequences: Sequence[Sequence[int
             if limit < 1:
                 raise MemauditError("max_positions must be >= 1")
             rows = [r[:limit + 1] for r in rows]
-        inputs, targets, mask = _padded(rows, pad_id)
+        inputs, targets, mask = padded(rows, pad_id)
         first = min(score_from, inputs.shape[1] - 1)  # at least one position gets logits
         try:
             with torch.inference_mode():
-                out = backend.forward_from(model, inputs.to(device), mask.to(device), keep_cache, first)
+                out = _forward(model, inputs.to(device), mask.to(device), keep_cache, first, shared)
                 stats = token_stats_from_logits(out.logits, targets[:, first:].to(device), greedy_only=greedy_only)
         except Exception as exc:
-            if _is_oom(exc) and bs > 1:
+            if is_oom(exc) and bs > 1:
                 bs //= 2
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
-            if _is_oom(exc):
+            if is_oom(exc):
                 raise MemauditError("out of memory even at batch size 1: use a shorter window or a smaller dtype") from None
             raise
         per_sample = _per_sample(stats, [len(r) - 1 for r in rows], inputs.shape[1], first)
+        if shared is not None:
+            per_sample = [shared.own(st) for st in per_sample]
         yield ScoredBatch(indices=list(idx), stats=per_sample, inputs=inputs,
                           lengths=[len(r) - 1 for r in rows], cache=backend.output_cache(out) if keep_cache else None)
         del out
@@ -234,11 +299,11 @@ def iter_scored_batches(model: torch.nn.Module, sequences: Sequence[Sequence[int
 
 def score(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, batch_size: int | str = "auto",
           bos_id: int | None = None, pad_id: int = 0, on_progress: Callable[[int], None] | None = None,
-          max_length: int | None = None) -> list[TokenStats]:
-    """TokenStats for every sequence, in input order (see `iter_scored_batches`)."""
+          max_length: int | None = None, prefix: Sequence[int] | None = None) -> list[TokenStats]:
+    """TokenStats for every sequence, in input order (see `iter_scored_batches`, also for `prefix`)."""
     result: list[TokenStats | None] = [None] * len(sequences)
     for batch in iter_scored_batches(model, sequences, batch_size=batch_size, bos_id=bos_id, pad_id=pad_id,
-                                     on_progress=on_progress, max_length=max_length):
+                                     on_progress=on_progress, max_length=max_length, prefix=prefix):
         for i, st in zip(batch.indices, batch.stats):
             result[i] = st
     return result  # type: ignore[return-value]

@@ -473,6 +473,24 @@ def _cases() -> list:
           expect="validation: 7 once recall's 5 shot documents are left out"))
     add(P("memorization-zstd-dict-from-with-model-reference", "memorization", reference="{model}",
           zstd_dict_from="{members}"))
+    add(P("memorization-stride-without-window", "memorization", stride="4", expect="--stride needs --window"))
+    add(P("memorization-windows-per-doc-without-window", "memorization", windows_per_doc="2",
+          expect="--windows-per-doc needs --window"))
+    for v in ("0", "1", "-1", "x"):
+        add(P(f"memorization-window-{v.replace('-', 'neg')}", "memorization", window=v))
+    for v in ("0", "-1"):
+        add(P(f"memorization-stride-{v.replace('-', 'neg')}", "memorization", window="8", stride=v,
+              expect="--stride must be >= 1"))
+        add(P(f"memorization-windows-per-doc-{v.replace('-', 'neg')}", "memorization", window="8",
+              windows_per_doc=v, expect="--windows-per-doc must be >= 1"))
+    add(P("memorization-windows-per-doc-with-stride", "memorization", window="8", stride="4", windows_per_doc="2",
+          expect="--stride and --windows-per-doc exclude each other"))
+    add(P("memorization-windows-per-doc-seed-neg1", "memorization", window="8", windows_per_doc="2", seed="-1"))
+    add(P("memorization-window-longer-than-context", "memorization", window="100000",
+          expect="longer than the model's context"))
+    add(P("memorization-window-longer-than-every-document", "memorization", window="120",
+          expect="shorter than --window 120"))
+    add(P("ok-memorization-stride", "memorization", ok=True, window="8", stride="4"))
     add(P("capacity-widths-8__16", "capacity", widths="8,,16"))
     add(P("capacity-layers-1__2", "capacity", layers="1,,2"))
     add(P("capacity-text-too-short", "capacity", text="{members}"))
@@ -589,6 +607,57 @@ def _cases() -> list:
     for tag, path, where, extra in (("npy", "{beyond_npy}", "row 1", {}), ("jsonl", "{idsbeyond_jsonl}", "line 2", {}),
                                     ("bin", "{beyond_bin}", "row 1", {"seq_len": "4"})):
         add(P(f"memorization-ids-beyond-vocab-{tag}", "memorization", data=path, expect=f"{where}: token id", **extra))
+    # extract reads the same pre-tokenized corpora with the same options (rows of 32 hold a 8 + 8 window)
+    add(P("ok-extract-bin", "extract", ok=True, data="{tokens_bin}", seq_len="32"))
+    add(P("extract-bin-size-not-token-multiple", "extract", data="{odd_bin}", seq_len="8",
+          expect="3 bytes is not a whole number of 2-byte uint16 tokens"))
+    add(P("extract-bin-without-seq-len", "extract", data="{tokens_bin}", expect="needs --seq-len"))
+    add(P("extract-bin-seq-len-0", "extract", data="{tokens_bin}", seq_len="0"))
+    add(P("extract-bin-token-dtype-int8", "extract", data="{tokens_bin}", seq_len="32", token_dtype="int8"))
+    add(P("extract-seq-len-without-bin", "extract", seq_len="8", expect="--seq-len cuts a .bin"))
+    add(P("extract-input-ids-not-list-jsonl", "extract", data="{idsnotlist_jsonl}",
+          expect="line 2: 'input_ids' is not a list of integers"))
+    add(P("extract-input-ids-not-list-parquet", "extract", data="{idsnotlist_parquet}",
+          expect="row 0: column 'input_ids' is not a list of integers"))
+    for tag, path, where, extra in (("npy", "{beyond_npy}", "row 1", {}), ("jsonl", "{idsbeyond_jsonl}", "line 2", {}),
+                                    ("bin", "{beyond_bin}", "row 1", {"seq_len": "4"})):
+        add(P(f"extract-ids-beyond-vocab-{tag}", "extract", data=path, expect=f"{where}: token id", **extra))
+    # mia and train read them too (train cuts a .bin into rows of --seq-len - 1 stored tokens, BOS making seq_len)
+    add(P("ok-mia-bin-members", "mia", ok=True, members="{tokens_bin}", seq_len="8"))
+    add(P("mia-members-bin-size-not-token-multiple", "mia", members="{odd_bin}", seq_len="8",
+          expect="3 bytes is not a whole number of 2-byte uint16 tokens"))
+    add(P("mia-members-bin-without-seq-len", "mia", members="{tokens_bin}", expect="needs --seq-len"))
+    add(P("mia-dcpdd-corpus-bin-without-seq-len", "mia", attacks="loss,dc_pdd", dcpdd_corpus="{tokens_bin}",
+          expect="needs --seq-len"))
+    add(P("mia-seq-len-without-bin", "mia", seq_len="8", expect="--seq-len cuts a .bin"))
+    add(P("mia-bin-token-dtype-int8", "mia", members="{tokens_bin}", seq_len="8", token_dtype="int8"))
+    add(P("mia-members-input-ids-not-list-jsonl", "mia", members="{idsnotlist_jsonl}",
+          expect="line 2: 'input_ids' is not a list of integers"))
+    add(P("mia-nonmembers-input-ids-not-list-parquet", "mia", nonmembers="{idsnotlist_parquet}",
+          expect="row 0: column 'input_ids' is not a list of integers"))
+    for tag, path, where, extra in (("npy", "{beyond_npy}", "row 1", {}), ("jsonl", "{idsbeyond_jsonl}", "line 2", {}),
+                                    ("bin", "{beyond_bin}", "row 1", {"seq_len": "4"})):
+        add(P(f"mia-members-ids-beyond-vocab-{tag}", "mia", members=path, expect=f"{where}: token id", **extra))
+        add(P(f"train-ids-beyond-vocab-{tag}", "train", data=path, expect=f"{where}: token id",
+              **({"seq_len": "5"} if extra else {})))
+    add(P("ok-train-bin", "train", ok=True, data="{tokens_bin}", seq_len="9"))
+    add(P("train-bin-without-tokenizer", "train", data="{tokens_bin}", tokenizer=None,
+          expect="needs the tokenizer that made them"))
+    add(P("train-input-ids-without-tokenizer", "train", data="{idsbeyond_jsonl}", tokenizer=None,
+          expect="needs the tokenizer that made them"))
+    add(P("train-bin-size-not-token-multiple", "train", data="{odd_bin}",
+          expect="3 bytes is not a whole number of 2-byte uint16 tokens"))
+    add(P("train-bin-token-dtype-int8", "train", data="{tokens_bin}", token_dtype="int8"))
+    add(P("train-input-ids-not-list-jsonl", "train", data="{idsnotlist_jsonl}",
+          expect="line 2: 'input_ids' is not a list of integers"))
+    add(P("train-input-ids-not-list-parquet", "train", data="{idsnotlist_parquet}",
+          expect="row 0: column 'input_ids' is not a list of integers"))
+    # mia --windows-per-doc: the same option, and checks, as extract's
+    for v in ("0", "-1", "x"):
+        add(P(f"mia-windows-per-doc-{v.replace('-', 'neg')}", "mia", window="8", windows_per_doc=v))
+    add(P("mia-windows-per-doc-without-window", "mia", windows_per_doc="2", expect="--windows-per-doc needs --window"))
+    add(P("mia-windows-per-doc-with-stride", "mia", window="8", stride="4", windows_per_doc="2",
+          expect="--stride and --windows-per-doc exclude each other"))
     add(P("memorization-zstd-dict-from-missing", "memorization", zstd_dict_from="{missing}"))
     add(P("memorization-zstd-dict-from-dir", "memorization", zstd_dict_from="{adir}"))
     for tag, path in (data_bad[0], data_bad[1], data_bad[2], data_bad[5], data_bad[4], data_bad[10]):
@@ -751,6 +820,12 @@ def _cases() -> list:
         add(P(f"{cmd}-resume-and-overwrite", cmd, resume=True, overwrite=True))
     add(P("train-val-data-is-data", "train", val_data="{members}"))
     add(P("report-same-label-two-runs", "report", pos=["{run}", "{run}"], extra=["--label", "a", "--label", "a"]))
+    # ---- placing large models (--device-map, --max-memory, --quantize): refused before the model loads ----------
+    add(P("extract-device-map-unknown", "extract", device_map="sideways"))
+    add(P("mia-max-memory-not-a-size", "mia", device_map="cpu-offload", max_memory="lots"))
+    add(P("memorization-max-memory-without-device-map", "memorization", max_memory="1GiB"))
+    add(P("exposure-quantize-unknown", "exposure", quantize="3bit"))
+    add(P("riskpost-device-map-auto-with-device-cpu", "riskpost", device_map="auto"))
     return C
 
 

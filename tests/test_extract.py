@@ -100,11 +100,39 @@ def test_shortcut_equals_full_greedy_decoding(mixed):
         prompts = torch.tensor([[m.tokenizer.bos_token_id] + toks[i][offset:offset + prefix] for i in fast.id])
         from transformers import GenerationConfig
 
-        cfg = GenerationConfig(max_new_tokens=suffix, do_sample=False, eos_token_id=None, bos_token_id=None,
+        # eos_token_id=[]: never stop at EOS (None falls back to the model's generation_config, whose EOS a model
+        # trained on EOS-joined packed rows emits, and min_new_tokens would forbid EOS, changing the tokens)
+        cfg = GenerationConfig(max_new_tokens=suffix, do_sample=False, eos_token_id=[], bos_token_id=None,
                                pad_token_id=m.tokenizer.pad_token_id)
         with torch.no_grad():
             hf = m.model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), generation_config=cfg)
         assert [list(r) for r in hf[:, prompts.shape[1]:].tolist()] == [list(g) for g in fast.generated_ids]
+
+
+def test_hf_generate_reference_does_not_stop_at_the_models_eos():
+    """The HF generate reference (here and in bench/bench_extract.py) passes eos_token_id=[]: for a model whose
+    generation_config names an EOS that greedy decoding emits, it still gives all the greedy tokens, while None (the
+    model's EOS applies) stops early and min_new_tokens (EOS forbidden) changes them."""
+    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
+
+    from memaudit import generation as gen
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=1, n_head=2)).eval()
+    prompts = torch.tensor([[3, 4, 5], [7, 8, 9]])
+    with torch.no_grad():
+        want = gen.greedy(model, prompts, 10)
+        model.generation_config.eos_token_id = int(want[0, 1])  # row 0 emits "EOS" at its second step
+        model.generation_config.pad_token_id = 49
+
+        def hf(**kw):
+            cfg = GenerationConfig(max_new_tokens=10, do_sample=False, bos_token_id=None, pad_token_id=49, **kw)
+            out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), generation_config=cfg)
+            return out[:, prompts.shape[1]:]
+
+        assert hf(eos_token_id=[]).tolist() == want.tolist()
+        assert hf(eos_token_id=None).tolist() != want.tolist()
+        assert hf(min_new_tokens=10).tolist() != want.tolist()
 
 
 def test_staged_verification_equals_full_greedy_at_every_cut(mixed, monkeypatch):
@@ -604,3 +632,58 @@ def test_resume_of_rows_saved_without_document_positions(few_docs, tmp_path):
     resumed = extract(model_dir=m, data=path, out=tmp_path / "cut", resume=True, **kw)
     pd.testing.assert_frame_equal(resumed.samples, whole.samples)
     pd.testing.assert_frame_equal(resumed.documents, whole.documents)
+
+
+# --- pre-tokenized corpora: stored ids give what the same text gives ---------------------------------------------
+
+def _run_files(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """A run directory's samples, documents and summary."""
+    return (pd.read_parquet(out / "samples.parquet"), pd.read_parquet(out / "documents.parquet"),
+            json.loads((out / "summary.json").read_text()))
+
+
+def test_pretokenized_corpora_equal_the_same_text(few_docs, run_cli, tmp_path):
+    """The ids of the text, stored as input_ids (parquet, jsonl), as a 2-D .npy and as a flat .bin (uint16 through
+    the CLI, uint32), give the text's samples.parquet, documents.parquet and summary."""
+    from memaudit.data import decode
+
+    m, path = few_docs
+    docs = read_documents(path)
+    ids = tokenize(m.tokenizer, docs.text)
+    kw = dict(prefix=6, suffix=6, stride=5, device="cpu", batch_size=8)
+
+    def run(data, name, **more):
+        return _run_files(extract(model_dir=m, data=data, out=tmp_path / f"run-{name}", **kw, **more).path)
+
+    text = run(path, "text")
+    assert text[0].exact.any() and not text[0].exact.all()
+    pd.DataFrame({"id": docs.id, "input_ids": ids}).to_parquet(tmp_path / "ids.parquet")
+    _write_rows(tmp_path / "ids.jsonl", [{"id": i, "input_ids": t} for i, t in zip(docs.id, ids)])
+    for name in ("ids.parquet", "ids.jsonl"):
+        _assert_same_run(run(tmp_path / name, name), text)
+    # rectangular rows: each document's first L ids, kept where they are the tokenization of their own text
+    L = 40
+    rows = [t[:L] for t in ids if len(t) >= L and tokenize(m.tokenizer, [decode(m.tokenizer, t[:L])])[0] == t[:L]]
+    assert len(rows) >= 8
+    cut_text = run(write_documents(tmp_path / "cut.jsonl", [decode(m.tokenizer, r) for r in rows]), "cut")
+    np.save(tmp_path / "ids.npy", np.array(rows, dtype=np.int32))
+    _assert_same_run(run(tmp_path / "ids.npy", "npy"), cut_text)
+    np.array(rows, dtype="<u4").tofile(tmp_path / "ids32.bin")
+    _assert_same_run(run(tmp_path / "ids32.bin", "bin32", token_dtype="uint32", seq_len=L), cut_text)
+    np.array(rows, dtype="<u2").tofile(tmp_path / "ids.bin")
+    r = run_cli("extract", m.path, "--data", tmp_path / "ids.bin", "--seq-len", L, "--prefix", 6, "--suffix", 6,
+                "--stride", 5, "--device", "cpu", "--batch-size", 8, "--out", tmp_path / "run-bin16")
+    assert r.returncode == 0, r.stderr
+    _assert_same_run(_run_files(tmp_path / "run-bin16"), cut_text)
+    settings = json.loads((tmp_path / "run-bin16" / "config.json").read_text())["settings"]
+    assert settings["seq_len"] == L and settings["token_dtype"] == "uint16"
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _assert_same_run(got, want) -> None:
+    for g, w in zip(got[:2], want[:2]):
+        pd.testing.assert_frame_equal(g, w)
+    assert got[2] == want[2]

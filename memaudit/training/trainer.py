@@ -5,6 +5,11 @@ BOS + the next `seq_len - 1` tokens, so every token of every document is trained
 goldfish masks and sink ids follow documents across rows); `first` is one row per document, BOS + its first
 `seq_len - 1` tokens, right-padded. Either way a row starts with BOS, as every probe sample does.
 
+Pre-tokenized data (data.load_documents: .npy rows, input_ids in .jsonl/.parquet, a .bin stream) is trained on as
+stored, with the tokenizer that made it (--tokenizer, or the --config model's; a tokenizer trained here would give
+the ids other meanings). A .bin is already a packed token stream: it is cut into rows of BOS + the next
+`seq_len - 1` stored tokens, one row each ("first" semantics, whatever --rows says; `row_cut`).
+
 Everything that decides a step is a pure function of (seed, step): the epoch's row order is drawn by
 `default_rng([seed, epoch])`, the random goldfish mask by a generator seeded with (seed, step). So a resumed run
 replays the uninterrupted one, and under torchrun every rank builds the same global batch and takes its slice:
@@ -38,17 +43,18 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from ..canaries import CANARY_FILE, Canary, default_canary_file, make_canaries, write_canaries
-from ..data import file_hash, read_documents, tokenize, train_tokenizer
+from ..data import Documents, check_token_options, file_hash, load_documents, pretokenized, tokenize, train_tokenizer
 from .. import checks, distributed
 from ..errors import MemauditError
 from ..rundir import Owned, check_output
-from ..models import build_config, count_parameters, load_model, load_tokenizer, resolve_dtype
+from ..models import (build_config, count_parameters, first_token, first_token_record, load_model,
+                      load_tokenizer, resolve_dtype)
 from ..progress import progress_bar
 from ..samples import packed_rows, training_rows
 from ..settings import settings_from
 from .objectives import GOLDFISH_MODES, IGNORE, OBJECTIVES, goldfish_drop_mask, standard_labels
 from .packing import ROW_LAYOUT, ROWS, EpochPacker
-from .sinks import SinkHooks, release_from_model, sequence_id, sink_spec, write_sink_spec
+from .sinks import SinkHooks, check_architecture, release_from_model, sequence_id, sink_spec, write_sink_spec
 
 CHECKPOINT_DIR = "checkpoint"
 _STAGING = ".staging"
@@ -68,7 +74,7 @@ class TrainConfig:
     """Every option of `memaudit train`: the CLI flags' names and defaults (the CLI only parses).
 
     `train_config.json` in the model directory records these fields (plus what the run found)."""
-    data: str | Path  # training documents
+    data: str | Path  # training documents: text, or pre-tokenized ids (.npy, .bin, input_ids in .jsonl/.parquet)
     out: str | Path  # the model directory to write
     objective: str = "standard"  # standard | goldfish | sinks
     config: str | Path = "tiny"  # tiny | small | LxW | a model directory to continue
@@ -77,7 +83,7 @@ class TrainConfig:
     epochs: int = 10
     lr: float = 1e-3
     batch_size: int = 16  # rows per optimizer step (the global batch under torchrun)
-    seq_len: int = 128
+    seq_len: int = 128  # tokens per row, BOS included (a .bin is cut into rows of seq_len - 1 stored tokens)
     rows: str = "packed"  # packed (documents joined with EOS, cut into seq_len rows) | first (one row per document)
     vocab_size: int = 2048  # for a locally trained tokenizer
     seed: int = 0
@@ -91,6 +97,7 @@ class TrainConfig:
     text_field: str = "text"
     id_field: str = "id"
     limit: int | None = None
+    token_dtype: str = "uint16"  # a .bin's token width: uint16 or uint32
     allow_pickle: bool = False
     # goldfish (METHODS.md section 4)
     goldfish_mode: str = "hash"
@@ -155,18 +162,41 @@ class TrainConfig:
             raise MemauditError("--val-data is the training file itself: a validation loss needs documents it "
                                 "does not train on")
         checks.device(self.device)
-        if Path(self.config).exists() or "/" in self.config or os.sep in self.config:
+        # The context of the config that will be trained: a row longer than it fails deep in a learned-position
+        # model (GPT-2's n_positions) and trains silently past what a rotary one was made for.
+        ctx = checks.context_length(self._model_config())
+        if ctx is not None and self.seq_len > ctx:
+            raise MemauditError(f"--seq-len {self.seq_len} is longer than the model's context ({ctx} positions)")
+        if self.objective == "sinks" and self.continues_model:  # e.g. mixture of experts, before anything loads
+            check_architecture(self.config)
+        if self.tokenizer is not None:
+            _check_tokenizer_dir(self.tokenizer)
+        self._check_token_data()
+
+    def _model_config(self) -> dict:
+        """The config to train, checked: the --config model directory's, or the from-scratch one built."""
+        if self.continues_model:
             if self.tokenizer is not None or self.family != "gpt2":
                 raise MemauditError("--tokenizer and --family apply to from-scratch configs: a model directory "
                                     "given as --config brings its own")
-            mcfg = checks.model_dir(self.config, allow_pickle=self.allow_pickle, what="--config model directory")
-            ctx = checks.context_length(mcfg)
-            if ctx is not None and self.seq_len > ctx:
-                raise MemauditError(f"--seq-len {self.seq_len} is longer than the model's context ({ctx} positions)")
-        else:
-            build_config(self.config, vocab_size=MIN_VOCAB, max_length=self.seq_len, family=self.family)
-        if self.tokenizer is not None:
-            _check_tokenizer_dir(self.tokenizer)
+            return checks.model_dir(self.config, allow_pickle=self.allow_pickle, what="--config model directory")
+        return build_config(self.config, vocab_size=MIN_VOCAB, max_length=self.seq_len, family=self.family).to_dict()
+
+    @property
+    def continues_model(self) -> bool:
+        """--config names a model directory (not a from-scratch size)."""
+        return Path(self.config).exists() or "/" in self.config or os.sep in self.config
+
+    def _check_token_data(self) -> None:
+        """Pre-tokenized data: a .bin is cut into rows of seq_len - 1 stored tokens (BOS makes seq_len), and ids
+        mean nothing without their tokenizer, which a locally trained one would not be."""
+        files = [p for p in (self.data, self.val_data) if p is not None]
+        bins = [p for p in files if Path(p).suffix == ".bin"]
+        check_token_options(bins, self.token_dtype, self.seq_len - 1 if bins else None)
+        stored = next((p for p in files if pretokenized(p, self.text_field)), None)
+        if stored is not None and self.tokenizer is None and not self.continues_model:
+            raise MemauditError(f"{stored} holds token ids: training on them needs the tokenizer that made them "
+                                "(--tokenizer DIR, or --config MODEL_DIR to continue a model)")
 
     def _check_output(self) -> None:
         if distributed.env_rank() == 0:  # under torchrun rank 0 alone claims the folder
@@ -261,6 +291,8 @@ def evaluate(model, rows: list[list[int]], pad: int, batch_size: int, device) ->
 
 def _fingerprint(cfg: TrainConfig) -> dict:
     d = {k: v for k, v in asdict(cfg).items() if k not in _RESUME_FREE}
+    if d["token_dtype"] == "uint16":  # the default, left out: a checkpoint from before the option still resumes
+        del d["token_dtype"]
     d["data_sha256"] = file_hash(cfg.data)
     return d
 
@@ -269,12 +301,38 @@ def _fingerprint(cfg: TrainConfig) -> dict:
 
 @dataclass
 class _Docs:
-    """The documents read and split: what the run trains and validates on, and what train_config.json lists."""
-    docs: pd.DataFrame  # the training file
+    """The documents read and split: what the run trains and validates on, and what train_config.json lists. Each
+    file holds text or stored token ids (data.load_documents)."""
+    docs: Documents  # the training file
     train_idx: list[int]  # its rows trained on
-    train_texts: list[str]
-    val_texts: list[str]
-    val_ids: list[Any]
+    val: Documents  # --val-data, or the training file itself
+    val_idx: list[int]  # its rows validated on
+
+    @property
+    def train_texts(self) -> list[str]:
+        """The training texts, which a tokenizer trained on the data learns from (none for stored ids)."""
+        return [] if self.docs.pretokenized else [self.docs.texts[i] for i in self.train_idx]
+
+    @property
+    def val_ids(self) -> list[Any]:
+        return [self.val.ids[i] for i in self.val_idx]
+
+    def tokens(self, tok, extra: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+        """The training token lists (the documents, then the `extra` texts tokenized) and the validation ones:
+        texts tokenized, stored ids as they are once checked against the vocabulary (an error names the row)."""
+        if self.docs.pretokenized:
+            train = _picked(self.docs.tokens(tok), self.train_idx) + (tokenize(tok, extra) if extra else [])
+        else:
+            train = tokenize(tok, self.train_texts + extra)
+        if not self.val_idx:
+            return train, []
+        if self.val.pretokenized:
+            return train, _picked(self.val.tokens(tok), self.val_idx)
+        return train, tokenize(tok, [self.val.texts[i] for i in self.val_idx])
+
+
+def _picked(rows, idx: list[int]) -> list[list[int]]:
+    return [rows[i] for i in idx]
 
 
 @dataclass
@@ -329,7 +387,7 @@ def _setup(cfg: TrainConfig, dist: distributed.Group) -> _Run:
     docs = _read_docs(cfg)
     given = _given_tokenizer(cfg, dist, docs.train_texts)
     model, tok = _init_model(cfg, docs.train_texts, dist.device, given)
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    bos = first_token(tok)  # every row's first token, as every probe's sample: BOS, else EOS
     pad = tok.pad_token_id if tok.pad_token_id is not None else bos
     canaries = make_canaries(cfg.canaries, cfg.canary_repeats, seed=cfg.seed) if cfg.canaries else []
     rows = _rows(cfg, tok, bos, docs, canaries)
@@ -363,17 +421,19 @@ def _claim(cfg: TrainConfig, dist: distributed.Group) -> Owned | None:
 
 
 def _read_docs(cfg: TrainConfig) -> _Docs:
-    """The training documents and the validation ones: --val-data, or a seeded --val-fraction of --data."""
-    docs = read_documents(cfg.data, text_field=cfg.text_field, id_field=cfg.id_field, limit=cfg.limit)
-    texts = docs["text"].tolist()
+    """The training documents and the validation ones: --val-data, or a seeded --val-fraction of --data. A .bin is
+    cut into rows of seq_len - 1 stored tokens, each a document (BOS makes a row of seq_len)."""
+    docs = _load_file(cfg, cfg.data, cfg.limit)
     if cfg.val_data:
-        val_docs = read_documents(cfg.val_data, text_field=cfg.text_field, id_field=cfg.id_field)
-        train_idx = list(range(len(texts)))
-        val_texts, val_ids = val_docs["text"].tolist(), val_docs["id"].tolist()
-    else:
-        train_idx, val_idx = _split(len(texts), cfg.val_fraction, cfg.seed)
-        val_texts, val_ids = [texts[i] for i in val_idx], docs["id"].iloc[val_idx].tolist()
-    return _Docs(docs, train_idx, [texts[i] for i in train_idx], val_texts, val_ids)
+        val = _load_file(cfg, cfg.val_data, None)
+        return _Docs(docs, list(range(len(docs))), val, list(range(len(val))))
+    train_idx, val_idx = _split(len(docs), cfg.val_fraction, cfg.seed)
+    return _Docs(docs, train_idx, docs, val_idx)
+
+
+def _load_file(cfg: TrainConfig, path: str | Path, limit: int | None) -> Documents:
+    return load_documents(path, text_field=cfg.text_field, id_field=cfg.id_field, limit=limit,
+                          token_dtype=cfg.token_dtype, seq_len=cfg.seq_len - 1 if Path(path).suffix == ".bin" else None)
 
 
 def _given_tokenizer(cfg: TrainConfig, dist: distributed.Group, train_texts: list[str]):
@@ -420,14 +480,29 @@ def _rows(cfg: TrainConfig, tok, bos: int, docs: _Docs, canaries: list[Canary]) 
     """Training rows (the documents, then each canary `canary_repeats` times) and validation rows. The validation
     split is by documents (`_read_docs`), made before any row is cut."""
     canary_texts = [c.text for c in canaries for _ in range(cfg.canary_repeats)]
-    train_toks = tokenize(tok, docs.train_texts + canary_texts)
-    val_toks = tokenize(tok, docs.val_texts) if docs.val_texts else []
-    cut = _first_rows if cfg.rows == "first" else _packed_rows
+    train_toks, val_toks = docs.tokens(tok, canary_texts)
+    cut = _first_rows if row_cut(cfg) == "first" else _packed_rows
     rows = cut(cfg, train_toks, val_toks, bos, tok.eos_token_id if tok.eos_token_id is not None else bos,
-               len(docs.train_texts))
+               len(docs.train_idx))
     if not rows.train:
         raise MemauditError("no training document has any tokens")
     return rows
+
+
+def row_cut(cfg: TrainConfig, path: str | Path | None = None) -> str:
+    """How rows are cut from `path` (default: the training data): --rows, except that a .bin is already a packed
+    token stream, stored as rows of seq_len - 1 tokens, so each stored row is one row ("first") whatever --rows
+    says."""
+    return "first" if Path(path or cfg.data).suffix == ".bin" else cfg.rows
+
+
+def _val_rows(cfg: TrainConfig, val_toks: list[list[int]], bos: int, eos: int) -> tuple[list[list[int]], int]:
+    """Validation rows, cut as the validation file's rows are (row_cut), and the documents with tokens."""
+    if row_cut(cfg, cfg.val_data) == "first":
+        rows = training_rows(val_toks, bos, cfg.seq_len)
+        return rows, len(rows)
+    val = packed_rows(val_toks, bos, eos, cfg.seq_len)
+    return val.tokens, val.n_documents - val.n_skipped
 
 
 def _first_rows(cfg: TrainConfig, train_toks: list[list[int]], val_toks: list[list[int]], bos: int, eos: int,
@@ -438,8 +513,8 @@ def _first_rows(cfg: TrainConfig, train_toks: list[list[int]], val_toks: list[li
         raise MemauditError(f"a canary is {longest} tokens, longer than a row holds (--seq-len {cfg.seq_len} - 1): "
                             "raise --seq-len")
     seq_ids = [sequence_id(r[1:]) for r in train_rows] if cfg.objective == "sinks" else []
-    val_rows = training_rows(val_toks, bos, cfg.seq_len)
-    return _Rows(train_rows, val_rows, len(train_rows), len(val_rows), seq_ids, None)
+    val_rows, n_val = _val_rows(cfg, val_toks, bos, eos)
+    return _Rows(train_rows, val_rows, len(train_rows), n_val, seq_ids, None)
 
 
 def _packed_rows(cfg: TrainConfig, train_toks: list[list[int]], val_toks: list[list[int]], bos: int, eos: int,
@@ -451,9 +526,8 @@ def _packed_rows(cfg: TrainConfig, train_toks: list[list[int]], val_toks: list[l
     packer = EpochPacker(train_toks, bos, eos, cfg.seq_len, n_docs, cfg.seed, sinks=cfg.objective == "sinks",
                          goldfish=(cfg.goldfish_mode, cfg.goldfish_k, cfg.goldfish_h) if deterministic else None)
     first = packer.epoch(0)
-    val = packed_rows(val_toks, bos, eos, cfg.seq_len)
-    return _Rows(first.rows, val.tokens, packer.n_documents, val.n_documents - val.n_skipped, first.seq_ids,
-                 first.drop, packer)
+    val_rows, n_val = _val_rows(cfg, val_toks, bos, eos)
+    return _Rows(first.rows, val_rows, packer.n_documents, n_val, first.seq_ids, first.drop, packer)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -552,7 +626,7 @@ def _step(run: _Run, batch_idx: np.ndarray, advance: Callable[..., None]) -> Non
     ids_r, mask_r, labels_r = (t[mine].to(dist.device) for t in (ids, mask, labels))
     if run.hooks is not None:
         picked = [run.row_seq_ids[batch_idx[i]] for i in mine]
-        if cfg.rows == "first":
+        if row_cut(cfg) == "first":
             run.hooks.set_rows(picked)
         else:  # packed: each position masked by its own document's sinks
             run.hooks.set_tokens(_per_position(picked, ids_r.shape[1]))
@@ -679,11 +753,15 @@ def _save_model_dir(run: _Run) -> None:
 def _train_meta(run: _Run) -> dict:
     """train_config.json's settings and what the run found (ids trained on and validated on, steps, goldfish)."""
     cfg, docs = run.cfg, run.docs
-    meta = asdict(cfg) | {"row_layout": ROW_LAYOUT[cfg.rows],
-                          "train_ids": docs.docs["id"].iloc[docs.train_idx].tolist(), "val_ids": list(docs.val_ids),
+    meta = asdict(cfg) | {"row_layout": ROW_LAYOUT[row_cut(cfg)],
+                          "train_ids": [docs.docs.ids[i] for i in docs.train_idx], "val_ids": list(docs.val_ids),
                           "n_train": run.n_documents, "n_val": run.n_val_documents, "n_rows": len(run.train_rows),
                           "steps": run.step, "parameters": count_parameters(run.model),
-                          "inputs_sha256": input_hashes(cfg)}
+                          "inputs_sha256": input_hashes(cfg),
+                          "first_token": first_token_record(run.tok, first_token(run.tok))}
+    if row_cut(cfg) != cfg.rows:
+        meta["rows_used"] = ("first: a .bin is already a packed token stream; each stored row of seq_len - 1 tokens "
+                             "is one training row after BOS, whatever --rows says")
     if cfg.objective == "goldfish":
         meta["goldfish_dropped_fraction"] = run.dropped_fraction()
         meta["goldfish_expected_fraction"] = 1.0 / cfg.goldfish_k
@@ -738,6 +816,7 @@ def _finished(cfg: TrainConfig) -> TrainResult | None:
     meta = json.loads(meta_file.read_text())
     if str(meta.get("rows", "")).startswith("per-document"):  # written before --rows: one row per document
         meta["rows"] = "first"
+    meta.setdefault("token_dtype", "uint16")  # written before --token-dtype: the default
     wanted = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in _DRIVING}))
     if any(meta.get(k) != v for k, v in wanted.items()) or meta.get("inputs_sha256") != input_hashes(cfg):
         return None
