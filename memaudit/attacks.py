@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 import zlib as _zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -321,20 +322,31 @@ def _batch_sq(model: torch.nn.Module, rows: list[list[int]], pad_id: int) -> dic
     the outputs of the layers that own trainable parameters, then the per-sample formulas of `_parts`."""
     device = next(model.parameters()).device
     inputs, targets, mask = (t.to(device) for t in padded(rows, pad_id))
-    with _Taps(model, len(rows)) as taps:
+    copy = _COPY_OUTPUTS.get(model, False)
+    with _Taps(model, len(rows), copy) as taps:
         logits = model(input_ids=inputs, attention_mask=mask, use_cache=False).logits.float()
-    taps.check()
+    if taps.edited_in_place():  # the gradient would be the edited tensor's: once more, handing on copies
+        if copy:
+            raise _Unsupported("a layer's output is edited in place")
+        _COPY_OUTPUTS[model] = True
+        return _batch_sq(model, rows, pad_id)
     # Each row's mean NLL over its own tokens, summed: the gradient at row r's activations is its own loss's.
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none") * mask
     loss = (nll.sum(1) / mask.sum(1)).sum()
     grads = torch.autograd.grad(loss, [c.out for c in taps.calls], allow_unused=True)
     del logits, nll, loss
     parts: dict[int, list] = {}
-    for call, g in zip(taps.calls, grads):
-        if g is not None:
-            for pid, part in _parts(call, g, len(rows)):
-                parts.setdefault(pid, []).append(part)
-    return {pid: _sq_norm(ps) for pid, ps in parts.items()}
+    with torch.no_grad():
+        for call, g in zip(taps.calls, grads):
+            if g is not None:
+                for pid, part in _parts(call, g, len(rows), inputs.shape[1]):
+                    parts.setdefault(pid, []).append(part)
+        return {pid: _sq_norm(ps) for pid, ps in parts.items()}
+
+
+# Models that edit a layer's output in place after the layer returned it (Falcon adds the attention output to
+# the MLP's): their layers hand on copies, so the gradient taken is that of the tensor the layer produced.
+_COPY_OUTPUTS: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -350,11 +362,11 @@ class _Call:
 class _Taps:
     """Forward hooks on every module owning trainable parameters; each call is kept. An output of batch size 1 in
     a batch of `batch` rows (position embeddings, broadcast over rows) is handed on expanded to every row, so each
-    row's share of its gradient stays apart. An output later edited in place (its gradient would then be that of
-    the edited tensor) makes the batched way unsupported (`check`)."""
+    row's share of its gradient stays apart. With `copy` every other output is handed on as a copy, for models
+    that edit outputs in place (`edited_in_place`)."""
 
-    def __init__(self, model: torch.nn.Module, batch: int):
-        self.model, self.batch = model, batch
+    def __init__(self, model: torch.nn.Module, batch: int, copy: bool = False):
+        self.model, self.batch, self.copy = model, batch, copy
         self.calls: list[_Call] = []
         self.handles: list = []
 
@@ -368,10 +380,8 @@ class _Taps:
         for h in self.handles:
             h.remove()
 
-    def check(self) -> None:
-        for c in self.calls:
-            if c.out._version != c.version:
-                raise _Unsupported(f"{type(c.module).__name__}'s output is edited in place")
+    def edited_in_place(self) -> bool:
+        return any(c.out._version != c.version for c in self.calls)
 
     def _hook(self, module, args, kwargs, output):
         if not isinstance(output, torch.Tensor):
@@ -384,7 +394,7 @@ class _Taps:
             args = tuple(a.expand(self.batch, *a.shape[1:]) if isinstance(a, torch.Tensor) and a.dim() > 0
                          and a.shape[0] == 1 else a for a in args)
         self.calls.append(_Call(module, args, kwargs, output, output._version))
-        return output if expand else None
+        return output if expand else output.clone() if self.copy else None
 
 
 @dataclass
@@ -406,23 +416,24 @@ class _Dense:
     g: torch.Tensor
 
 
-def _flat(t: torch.Tensor, batch: int) -> torch.Tensor:
-    """[B, ..., d] as [B, N, d] in float32 (at least); anything without the batch first cannot be split by sample."""
-    if t.dim() < 2 or t.shape[0] != batch:
+def _flat(t: torch.Tensor, batch: int, width: int, floats: bool = True) -> torch.Tensor:
+    """[B, ..., d], or the rows' positions flattened first ([B * width, d], as OPT's MLP reads them), as [B, N, d];
+    in float32 (at least) when `floats`. Anything else cannot be split by sample."""
+    if t.dim() < 2 or t.shape[0] not in (batch, batch * width):
         raise _Unsupported(f"a layer input of shape {tuple(t.shape)} has no batch dimension first")
     t = t.reshape(batch, -1, t.shape[-1])
-    return t if t.dtype == torch.float64 else t.float()
+    return t if not floats or t.dtype == torch.float64 else t.float()
 
 
-def _parts(call: _Call, g: torch.Tensor, batch: int) -> list[tuple[int, _Outer | _Dense]]:
+def _parts(call: _Call, g: torch.Tensor, batch: int, width: int) -> list[tuple[int, _Outer | _Dense]]:
     """The per-sample gradient of each trainable parameter `call.module` owns, from this call's input and output
-    gradient: outer-product factors for linear layers and embedding tables, elementwise sums for layer norms,
-    torch.func for anything else."""
+    gradient (a batch of `batch` rows `width` positions wide): outer-product factors for linear layers and
+    embedding tables, elementwise sums for layer norms, torch.func for anything else."""
     m, x = call.module, (call.args[0] if call.args else None)
     out: list[tuple[int, _Outer | _Dense]] = []
     kind = type(m)
     if kind in (torch.nn.Linear, Conv1D) and isinstance(x, torch.Tensor):
-        xs, gs = _flat(x.detach(), batch), _flat(g, batch)
+        xs, gs = _flat(x.detach(), batch, width), _flat(g, batch, width)
         if m.weight.requires_grad:  # Linear's weight is [out, in], Conv1D's [in, out]
             out.append((id(m.weight), _Outer(gs, xs, gs.shape[-1]) if kind is torch.nn.Linear
                         else _Outer(xs, gs, xs.shape[-1])))
@@ -430,20 +441,18 @@ def _parts(call: _Call, g: torch.Tensor, batch: int) -> list[tuple[int, _Outer |
             out.append((id(m.bias), _Dense(gs.sum(1))))
     elif kind is torch.nn.Embedding and m.max_norm is None and not m.scale_grad_by_freq \
             and isinstance(x, torch.Tensor) and m.weight.requires_grad:
-        ids, gs = x.reshape(batch, -1), _flat(g, batch)
+        ids, gs = _flat(x.unsqueeze(-1), batch, width, floats=False)[..., 0], _flat(g, batch, width)
         if m.padding_idx is not None:  # the padding row gets no gradient
             gs = gs * (ids != m.padding_idx).unsqueeze(-1)
         out.append((id(m.weight), _Outer(ids, gs, m.num_embeddings)))
-    elif kind is torch.nn.LayerNorm and isinstance(x, torch.Tensor) and not call.kwargs and len(call.args) == 1:
-        xs, gs = x.detach().float(), g.float()
-        if xs.shape[0] != batch or gs.shape != xs.shape:
-            raise _Unsupported("a layer norm input without the batch dimension first")
-        dims = tuple(range(1, xs.dim() - len(m.normalized_shape)))
+    elif kind is torch.nn.LayerNorm and isinstance(x, torch.Tensor) and len(m.normalized_shape) == 1 \
+            and not call.kwargs and len(call.args) == 1:
+        xs, gs = _flat(x.detach(), batch, width), _flat(g, batch, width)
         if m.weight is not None and m.weight.requires_grad:
             xhat = torch.nn.functional.layer_norm(xs, m.normalized_shape, eps=m.eps)
-            out.append((id(m.weight), _Dense((gs * xhat).sum(dims))))
+            out.append((id(m.weight), _Dense((gs * xhat).sum(1))))
         if m.bias is not None and m.bias.requires_grad:
-            out.append((id(m.bias), _Dense(gs.sum(dims))))
+            out.append((id(m.bias), _Dense(gs.sum(1))))
     else:
         out += _module_grads(call, g, batch)
     return out

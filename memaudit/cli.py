@@ -189,8 +189,8 @@ def extract(
     top_k: int = typer.Option(0, help="Top-k for --decoding sample (0: off)."),
     top_p: float = typer.Option(1.0, help="Top-p (nucleus) for --decoding sample (1: off)."),
     np_threshold: float = typer.Option(0.5, help="p of the (n, p)-discoverable rate reported for sampling."),
-    bos: Optional[bool] = typer.Option(None, "--bos/--no-bos", help="Prepend the tokenizer's BOS to each window, "
-                                       "as the trainer trains rows (default: when the tokenizer has one)."),
+    bos: Optional[bool] = typer.Option(None, "--bos/--no-bos", help="Prepend the tokenizer's BOS (else EOS) to each "
+                                       "window, as the trainer starts rows (default: when the tokenizer has one)."),
     shortcut: bool = typer.Option(True, help="Greedy: decode only diverged samples, from the divergence point. "
                                              "--no-shortcut decodes every sample in full (for verification)."),
     batch_size: BatchSize = "auto",
@@ -361,7 +361,12 @@ def mia(
     reference: Optional[Path] = typer.Option(None, help="Reference model directory (same tokenizer) for the "
                                                         "reference attack."),
     attacks: str = typer.Option("all", help="all, or a comma list of: loss, zlib, zstd, reference, min_k, "
-                                            "min_k_pp, recall, dc_pdd, gradnorm."),
+                                            "min_k_pp, recall, dc_pdd, gradnorm. Cost, in units of the loss "
+                                            "attack's one pass (124M-parameter GPT-2, CPU): loss, zlib, zstd, "
+                                            "min_k, min_k_pp and dc_pdd all share that pass (1x together); "
+                                            "reference adds the reference model's pass (about 1x at the same "
+                                            "size); recall about 1.5x (each sample after the shots' cached "
+                                            "prefix); gradnorm about 3x (a forward and a backward per batch)."),
     k: str = typer.Option("10,20,30", help="Percentages for min_k and min_k_pp (one score column per k)."),
     window: Optional[int] = typer.Option(None, help="Score each document's first N tokens (shorter documents "
                                                     "skipped). Default: whole documents truncated to the context."),
@@ -372,8 +377,8 @@ def mia(
                                                              "scored as --stride's are."),
     collection: bool = typer.Option(False, help="Dataset inference: is the members file (the suspect set) trained "
                                                 "on, against the non-members file (known unseen)? Adds a p-value."),
-    bos: bool = typer.Option(True, help="Prepend the tokenizer's BOS so every token is scored (as the trainer "
-                                        "trains rows). --no-bos: the first token is context only."),
+    bos: bool = typer.Option(True, help="Prepend the tokenizer's BOS (else EOS) so every token is scored (as "
+                                        "the trainer starts rows). --no-bos: the first token is context only."),
     recall_shots: int = typer.Option(5, help="Non-member samples joined as recall's prefix (left out of recall's "
                                              "metrics)."),
     dcpdd_corpus: Optional[Path] = typer.Option(None, help="Reference corpus for dc_pdd's token frequencies "

@@ -6,7 +6,8 @@ import types
 import numpy as np
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (AutoModelForCausalLM, FalconConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, MistralConfig, OPTConfig)
 
 from memaudit import membership, mia, scoring
 from memaudit.attacks import choose_gradient_method, gradient_norms
@@ -27,7 +28,19 @@ def _llama(tied: bool):
                                         tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0)).eval()
 
 
-MODELS = {"gpt2": _gpt2, "llama": lambda: _llama(True), "llama-untied": lambda: _llama(False)}
+def _tiny(config):
+    torch.manual_seed(3)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+MODELS = {
+    "gpt2": _gpt2, "llama": lambda: _llama(True), "llama-untied": lambda: _llama(False),
+    # OPT's MLP reads every row's positions flattened into one dimension
+    "opt": lambda: _tiny(OPTConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   ffn_dim=64, max_position_embeddings=96, word_embed_proj_dim=32)),
+    # Falcon adds the attention output to the MLP's in place
+    "falcon": lambda: _tiny(FalconConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)),
+}
 
 
 def _seqs(lengths, seed=0):
@@ -63,7 +76,7 @@ def test_a_cache_that_cannot_be_reused_reads_the_prefix_each_time(monkeypatch):
     model = _gpt2()
     prefix, xs = [0] + _seqs([12])[0], _seqs([4, 9], seed=3)
     plain = [_plain_logprobs(model, prefix + x)[-len(x):] for x in xs]
-    monkeypatch.setattr(scoring.backend, "kv_from_cache", lambda cache: None)  # as for sliding-window layers
+    monkeypatch.setattr(scoring.backend, "kv_from_cache", lambda cache: None)  # as a sliding-window cache answers
     calls = []
     forward = model.forward
     monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(k["input_ids"].shape) or forward(*a, **k))
@@ -71,6 +84,15 @@ def test_a_cache_that_cannot_be_reused_reads_the_prefix_each_time(monkeypatch):
     assert calls[-1][1] == len(prefix) + max(map(len, xs)) - 1  # each row holds the whole prefix
     for p, st in zip(plain, got):
         np.testing.assert_allclose(st.logprob, p, atol=1e-5)
+
+
+def test_a_sliding_window_model_scores_after_the_prefix_as_the_whole_sequence():
+    model = _tiny(MistralConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, intermediate_size=64, max_position_embeddings=96,
+                                sliding_window=8))
+    prefix, xs = [0] + _seqs([20])[0], _seqs([5, 14], seed=4)
+    for x, st in zip(xs, scoring.score(model, xs, prefix=prefix, batch_size=2)):
+        np.testing.assert_allclose(st.logprob, _plain_logprobs(model, prefix + x)[-len(x):], atol=1e-5)
 
 
 def _loss_backward_norm(model, row):
