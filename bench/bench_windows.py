@@ -231,7 +231,7 @@ def memory_child(model: Path, n_docs: int, workdir: Path) -> None:
 
 
 def memory(cache: Path, n_docs: int) -> list[dict]:
-    model = memory_model(cache)
+    memory_model(cache)  # trains (or reuses) the model every child process reads
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in (n_docs, 10 * n_docs):
