@@ -23,6 +23,7 @@ directory, or the checkpoint that --stop-after leaves).
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import math
 import os
@@ -581,11 +582,16 @@ def train(settings: TrainConfig | None = None, /, **options: Any) -> TrainResult
     cfg = settings_from(TrainConfig, settings, options)
     cfg.validate()
     dist = distributed.join(cfg.device)
+    run = None
     try:
         run = _setup(cfg, dist)
         _loop(run)
         return _finish(run)
     finally:
+        if run is not None:  # DDP's reducer must go before its process group: freed after it, gloo can hang
+            run.net = run.model
+            del run
+            gc.collect()
         dist.close()
 
 
