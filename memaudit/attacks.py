@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from transformers.pytorch_utils import Conv1D
 
 from .errors import MemauditError
-from .scoring import TokenStats, auto_batch_size, is_oom, padded
+from .scoring import TokenStats, auto_batch_size, is_oom, padded, stats_per_sample
 
 DEFAULT_K = (10.0, 20.0, 30.0)  # percent; Min-K% default is 20 (Shi et al. 2023)
 DCPDD_CAP = 0.01  # a in alpha_t = min(p * ln(1/f), a) (Zhang et al. 2024)
@@ -197,7 +197,7 @@ def token_log_frequencies(token_lists: Sequence[Sequence[int]], vocab_size: int)
 # --- gradient norms: per sample, a batch at once ------------------------------------------------------------------
 
 GRADIENT_METHODS = ("auto", "batched", "loop")
-_PROBE_TOKENS = 16  # the longer of choose_gradient_method's two rows
+_PROBE_TOKENS = 8  # the longer of choose_gradient_method's two rows
 _PROBE_RTOL = {torch.float32: 1e-3, torch.float64: 1e-3}  # per parameter; 16-bit dtypes: 5e-2
 
 
@@ -235,6 +235,19 @@ def gradient_norms(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *
         return _batched_norms(model, rows, pad_id, batch_size, on_progress)
 
 
+def score_and_gradient_norms(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, bos_id: int | None,
+                             on_progress: Callable[[int], None] | None = None, batch_size: int | str = "auto",
+                             pad_id: int = 0) -> tuple[list[TokenStats], np.ndarray]:
+    """The scoring pass's TokenStats (as `scoring.score` with `bos_id`) and the `batched` gradient norms, from one
+    forward per batch: a target pass that also needs gradnorm reads the model once. For a model where
+    `choose_gradient_method` says "batched"."""
+    rows = [([bos_id] if bos_id is not None else []) + list(s) for s in sequences]
+    stats: list[TokenStats | None] = [None] * len(rows)
+    with _grad_mode(model):
+        norms = _batched_norms(model, rows, pad_id, batch_size, on_progress, stats)
+    return stats, norms  # type: ignore[return-value]
+
+
 def choose_gradient_method(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, bos_id: int | None,
                            pad_id: int = 0) -> tuple[str, str | None]:
     """("batched", None) when, in a batch of the starts of the two shortest `sequences` cut to different lengths,
@@ -249,10 +262,10 @@ def choose_gradient_method(model: torch.nn.Module, sequences: Sequence[Sequence[
     rtol = _PROBE_RTOL.get(next(model.parameters()).dtype, 5e-2)
     with _grad_mode(model):
         try:
-            fast = _batch_sq(model, probe, pad_id)
+            fast, _ = _batch_sq(model, probe, pad_id)
         except Exception as exc:  # anything the batched way cannot do on this model, the loop can
             return "loop", f"{type(exc).__name__}: {exc}"
-        slow = _loop_sq(model, _trainable(model), probe[1])
+        slow = _loop_sq(model, _trainable(model), probe[1], copy_free=True)
     total = sum(slow.values())
     named = {id(p): n for n, p in model.named_parameters()}
     for pid in set(slow) | set(fast):
@@ -279,18 +292,24 @@ def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]
 
 
-def _loop_sq(model: torch.nn.Module, params: list[torch.nn.Parameter], row: Sequence[int]) -> dict[int, float]:
-    """One sample's squared gradient norm per parameter (by id) from its own forward and backward."""
+def _loop_sq(model: torch.nn.Module, params: list[torch.nn.Parameter], row: Sequence[int],
+             copy_free: bool = False) -> dict[int, float]:
+    """One sample's squared gradient norm per parameter (by id) from its own forward and backward; `copy_free`
+    squares in float64 without a float64 copy of each gradient (the loop itself keeps its own arithmetic)."""
     ids = torch.tensor([list(row)], device=next(model.parameters()).device)
     logits = model(input_ids=ids[:, :-1]).logits[0].float()
     nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:])
     grads = torch.autograd.grad(nll, params, allow_unused=True)
+    if copy_free:
+        return {id(p): float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2
+                for p, g in zip(params, grads) if g is not None}
     return {id(p): float(g.double().square().sum()) for p, g in zip(params, grads) if g is not None}
 
 
 def _batched_norms(model: torch.nn.Module, rows: list[list[int]], pad_id: int, batch_size: int | str,
-                   on_progress: Callable[[int], None] | None) -> np.ndarray:
-    """Per-sample norms in batches of similar length, longest first; the batch halves on out-of-memory."""
+                   on_progress: Callable[[int], None] | None, stats: list | None = None) -> np.ndarray:
+    """Per-sample norms in batches of similar length, longest first; the batch halves on out-of-memory. With
+    `stats`, each row's TokenStats from the same forward are put in it."""
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     out = np.empty(len(rows))
     if not order:
@@ -302,7 +321,7 @@ def _batched_norms(model: torch.nn.Module, rows: list[list[int]], pad_id: int, b
     while pos < len(order):
         idx = order[pos:pos + bs]
         try:
-            sq = _batch_sq(model, [rows[i] for i in idx], pad_id)
+            sq, st = _batch_sq(model, [rows[i] for i in idx], pad_id, stats is not None)
         except Exception as exc:
             if is_oom(exc) and bs > 1:
                 bs //= 2
@@ -311,15 +330,19 @@ def _batched_norms(model: torch.nn.Module, rows: list[list[int]], pad_id: int, b
                 continue
             raise
         out[idx] = np.sqrt(np.sum(list(sq.values()), axis=0)) if sq else 0.0
+        for i, one in zip(idx, st or ()):
+            stats[i] = one  # type: ignore[index]
         pos += len(idx)
         if on_progress is not None:
             on_progress(len(idx))
     return out
 
 
-def _batch_sq(model: torch.nn.Module, rows: list[list[int]], pad_id: int) -> dict[int, np.ndarray]:
+def _batch_sq(model: torch.nn.Module, rows: list[list[int]], pad_id: int,
+              keep_stats: bool = False) -> tuple[dict[int, np.ndarray], list[TokenStats] | None]:
     """Each row's squared gradient norm per parameter (by id; float64 [rows]): one padded forward, one backward to
-    the outputs of the layers that own trainable parameters, then the per-sample formulas of `_parts`."""
+    the outputs of the layers that own trainable parameters, then the per-sample formulas of `_parts`. With
+    `keep_stats`, also each row's TokenStats from that forward's logits."""
     device = next(model.parameters()).device
     inputs, targets, mask = (t.to(device) for t in padded(rows, pad_id))
     copy = _COPY_OUTPUTS.get(model, False)
@@ -329,7 +352,11 @@ def _batch_sq(model: torch.nn.Module, rows: list[list[int]], pad_id: int) -> dic
         if copy:
             raise _Unsupported("a layer's output is edited in place")
         _COPY_OUTPUTS[model] = True
-        return _batch_sq(model, rows, pad_id)
+        return _batch_sq(model, rows, pad_id, keep_stats)
+    stats = None
+    if keep_stats:
+        with torch.no_grad():
+            stats = stats_per_sample(logits.detach(), targets, [len(r) - 1 for r in rows])
     # Each row's mean NLL over its own tokens, summed: the gradient at row r's activations is its own loss's.
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none") * mask
     loss = (nll.sum(1) / mask.sum(1)).sum()
@@ -341,7 +368,7 @@ def _batch_sq(model: torch.nn.Module, rows: list[list[int]], pad_id: int) -> dic
             if g is not None:
                 for pid, part in _parts(call, g, len(rows), inputs.shape[1]):
                     parts.setdefault(pid, []).append(part)
-        return {pid: _sq_norm(ps) for pid, ps in parts.items()}
+        return {pid: _sq_norm(ps) for pid, ps in parts.items()}, stats
 
 
 # Models that edit a layer's output in place after the layer returned it (Falcon adds the attention output to

@@ -365,8 +365,9 @@ def mia(
                                             "attack's one pass (124M-parameter GPT-2, CPU): loss, zlib, zstd, "
                                             "min_k, min_k_pp and dc_pdd all share that pass (1x together); "
                                             "reference adds the reference model's pass (about 1x at the same "
-                                            "size); recall about 1.5x (each sample after the shots' cached "
-                                            "prefix); gradnorm about 3x (a forward and a backward per batch)."),
+                                            "size); recall about 1.2x (each sample after the shots' cached "
+                                            "prefix); gradnorm about 2x (a backward per batch from the target "
+                                            "pass's forward; 3-7x on models that need one backward per sample)."),
     k: str = typer.Option("10,20,30", help="Percentages for min_k and min_k_pp (one score column per k)."),
     window: Optional[int] = typer.Option(None, help="Score each document's first N tokens (shorter documents "
                                                     "skipped). Default: whole documents truncated to the context."),

@@ -33,7 +33,7 @@ import torch
 
 from . import checks, distributed
 from .attacks import ATTACKS, DCPDD_CAP, AttackInputs, choose_gradient_method, gradient_norms, parse_attacks, \
-    parse_ks, run_attacks, token_log_frequencies
+    parse_ks, run_attacks, score_and_gradient_norms, token_log_frequencies
 from .collection import CollectionTest, check_sizes, dataset_inference
 from .data import Documents, check_token_options, file_hash, load_documents
 from .devices import check_placement, gradient_blocker, placement
@@ -412,7 +412,7 @@ def _plan(s: MiaSettings) -> _Plan:
             skipped[n] = "no --reference model given"
     if is_all and s.whole_document and "gradnorm" in names:  # named, it runs per window
         names.remove("gradnorm")
-        skipped["gradnorm"] = ("a forward and backward pass per window (about 3x the loss attack): name it in "
+        skipped["gradnorm"] = ("a backward pass over every window (about 2x the loss attack's pass): name it in "
                                "--attacks to run it on every window")
     return _Plan(names=names, is_all=is_all, ks=parse_ks(s.k), skipped=skipped)
 
@@ -599,15 +599,21 @@ def _run_passes(s: MiaSettings, L: _Loaded) -> _Passes:
     n = len(L.samples.ids)
     score_kw = dict(batch_size=s.batch_size, bos_id=L.bos_id, pad_id=L.target.tokenizer.pad_token_id or 0,
                     max_length=L.ctx)
-    # Pass 1: the target model, one scoring pass for every logit-based attack.
-    stats = _resumable(L.run, "target", n, "mia: target pass", _scoring(L.target.model, L.samples.tokens, score_kw))
+    # Pass 1: the target model, one scoring pass for every logit-based attack (and gradnorm's batched norms from
+    # the same forward, when it runs).
+    grad = _Gradnorm(L, s.batch_size) if "gradnorm" in L.plan.names else None
+    step = _scoring(L.target.model, L.samples.tokens, score_kw)
+    stats = _resumable(L.run, "target", n, "mia: target pass", grad.target_step(step) if grad else step)
     ref_stats = None
     if L.ref is not None:  # pass 2
         ref_stats = _resumable(L.run, "reference", n, "mia: reference pass",
                                _scoring(L.ref.model, L.samples.tokens, score_kw))
         L.ref = None  # frees the reference model for the passes that follow
     recall_stats, recall_info = _recall_pass(s, L, score_kw) if "recall" in L.plan.names else (None, None)
-    gradnorms = _gradnorm_pass(L) if "gradnorm" in L.plan.names else None
+    gradnorms = None
+    if grad is not None:  # pass 4
+        full = _resumable(L.run, "gradnorm", n, "mia: gradnorm (per-sample gradients)", grad.step)
+        gradnorms = np.asarray(full) if full is not None else None
     return _Passes(stats=stats, ref_stats=ref_stats, recall_stats=recall_stats, recall_info=recall_info,
                    gradnorms=gradnorms)
 
@@ -680,26 +686,50 @@ def _tail(st: TokenStats, m: int) -> TokenStats:
                       mean_lp=st.mean_lp[-m:], var_lp=st.var_lp[-m:])
 
 
-def _gradnorm_pass(L: _Loaded) -> np.ndarray | None:
-    """Pass 4: per-sample gradient norms, each rank its positions of every chunk; a batch at once where the model
-    allows it (attacks.choose_gradient_method, decided once before the first chunk), else one backward per sample."""
-    pad_id = L.target.tokenizer.pad_token_id or 0
-    method: list[str] = []  # chosen on the first chunk computed (a fully resumed pass needs no choice)
+class _Gradnorm:
+    """gradnorm's passes. Its method (attacks.choose_gradient_method: a batch at once where the model allows it,
+    else one backward per sample) is chosen once, when a chunk first needs it. With the batched method the target
+    pass computes each chunk's norms from its own forward (`target_step`) and keeps them for pass 4 (`step`) by the
+    chunk's first index; every rank keeps the index (rank 0 alone the values), so all take the same branch."""
 
-    def grad_chunk(chunk, advance):
-        if not method:
-            chosen, why = (_GRADNORM_METHOD, None) if _GRADNORM_METHOD != "auto" else choose_gradient_method(
-                L.target.model, L.samples.tokens, bos_id=L.bos_id, pad_id=pad_id)
+    def __init__(self, L: _Loaded, batch_size: int | str):
+        self.L, self.batch_size = L, batch_size
+        self.pad_id = L.target.tokenizer.pad_token_id or 0
+        self.method: str | None = None
+        self.early: dict[int, list | None] = {}
+
+    def chosen(self) -> str:
+        if self.method is None:
+            method, why = (_GRADNORM_METHOD, None) if _GRADNORM_METHOD != "auto" else choose_gradient_method(
+                self.L.target.model, self.L.samples.tokens, bos_id=self.L.bos_id, pad_id=self.pad_id)
             if why:
                 _warn(f"gradnorm: one backward per sample (slower): {why}")
-            method.append(chosen)
-        pos = distributed.shard_indices(len(chunk))  # this rank's positions within the chunk
-        local = gradient_norms(L.target.model, [L.samples.tokens[chunk[p]] for p in pos], bos_id=L.bos_id,
-                               on_progress=advance, method=method[0], pad_id=pad_id)
-        return distributed.gather_sharded(local.tolist(), pos, len(chunk))
+            self.method = distributed.broadcast_object(method)
+        return self.method
 
-    full = _resumable(L.run, "gradnorm", len(L.samples.ids), "mia: gradnorm (per-sample gradients)", grad_chunk)
-    return np.asarray(full) if full is not None else None
+    def target_step(self, plain: Callable) -> Callable:
+        """A _resumable step of the target pass: `plain` scoring, or with the batched method stats and norms."""
+        def step(chunk, advance):
+            if self.chosen() != "batched":
+                return plain(chunk, advance)
+            pos = distributed.shard_indices(len(chunk))  # this rank's positions within the chunk
+            stats, norms = score_and_gradient_norms(self.L.target.model, [self.L.samples.tokens[chunk[p]] for p in pos],
+                                                    bos_id=self.L.bos_id, on_progress=advance,
+                                                    batch_size=self.batch_size, pad_id=self.pad_id)
+            self.early[chunk[0]] = distributed.gather_sharded(norms.tolist(), pos, len(chunk))
+            return distributed.gather_sharded(stats, pos, len(chunk))
+        return step
+
+    def step(self, chunk, advance):
+        """A _resumable step of pass 4: the norms the target pass kept, else computed now."""
+        if chunk[0] in self.early:
+            advance(len(chunk))
+            return self.early.pop(chunk[0])
+        pos = distributed.shard_indices(len(chunk))
+        local = gradient_norms(self.L.target.model, [self.L.samples.tokens[chunk[p]] for p in pos],
+                               bos_id=self.L.bos_id, on_progress=advance, method=self.chosen(),
+                               batch_size=self.batch_size, pad_id=self.pad_id)
+        return distributed.gather_sharded(local.tolist(), pos, len(chunk))
 
 
 _STAT_FIELDS = {"logprob": np.float32, "hit": bool, "argmax": np.int32, "mean_lp": np.float32, "var_lp": np.float32}

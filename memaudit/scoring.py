@@ -213,6 +213,12 @@ def _per_sample(stats: dict[str, torch.Tensor], lengths: Sequence[int], width: i
                        var_lp=host["var_lp"][r, :n].astype(np.float32)) for r, n in enumerate(lengths)]
 
 
+def stats_per_sample(logits: torch.Tensor, targets: torch.Tensor, lengths: Sequence[int]) -> list[TokenStats]:
+    """The per-token arrays of a batch's logits [b, T, V] against its targets [b, T], cut to each row's length
+    (what the scoring pass keeps, for a caller that ran the forward itself)."""
+    return _per_sample(token_stats_from_logits(logits, targets), lengths, logits.shape[1], 0)
+
+
 def _forward(model: torch.nn.Module, inputs: torch.Tensor, mask: torch.Tensor, keep_cache: bool, first: int,
              shared: _SharedPrefix | None):
     """One batch's forward: after the shared prefix's cache when there is one, else from the rows alone."""

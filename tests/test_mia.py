@@ -253,6 +253,9 @@ def test_resume_after_interruption_recomputes_only_unfinished_chunks(memorized, 
     import memaudit.membership as membership
 
     monkeypatch.setattr(membership, "RESUME_CHUNK", 4)
+    # One backward per sample, so the target pass is score_sharded's alone (batched gradnorm shares its forward:
+    # tests/test_mia_cost.py resumes that way).
+    monkeypatch.setattr(membership, "_GRADNORM_METHOD", "loop")
     kw = dict(attacks="loss,min_k,gradnorm", window=16, bootstrap=0, limit=6)
     whole = mia(**_sets(memorized), out=tmp_path / "whole", **kw)
     real, calls = membership.score_sharded, []

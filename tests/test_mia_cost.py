@@ -4,6 +4,7 @@ import math
 import types
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from transformers import (AutoModelForCausalLM, FalconConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
@@ -169,3 +170,31 @@ def test_mia_recall_and_gradnorm_equal_the_ways_before(memorized, monkeypatch):
     assert new["score_recall"].notna().sum() == len(new) - 5  # five shots
     np.testing.assert_allclose(new["score_recall"], old["score_recall"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(new["score_gradnorm"], old["score_gradnorm"], rtol=1e-4)
+
+
+def test_resume_when_gradnorm_shares_the_target_pass(memorized, tmp_path, monkeypatch):
+    """The target pass computes gradnorm's norms from its own forward; an interrupted run resumes with its saved
+    target chunks loaded and gradnorm computing only those chunks' norms itself."""
+    monkeypatch.setattr(membership, "RESUME_CHUNK", 4)
+    kw = dict(**_sets(memorized), attacks="loss,gradnorm", window=16, bootstrap=0, limit=6)
+    whole = mia(**kw, out=tmp_path / "whole")
+    joint, alone, calls = membership.score_and_gradient_norms, membership.gradient_norms, []
+
+    def dies_on_second_chunk(model, seqs, **k):
+        calls.append(("joint", len(seqs)))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return joint(model, seqs, **k)
+
+    monkeypatch.setattr(membership, "score_and_gradient_norms", dies_on_second_chunk)
+    monkeypatch.setattr(membership, "gradient_norms",
+                        lambda model, seqs, **k: calls.append(("alone", len(seqs))) or alone(model, seqs, **k))
+    with pytest.raises(KeyboardInterrupt):
+        mia(**kw, out=tmp_path / "cut")
+    assert sorted(p.name for p in (tmp_path / "cut" / "partial").iterdir()) == ["target-000000000.parquet"]
+    calls.clear()
+    monkeypatch.setattr(membership, "score_and_gradient_norms",
+                        lambda model, seqs, **k: calls.append(("joint", len(seqs))) or joint(model, seqs, **k))
+    resumed = mia(**kw, out=tmp_path / "cut", resume=True)
+    assert calls == [("joint", 4), ("joint", 4), ("alone", 4)]  # 12 samples; chunk 0's target pass was saved
+    pd.testing.assert_frame_equal(resumed.samples, whole.samples, rtol=1e-5)
