@@ -297,7 +297,7 @@ def _loop_sq(model: torch.nn.Module, params: list[torch.nn.Parameter], row: Sequ
     """One sample's squared gradient norm per parameter (by id) from its own forward and backward; `copy_free`
     squares in float64 without a float64 copy of each gradient (the loop itself keeps its own arithmetic)."""
     ids = torch.tensor([list(row)], device=next(model.parameters()).device)
-    logits = model(input_ids=ids[:, :-1]).logits[0].float()
+    logits = model(input_ids=ids[:, :-1], use_cache=False).logits[0].float()
     nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:])
     grads = torch.autograd.grad(nll, params, allow_unused=True)
     if copy_free:

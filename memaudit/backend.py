@@ -43,10 +43,18 @@ def cache_from_kv(kv: KV):
 
 
 def select_kv(kv: KV, rows: torch.Tensor | Sequence[int], length: int) -> KV:
-    """Rows `rows` and the first `length` positions of every layer (copies, so the source can be freed)."""
-    rows_t = torch.as_tensor(rows, dtype=torch.long, device=kv[0][0].device)
-    return [(k.index_select(0, rows_t)[:, :, :length].contiguous(),
-             v.index_select(0, rows_t)[:, :, :length].contiguous()) for k, v in kv]
+    """Rows `rows` and the first `length` positions of every layer (copies, so the source can be freed). Layers
+    may sit on different devices (a model placed by --device-map): each layer's rows are indexed on its own."""
+    rows_t = torch.as_tensor(rows, dtype=torch.long)
+    on: dict[torch.device, torch.Tensor] = {}
+
+    def here(t: torch.Tensor) -> torch.Tensor:
+        if t.device not in on:
+            on[t.device] = rows_t.to(t.device)
+        return on[t.device]
+
+    return [(k.index_select(0, here(k))[:, :, :length].contiguous(),
+             v.index_select(0, here(v))[:, :, :length].contiguous()) for k, v in kv]
 
 
 def crop_kv(kv: KV, length: int) -> KV:

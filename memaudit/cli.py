@@ -14,7 +14,7 @@ import typer
 
 from . import checks
 from .errors import MemauditError
-from .gate import GATEABLE
+from .gate import FAIL_EXIT_CODE, GATEABLE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Audit and measure what language models memorize.")
@@ -455,6 +455,8 @@ def exposure(
         estimator=estimator, seed=seed, batch_size=_batch_size(batch_size), device=device, dtype=dtype, out=out,
         device_map=device_map, max_memory=max_memory, quantize=quantize,
         overwrite=overwrite, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
+    if res is None:  # a non-zero rank under torchrun: rank 0 reports
+        return
     s = res.summary
     ctrl = f"{s['mean_control_exposure_bits']:.2f}" if s["mean_control_exposure_bits"] is not None else "n/a"
     typer.echo(f"exposure of {s['n_canaries']} canaries: mean {s['mean_exposure_bits']:.2f} bits, max "
@@ -528,6 +530,8 @@ def risk(
         device_map=device_map, max_memory=max_memory, quantize=quantize,
         text_field=text_field, id_field=id_field, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
         overwrite=overwrite), echo=typer.echo)
+    if res is None:  # a non-zero rank under torchrun: rank 0 reports and exits with the verdict
+        return
     typer.echo(f"-> {res.path}")
     if res.report is not None:  # the report's path comes last: the file a reviewer opens
         typer.echo(f"report -> {res.report}")
@@ -561,8 +565,10 @@ def main() -> None:
         where = f": {exc.filename}" if exc.filename else ""
         _fail(f"{exc.strerror or exc}{where}")
     code = code if isinstance(code, int) else 0
-    if code == 0 and "torch" in sys.modules:  # on success only: after an error on one rank the others
-        from .distributed import shutdown        # may never reach its barrier
+    # On a finished run only (a risk verdict of FAIL included): after an error on one rank the others may never
+    # reach the barrier.
+    if code in (0, FAIL_EXIT_CODE) and "torch" in sys.modules:
+        from .distributed import shutdown
 
         shutdown()
     sys.exit(code)

@@ -25,8 +25,9 @@ from typing import Any, Sequence, TypedDict
 
 import numpy as np
 import pandas as pd
+import torch
 
-from . import checks
+from . import checks, distributed
 from .canaries import Canary, default_canary_file, read_canaries
 from .data import file_hash, tokenize
 from .devices import check_placement, placement
@@ -95,13 +96,18 @@ def skewnorm_exposure(secret_ll: float, sample_ll: np.ndarray, space_size: int) 
 
 def canary_log_likelihoods(loaded: LoadedModel, texts: Sequence[str], *, batch_size: int | str = "auto",
                            on_progress=None) -> np.ndarray:
-    """Sum of ln p over every token of each text (BOS-conditioned), in nats, via memaudit.scoring.score."""
+    """Sum of ln p over every token of each text (BOS-conditioned), in nats, via memaudit.scoring.score. Under
+    torchrun each rank scores every world-th text and every rank gets them all."""
     tok = loaded.tokenizer
     bos = first_token(tok)
-    seqs = tokenize(tok, texts)
+    mine = distributed.shard_indices(len(texts))
+    seqs = tokenize(tok, [texts[i] for i in mine])
+    world = distributed.world_size()
     stats = score(loaded.model, seqs, batch_size=batch_size, bos_id=bos, pad_id=tok.pad_token_id or 0,
-                  on_progress=on_progress, max_length=loaded.max_length)
-    return np.array([float(s.logprob.astype(np.float64).sum()) for s in stats])
+                  on_progress=(lambda k: on_progress(k * world)) if on_progress else None,
+                  max_length=loaded.max_length)
+    local = [float(s.logprob.astype(np.float64).sum()) for s in stats]
+    return np.array(distributed.broadcast_object(distributed.gather_sharded(local, mine, len(texts))))
 
 
 def _candidate_strings(numbers: np.ndarray, digits: int) -> list[str]:
@@ -227,22 +233,28 @@ class ExposureResult:
     canaries: pd.DataFrame  # samples.parquet: one row per canary and control (canary_exposure's fields, inserted)
 
 
-def exposure(settings: ExposureSettings | None = None, /, **options: Any) -> ExposureResult:
+def exposure(settings: ExposureSettings | None = None, /, **options: Any) -> ExposureResult | None:
     """Canary exposure (Carlini et al. 2019): for each canary (and `controls` never-inserted secrets) the rank of
     its secret among all, or sampled, candidates of its template, as log2 |R| - log2 rank bits. Takes an
     ExposureSettings or its fields as keywords; writes a run directory (samples.parquet, summary.json,
-    exposure.png) and returns its summary, path and per-canary table."""
+    exposure.png) and returns its summary, path and per-canary table. Under torchrun every rank scores a share of
+    each canary's candidates and rank 0 writes; the other ranks return None."""
     s = settings_from(ExposureSettings, settings, options)
     s.validate()
     # The canaries are read before the model directory is checked: errors keep the order they have always had.
     cans = _read_inserted(s.canary_file())
     checks.model_dir(s.model_dir, allow_pickle=s.allow_pickle)
-    out = s.out or RunDir.default_out("exposure")
-    check_output(out, "exposure", inputs=[s.model_dir, s.canary_file()], overwrite=s.overwrite)
-    loaded = load_model(s.model_dir, device=s.device, dtype=s.dtype, allow_pickle=s.allow_pickle,
+    device = distributed.rank_device(s.device)
+    distributed.init_from_env(torch.device("cpu" if device == "auto" else device))
+    out = s.out or distributed.broadcast_object(RunDir.default_out("exposure"))
+    if distributed.is_main():
+        check_output(out, "exposure", inputs=[s.model_dir, s.canary_file()], overwrite=s.overwrite)
+    loaded = load_model(s.model_dir, device=device, dtype=s.dtype, allow_pickle=s.allow_pickle,
                         trust_remote_code=s.trust_remote_code, **placement(s))
-    run = _open_run(s, out)
+    run = _open_run(s, out) if distributed.is_main() else None
     df = _compute(s, loaded, cans)
+    if run is None:  # under torchrun rank 0 writes
+        return None
     return _write(s, run, df)
 
 

@@ -381,6 +381,7 @@ class _Loaded:
     samples: _Samples
     overlap: MiaOverlap
     run: RunDir | None  # rank 0 with write=True only
+    dcpdd: tuple[np.ndarray, DcPddCorpus] | None  # dc_pdd's ln f(v) and what it was read from, when it runs
 
 
 def _load(s: MiaSettings) -> _Loaded:
@@ -391,7 +392,10 @@ def _load(s: MiaSettings) -> _Loaded:
     docs, overlap_ids = _read(s)
     if s.collection:  # checked again once too-short documents and recall's shots are known
         _check_collection(len(docs[0]), len(docs[1]))
-    tokens = _tokens(s, docs)
+    tok = load_tokenizer(s.model_dir, s.trust_remote_code)  # alone, before any model
+    tokens = [d.tokens(tok) for d in docs]  # stored ids are checked against the vocabulary (an error names the row)
+    # dc_pdd's frequency corpus is read now too, so a damaged one is refused before the passes, not after
+    dcpdd = _dcpdd_frequencies(s, tok) if "dc_pdd" in plan.names else None
     target, ref = _load_models(s, plan, dev)
     bos_id, ctx, max_tokens = _context(s, target, ref)
     samples, overlap_samples = _cut_samples(s, plan, docs, tokens, bos_id, max_tokens)
@@ -399,7 +403,7 @@ def _load(s: MiaSettings) -> _Loaded:
     if run is not None:
         record_first_token(run, target.tokenizer, bos_id)
     return _Loaded(plan=plan, target=target, ref=ref, bos_id=bos_id, ctx=ctx, max_tokens=max_tokens,
-                   samples=samples, run=run, overlap=MiaOverlap(ids_in_both_files=overlap_ids,
+                   samples=samples, run=run, dcpdd=dcpdd, overlap=MiaOverlap(ids_in_both_files=overlap_ids,
                                                                 identical_samples_in_both_sets=overlap_samples))
 
 
@@ -447,13 +451,6 @@ def _read(s: MiaSettings) -> tuple[tuple[Documents, Documents], int]:
 
 def _auto_ids(docs: Documents) -> bool:
     return all(i == str(n) for n, i in enumerate(docs.ids))
-
-
-def _tokens(s: MiaSettings, docs: tuple[Documents, Documents]) -> list[Sequence[list[int]]]:
-    """Each file's token lists for the target's tokenizer (loaded alone, before any model): text tokenized, stored
-    ids as they are once every id is checked against the vocabulary (an error names the row)."""
-    tok = load_tokenizer(s.model_dir, s.trust_remote_code)
-    return [d.tokens(tok) for d in docs]
 
 
 def _load_models(s: MiaSettings, plan: _Plan, dev: str) -> tuple[LoadedModel, LoadedModel | None]:
@@ -778,7 +775,7 @@ def _attack_scores(s: MiaSettings, L: _Loaded, P: _Passes) -> tuple[pd.DataFrame
                                                                     DcPddCorpus | None]:
     """samples.parquet's table (id, member, n_tokens, score_<column>), its score columns, and dc_pdd's corpus."""
     tok, scored = L.target.tokenizer, L.samples.scored
-    token_log_freq, corpus = _dcpdd_frequencies(s, tok) if "dc_pdd" in L.plan.names else (None, None)
+    token_log_freq, corpus = L.dcpdd or (None, None)
     inp = AttackInputs(stats=P.stats, scored_tokens=scored, texts=[tok.decode(t) for t in scored],
                        reference_stats=P.ref_stats, recall_stats=P.recall_stats, token_log_freq=token_log_freq,
                        gradnorms=P.gradnorms)

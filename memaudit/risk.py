@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypedDict
 
-from . import checks
+import torch
+
+from . import checks, distributed
 from .canaries import default_canary_file, read_canaries
 from .capacity.laws import (LAW_SOURCES, LAWS, PUBLISHED_ALPHA, PUBLISHED_ALPHA_BF16, PUBLISHED_ALPHA_FP32,
                             predict_mia_f1)
@@ -290,18 +292,27 @@ class _Target:
 
 
 def risk(settings: RiskSettings | None = None, /, *, echo: Callable[[str], None] = _silent,
-         **options: Any) -> RiskResult:
+         **options: Any) -> RiskResult | None:
     """`memaudit risk`: prediction only (params + sequences/tokens) or prediction + measurements (model + data).
-    `echo` receives the progress lines the command line prints."""
+    `echo` receives the progress lines the command line prints. Under torchrun every measurement is sharded over
+    the ranks and rank 0 writes; the other ranks return None."""
     s = settings_from(RiskSettings, settings, options)
     s.validate()
-    out = Path(s.out) if s.out is not None else RunDir.default_out("risk")
-    check_output(out, "risk", inputs=[p for p in (s.model, s.data, s.nonmembers, s.canaries) if p is not None],
-                 overwrite=s.overwrite)
+    if s.mode == "post-training":  # under torchrun every measuring command shards its work over the ranks
+        device = distributed.rank_device(s.device)
+        distributed.init_from_env(torch.device("cpu" if device == "auto" else device))
+    out = Path(s.out) if s.out is not None else distributed.broadcast_object(RunDir.default_out("risk"))
+    main = distributed.is_main()
+    if main:
+        check_output(out, "risk", inputs=[p for p in (s.model, s.data, s.nonmembers, s.canaries) if p is not None],
+                     overwrite=s.overwrite)
     target = _load_target(s) if s.mode == "post-training" else None
     params = target.params if target else s.params
     train_tokens = target.train_tokens if target else s.train_tokens
     prediction = s.predict(params, s.train_sequences, train_tokens)
+    if not main:  # the other ranks take their share of each measurement; rank 0 writes and decides
+        _measure(out, target.loaded, s, _silent)
+        return None
     run = RunDir(out, "risk", _recorded_settings(s, params, train_tokens), inputs=target.inputs if target else {},
                  overwrite=s.overwrite)
     run.owned.record(dirs=list(MEASUREMENT_RUNS) + ["report"])  # the runs it nests are its own
@@ -319,7 +330,7 @@ def risk(settings: RiskSettings | None = None, /, *, echo: Callable[[str], None]
 
 
 def _load_target(s: RiskSettings) -> _Target:
-    loaded = load_model(s.model, device=s.device, dtype=s.dtype, allow_pickle=s.allow_pickle,
+    loaded = load_model(s.model, device=distributed.rank_device(s.device), dtype=s.dtype, allow_pickle=s.allow_pickle,
                         trust_remote_code=s.trust_remote_code, **placement(s))
     docs = read_documents(s.data, text_field=s.text_field, id_field=s.id_field, limit=s.limit)
     lengths = [len(t) for t in tokenize(loaded.tokenizer, docs["text"].tolist())]
@@ -370,31 +381,36 @@ def _summary(s: RiskSettings, prediction: dict[str, Any], measured: dict[str, fl
 
 def _measure(root: Path, loaded: LoadedModel, s: RiskSettings,
              echo: Callable[[str], None]) -> tuple[dict[str, float], list[Path]]:
-    """Run extraction, MIA (with non-members), memorization vs zstd and exposure (with canaries); collect figures."""
+    """Run extraction, MIA (with non-members), memorization vs zstd and exposure (with canaries); collect figures.
+    Under torchrun every rank runs each command (each takes its shard); only rank 0 gets results to collect."""
     common = dict(batch_size=s.batch_size, device=s.device, dtype=s.dtype, allow_pickle=s.allow_pickle,
                   trust_remote_code=s.trust_remote_code, **placement(s))
     docs = dict(limit=s.limit, text_field=s.text_field, id_field=s.id_field)
     measured: dict[str, float] = {}
-    runs = [root / "extract"]
+    runs: list[Path] = []
+
+    def collect(name: str, result, figures: Callable[[Mapping[str, Any]], dict[str, float]]) -> None:
+        if result is not None:  # None on the other ranks under torchrun
+            measured.update(figures(result.summary))
+            runs.append(root / name)
+
     ext = extract(model_dir=loaded, data=s.data, prefix=s.prefix, suffix=s.suffix, out=root / "extract",
                   overwrite=True, batch_size=s.batch_size, **docs)
-    measured |= _measured_extract(ext.summary)
+    collect("extract", ext, _measured_extract)
     echo(f"extraction: exact rate {measured.get('exact_rate', float('nan')):.3f}")
     if s.nonmembers is not None:
         res = mia(model_dir=s.model, members=s.data, nonmembers=s.nonmembers, out=root / "mia", overwrite=True,
                   bootstrap=200, **docs, **common)
-        measured |= _measured_mia(res.summary)
-        runs.append(root / "mia")
+        collect("mia", res, _measured_mia)
         echo(f"membership inference: loss-attack AUC {measured.get('mia_auc', float('nan')):.3f}")
     mem = memorization(model_dir=s.model, data=s.data, reference="zstd", out=root / "memorization", overwrite=True,
                        **docs, **{k: v for k, v in common.items() if k != "dtype"})
-    measured |= _measured_memorization(mem.summary)
-    runs.append(root / "memorization")
-    echo(f"unintended memorization vs zstd: {mem.summary['total_mem_u_bits']:.1f} bits")
+    collect("memorization", mem, _measured_memorization)
+    echo(f"unintended memorization vs zstd: {measured.get('total_mem_u_bits', float('nan')):.1f} bits")
     if s.canary_file().is_file():
         exp = exposure(model_dir=s.model, canaries=s.canary_file(), out=root / "exposure", overwrite=True, **common)
-        measured |= _measured_exposure(exp.summary)
-        runs.append(root / "exposure")
-        echo(f"canary exposure: max {exp.summary['max_exposure_bits']:.2f} of "
-             f"{exp.summary['max_possible_exposure_bits']:.2f} bits")
+        collect("exposure", exp, _measured_exposure)
+        if exp is not None:
+            echo(f"canary exposure: max {exp.summary['max_exposure_bits']:.2f} of "
+                 f"{exp.summary['max_possible_exposure_bits']:.2f} bits")
     return measured, runs

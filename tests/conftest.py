@@ -61,3 +61,18 @@ def run_cli(capsys):
 
     return run
 
+
+@pytest.fixture(scope="session")
+def canary_model(tmp_path_factory):
+    """A tiny GPT-2 trained (by the trainer's --canaries) on 40 docstrings plus one 9-digit canary x 40."""
+    from memaudit.corpus import demo_corpus
+    from memaudit.data import write_documents
+    from memaudit.training import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("canary")
+    docs, _ = demo_corpus(n_train=40, n_heldout=1, seed=3)
+    data = write_documents(root / "train.jsonl", [d[:200] for d in docs])
+    train(TrainConfig(data=str(data), out=str(root / "model"), config="2x64", epochs=25, lr=3e-3, batch_size=16,
+                      seq_len=64, rows="first", val_fraction=0.0, seed=0, vocab_size=512, canaries=1,
+                      canary_repeats=40))
+    return root / "model"

@@ -148,6 +148,30 @@ def test_loss_scores_equal_plain_forward(models, documents, case):
     np.testing.assert_allclose(res.samples["score_loss"].to_numpy(), want, rtol=0, atol=1e-5)
 
 
+def _plain_gradnorm(model, tokens: list[int], first: int | None) -> float:
+    """The L2 norm over every parameter (tied ones once) of one sample's mean-NLL gradient: its own backward."""
+    ids = torch.tensor([([first] if first is not None else []) + list(tokens)])
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids[:, :-1], use_cache=False).logits[0].double()
+    torch.nn.functional.cross_entropy(logits, ids[0, 1:]).backward()
+    grads = {id(p): p.grad for p in model.parameters() if p.grad is not None}
+    return float(torch.sqrt(sum(g.double().square().sum() for g in grads.values())))
+
+
+@pytest.mark.parametrize("arch", list(A.ARCHITECTURES) + list(A.UNDECODABLE))
+def test_gradnorm_equals_a_plain_backward_per_sample(models, documents, arch):
+    """gradnorm's per-sample norms, batched (padded batches of 3) where the model allows it and one backward per
+    sample where it does not (a warning says which), against each sample's own backward."""
+    members, nonmembers, docs = documents
+    path = models(arch)
+    res = mia(model_dir=path, members=members, nonmembers=nonmembers, attacks="gradnorm", bootstrap=0,
+              batch_size=3, device="cpu", dtype="float32", write=False)
+    model = T.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = T.AutoTokenizer.from_pretrained(path)
+    want = [_plain_gradnorm(model, t, first_token(tok)) for t in tokenize(tok, docs)]
+    np.testing.assert_allclose(-res.samples["score_gradnorm"].to_numpy(), want, rtol=1e-4)
+
+
 # --- architectures whose cache memaudit cannot drive: refused up front -------------------------------------------
 
 @pytest.mark.parametrize("arch,kind", [("rwkv", None), ("recurrent_gemma", None), ("gpt2", "kv"),
@@ -255,3 +279,14 @@ def test_no_warning_for_models_memaudit_did_not_train(models, documents, capsys)
     capsys.readouterr()
     extract(model_dir=models("gpt2"), data=documents[0], prefix=4, suffix=4, device="cpu", bos=False, write=False)
     assert "warning" not in capsys.readouterr().err
+
+
+def test_trainer_refuses_a_tokenizer_without_bos_or_eos(models, documents, run_cli, tmp_path):
+    """Rows start with BOS, else EOS: with neither, `train` says so in one line before the output is made (it
+    failed with a traceback inside the row builder)."""
+    none = models("llama", "none")
+    for args in (["--config", none], ["--tokenizer", none, "--config", "1x32"]):
+        r = run_cli("train", "--data", documents[0], *args, "--seq-len", "16", "--epochs", "1", "--device", "cpu",
+                    "--out", tmp_path / "model")
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "neither a BOS nor an EOS" in r.stderr, r.stderr
+        assert not (tmp_path / "model").exists()

@@ -118,12 +118,15 @@ def test_mia_ids_beyond_the_vocabulary_name_the_row_before_the_model_loads(audit
     tok = load_tokenizer(audited.model_dir)
     good = _ids(tok, read_documents(audited.heldout_file, limit=4)["text"])
     bad = _write_ids(tmp_path / "m.jsonl", [good[0], good[1][:3] + [len(tok) + 7], good[2]])
+    line = (f"error: {bad}: line 2: token id {len(tok) + 7} is outside the model's vocabulary (ids 0-{len(tok) - 1}): "
+            "were these ids made with this model's tokenizer?")
     r = run_cli("mia", audited.model_dir, "--members", bad, "--nonmembers", audited.heldout_file,
                 "--out", tmp_path / "run")
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [
-        f"error: {bad}: line 2: token id {len(tok) + 7} is outside the model's vocabulary (ids 0-{len(tok) - 1}): "
-        "were these ids made with this model's tokenizer?"]
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [line]
+    # dc_pdd's frequency corpus too (it was read after every pass)
+    r = run_cli("mia", audited.model_dir, "--members", audited.train_file, "--nonmembers", audited.heldout_file,
+                "--attacks", "loss,dc_pdd", "--dcpdd-corpus", bad, "--out", tmp_path / "run")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [line]
 
 
 # ---------- mia --windows-per-doc -------------------------------------------------------------------------------

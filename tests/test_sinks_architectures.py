@@ -205,7 +205,7 @@ def test_mlp_less_model_refused_before_training(corpus_file, tmp_path, run_cli):
                 "sinks", "--seq-len", "32", "--device", "cpu")
     err = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(err) == 1 and "no MLP hidden layer" in err[0]
-    assert not (tmp_path / "m" / "model.safetensors").exists() and "train sinks loss" not in r.stdout
+    assert not (tmp_path / "m").exists()  # found once the model is built, still before the output is claimed
 
 
 @pytest.mark.parametrize("arch", ["phi3", "bloom"])  # a fused gate/up projection; a width no config field holds

@@ -172,6 +172,8 @@ class TrainConfig:
             check_architecture(self.config)
         if self.tokenizer is not None:
             _check_tokenizer_dir(self.tokenizer)
+        if self.tokenizer is not None or self.continues_model:
+            _check_first_token(self.tokenizer or self.config)
         self._check_token_data()
 
     def _model_config(self) -> dict:
@@ -236,6 +238,15 @@ def _check_tokenizer_dir(path: str) -> None:
                             else f"tokenizer directory not found: {p}")
     if not any((p / f).is_file() for f in checks.TOKENIZER_FILES):
         raise MemauditError(f"--tokenizer {p} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
+
+
+def _check_first_token(path: str) -> None:
+    """Rows start with BOS, else EOS (as every probe's sample does) and packed documents end with EOS: a tokenizer
+    with neither cannot mark either."""
+    if first_token(load_tokenizer(path)) is None:
+        raise MemauditError(f"the tokenizer in {path} has neither a BOS nor an EOS token: memaudit starts every "
+                            "training row with one (BOS, else EOS), as its probes start every sample; add one "
+                            "(tokenizer.add_special_tokens({'eos_token': ...})) and save the tokenizer again")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -384,16 +395,21 @@ class _Run:
 def _setup(cfg: TrainConfig, dist: distributed.Group) -> _Run:
     """Everything before the first step, in the order that keeps the seeded draws (weights, then training) fixed."""
     _seed_all(cfg.seed)
-    owned = _claim(cfg, dist)
+    # A model directory given as --config is checked for sinks before the output folder is claimed, so a refusal
+    # writes nothing; from scratch the folder comes first (torchrun's ranks share a tokenizer saved in it).
+    claim_first = not cfg.continues_model
+    owned = _claim(cfg, dist) if claim_first else None
     docs = _read_docs(cfg)
     given = _given_tokenizer(cfg, dist, docs.train_texts)
     model, tok = _init_model(cfg, docs.train_texts, dist.device, given)
+    spec = sink_spec(model, cfg.sink_fraction, cfg.sink_density) if cfg.objective == "sinks" else None
+    if not claim_first:
+        owned = _claim(cfg, dist)
     bos = first_token(tok)  # every row's first token, as every probe's sample: BOS, else EOS
     pad = tok.pad_token_id if tok.pad_token_id is not None else bos
     canaries = make_canaries(cfg.canaries, cfg.canary_repeats, seed=cfg.seed) if cfg.canaries else []
     rows = _rows(cfg, tok, bos, docs, canaries)
-    hooks = SinkHooks(model, sink_spec(model, cfg.sink_fraction, cfg.sink_density)) if cfg.objective == "sinks" \
-        else None
+    hooks = SinkHooks(model, spec) if spec is not None else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     steps_per_epoch = math.ceil(len(rows.train) / cfg.batch_size)
     use_bf16 = resolve_dtype(cfg.dtype, dist.device) == torch.bfloat16
