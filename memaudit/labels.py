@@ -71,6 +71,13 @@ LABELS: dict[str, Label] = {
     "document.reproduced_tokens": Label("tokens reproduced", "", _C),
     "document.longest_reproduced_run": Label("longest reproduced run", "tokens", _C),
     "document.mean_rouge_l": Label("mean ROUGE-L", "", _S),
+    # memorization over whole documents (its documents.parquet)
+    "document.mem_u_bits": Label("unintended memorization", "bits", _B),
+    "document.mem_u_bits_per_token": Label("per token", "bits/token", _B),
+    "document.max_window_mem_u_bits": Label("most in one window", "bits", _B),
+    "document.windows_with_mem_u": Label("windows with some", "", _C),
+    "max_window_mem_u_bits": Label("unintended memorization, most in one window", "bits", _B),
+    "windows_with_mem_u": Label("windows with unintended memorization", "", _C),
     "documents.n_documents": Label("documents", "", _C),
     "documents.documents_with_exact": Label("documents with a verbatim window", "", _C),
     "documents.mean_exact_fraction": Label("windows reproduced verbatim per document (mean)", "", _R),

@@ -75,6 +75,8 @@ COMPARE_METRICS = {"extract": ["exact_rate", "mean_token_match", "mean_rouge_l"]
                    "exposure": ["mean_exposure_bits"]}
 DOCUMENT_COLUMNS = ("id", "n_tokens", "n_windows", "exact_fraction", "reproduced_tokens", "longest_reproduced_run",
                     "mean_rouge_l")
+MEM_DOCUMENT_COLUMNS = ("id", "n_tokens", "n_windows", "mem_u_bits", "mem_u_bits_per_token", "max_window_mem_u_bits",
+                        "windows_with_mem_u")
 MAX_CELL = 300  # characters of a value shown per table cell
 MAX_TEXT = 600  # characters of sample text shown per continuation or passage
 MAX_COLUMNS = 7  # wider tables are transposed (runs become columns), so none scrolls sideways at 1280 px
@@ -224,8 +226,8 @@ def headline(run: Run) -> dict[str, Any]:
 
 
 def _whole_documents(run: Run) -> bool:
-    """An extract run that read several windows of some document (its documents table says more than a window
-    per document)."""
+    """An extract or memorization run that read several windows of some document (its documents table says more
+    than a window per document)."""
     docs = run.documents
     return docs is not None and "n_windows" in docs.columns and bool((docs["n_windows"] > 1).any())
 
@@ -1162,6 +1164,7 @@ def _memorization_section(group: list[Run], top: int) -> list[Block]:
     blocks += _figure_block(mem_u_figure(group), "Unintended memorization per sample: how many bits each training "
                             "sample's code shrinks under the model.", "memorization-per-sample.png")
     for r in group:
+        blocks += _memorization_documents(r, top)
         samples = (r.summary.get("top_samples") or [])[:top]
         if samples:
             blocks.append(Block("h3", text=f"Samples with the most unintended memorization: {r.label}"))
@@ -1172,6 +1175,18 @@ def _memorization_section(group: list[Run], top: int) -> list[Block]:
                 f"{value('bits_reference', t.get('bits_reference'))} bits, {t.get('n_tokens', '?')} tokens)", "")]
             blocks.append(Block("passage", parts=title, items=[[(_samples_text(t.get("text")), "")]]))
     return blocks
+
+
+def _memorization_documents(run: Run, top: int) -> list[Block]:
+    """Whole-document memorization runs: the documents whose windows carry the most unintended memorization."""
+    docs = run.documents
+    if not _whole_documents(run) or "mem_u_bits" not in docs.columns or not len(docs) or top == 0:
+        return []
+    best = docs.sort_values("mem_u_bits", ascending=False, kind="stable").head(top)
+    cols = [c for c in MEM_DOCUMENT_COLUMNS if c in best.columns]
+    return [Block("h3", text=f"Documents with the most unintended memorization: {run.label}")] + _fit_table(
+        [heading(f"document.{c}") for c in cols],
+        [[value(f"document.{c}", rec[c]) for c in cols] for rec in best.to_dict("records")], corner="document")
 
 
 def _exposure_section(group: list[Run], top: int) -> list[Block]:

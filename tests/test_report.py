@@ -434,3 +434,23 @@ def test_load_run_reads_documents(tmp_path):
     assert run.documents is not None and list(run.documents["id"]) == ["book-1", "book-2"]
     blocks = build_blocks([run], "t")
     assert any(b.kind == "passage" for b in blocks) and any(b.name.endswith("memorization_map.png") for b in blocks)
+
+
+def test_memorization_over_whole_documents_lists_its_documents(tmp_path):
+    """A memorization run with windows has a documents.parquet: the report lists the documents with the most
+    unintended memorization, most first, in the labels' units; a run of one window per document lists none."""
+    path = _memorization_run(tmp_path)
+    docs = pd.DataFrame({"id": ["ch1", "ch2", "ch3"], "n_tokens": [300, 500, 90], "n_windows": [3, 5, 1],
+                         "mem_u_bits": [410.5, 1830.25, 0.0], "mem_u_bits_per_token": [1.37, 3.66, 0.0],
+                         "max_window_mem_u_bits": [200.0, 700.0, 0.0], "windows_with_mem_u": [2, 5, 0]})
+    docs.to_parquet(path / "documents.parquet")
+    blocks = build_blocks([load_run(path)], "t")
+    at = next(i for i, b in enumerate(blocks) if b.kind == "h3" and b.text.startswith("Documents with the most "
+                                                                                        "unintended memorization"))
+    table = blocks[at + 1]
+    assert table.kind == "table" and table.headers[0] == "document"
+    assert [r[0] for r in table.rows] == ["ch2", "ch1", "ch3"]
+    assert "unintended memorization (bits)" in table.headers and table.rows[0][table.headers.index(
+        "unintended memorization (bits)")] == "1,830"
+    docs.assign(n_windows=1).to_parquet(path / "documents.parquet")
+    assert not any(b.text.startswith("Documents with the most") for b in build_blocks([load_run(path)], "t"))
