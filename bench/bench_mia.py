@@ -14,15 +14,24 @@ Same models, data, process and machine. Rows:
   1. memaudit vs MIMIR's loop, every default attack (documents/s; the ratio is `speedup`, the last line);
   2. the old per-attack comparison: the logit attacks through memaudit vs each attack its own per-document loop;
   3. the ReCaLL pass: after the cached shots vs the shots re-read before every sample (the way before);
-  4. the gradnorm pass: a batch at once vs one backward per sample (the way before).
+  4. the target and gradnorm passes as `mia` runs them: now one forward per batch gives the target pass's stats and
+     the per-sample gradient norms; before, the target pass and then one forward and backward per sample; and
+     gradnorm's share of that: the same minus the target pass's own time (which both ways need);
+  5. the gradnorm pass alone: a batch at once (with its method's check) vs one backward per sample.
 Every row checks its two ways' scores: 1e-5, gradnorm and min_k_pp 1e-4 relative (see RTOL). Metrics are not timed
 (--bootstrap 0). The shots' prefix is read once per pass, so ReCaLL's ratio grows with the number of samples.
+Rows 2-5 shrink with the samples' length (`--window 0`: whole documents, 93-732 tokens here): batch 1 wastes
+less on a CPU, caching a prefix saves (prefix + x) / x of a pass at most, and past a layer's width (~400-600 tokens
+at this shape) a sample's exact gradient norm costs its weight gradient, as a backward of its own does. Row 1 does
+not: MIMIR reads each token's log-probability one at a time under autograd, and the backward of every such index
+fills a [T, vocabulary] gradient, so its gradnorm grows with the square of the length.
 Usage: python bench/bench_mia.py [--docs 16] [--window 64] [--config gpt2|tiny|small|LxW] [--repeats 1]
 """
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import tempfile
 import time
 import zlib
@@ -33,7 +42,6 @@ import numpy as np
 import torch
 import zstandard
 
-ROOT = Path(__file__).resolve().parents[1]
 LOGIT_ATTACKS = "loss,zlib,zstd,reference,min_k,min_k_pp,recall,dc_pdd"
 KS = (10.0, 20.0, 30.0)
 ATOL = 1e-5  # every score column, absolute, but for those in RTOL
@@ -41,6 +49,7 @@ ATOL = 1e-5  # every score column, absolute, but for those in RTOL
 # E[ln p]^2 loses about 1e-4 of itself to float32 cancellation on a random model's near-uniform prediction, in
 # MIMIR's formula as in memaudit's.
 RTOL = {"gradnorm": 1e-4, "min_k_pp": 1e-4}
+GPT2_VOCAB = 50257
 
 
 def build(tmp: Path, docs: int, config: str):
@@ -59,7 +68,8 @@ def build(tmp: Path, docs: int, config: str):
     for name, seed in (("target", 0), ("reference", 1)):
         torch.manual_seed(seed)
         ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-        cfg = GPT2Config(vocab_size=len(tok), **ids) if config == "gpt2" else \
+        # gpt2: GPT-2's own 50,257-token output layer (124M parameters); the local tokenizer's ids are its first 2,048
+        cfg = GPT2Config(vocab_size=GPT2_VOCAB, **ids) if config == "gpt2" else \
             build_config(config, vocab_size=len(tok), max_length=1024, **ids)
         AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp / name)
         tok.save_pretrained(tmp / name)
@@ -67,14 +77,15 @@ def build(tmp: Path, docs: int, config: str):
     return dirs[0], dirs[1], mem_f, non_f
 
 
-def documents(tok, mem_f, non_f, window: int) -> list[tuple[str, list[int]]]:
-    """(id, first `window` tokens) of every document long enough, members first: memaudit's samples."""
+def documents(tok, mem_f, non_f, window: int, ctx: int = 1024) -> list[tuple[str, list[int]]]:
+    """(id, first `window` tokens) of every document long enough, members first: memaudit's samples; with window 0
+    whole documents, truncated to the context (`ctx` tokens fit after BOS)."""
     from memaudit.data import read_documents, tokenize
 
     out = []
     for f in (mem_f, non_f):
         df = read_documents(f)
-        out += [(i, t[:window]) for i, t in zip(df["id"], tokenize(tok, df["text"])) if len(t) >= window]
+        out += [(i, t[:window or ctx]) for i, t in zip(df["id"], tokenize(tok, df["text"])) if len(t) >= window]
     return out
 
 
@@ -86,10 +97,12 @@ def log_frequencies(tok, non_f) -> np.ndarray:
     return np.log((counts + 1) / (counts.sum() + len(tok)))
 
 
-def recall_prefix(docs, shot_ids: list[str], eos: int, bos: int, window: int, ctx: int) -> list[int]:
-    """memaudit's ReCaLL prefix: BOS, then the shots joined by EOS, cut from the left to the room before a sample."""
+def recall_prefix(docs, shot_ids: list[str], eos: int, bos: int, ctx: int) -> list[int]:
+    """memaudit's ReCaLL prefix: BOS, then the shots joined by EOS, cut from the left to the room before the
+    longest sample."""
     by_id = dict(docs)
-    return [bos] + [t for s in shot_ids for t in by_id[s] + [eos]][-(ctx - window):]
+    room = ctx - max(len(x) for _, x in docs)
+    return [bos] + [t for s in shot_ids for t in by_id[s] + [eos]][-room:]
 
 
 def logit_scores(lp: torch.Tensor, lsm: torch.Tensor, x: list[int], text: bytes, logf: np.ndarray) -> dict:
@@ -138,7 +151,7 @@ def mimir_loop(target_dir, ref_dir, mem_f, non_f, window: int, shot_ids: list[st
     bos, eos = tok.bos_token_id, tok.eos_token_id
     docs = documents(tok, mem_f, non_f, window)
     logf = log_frequencies(tok, non_f)
-    prefix = recall_prefix(docs, shot_ids, eos, bos, window, tm.max_length)
+    prefix = recall_prefix(docs, shot_ids, eos, bos, tm.max_length)
     params = [p for p in model.parameters() if p.requires_grad]
     secs["load"] = time.perf_counter() - t0
     cols: dict[str, list[float]] = defaultdict(list)
@@ -154,12 +167,12 @@ def mimir_loop(target_dir, ref_dir, mem_f, non_f, window: int, shot_ids: list[st
         t = time.perf_counter()
         if doc_id in shot_ids:
             cols["recall"].append(float("nan"))
-        else:  # MIMIR's get_conditional_ll: the model's loss on prefix + document, the prefix masked
+        else:  # MIMIR's get_conditional_ll: the model's loss on prefix + document, the prefix masked (its last
+            # token is not read: with a context-filling prefix it would be one position past the context)
             ids = torch.tensor([prefix + x])
-            labels = ids.clone()
-            labels[0, :len(prefix)] = -100
             with torch.no_grad():
-                cond = -model(ids, labels=labels).loss.item()
+                logits = model(ids[:, :-1]).logits[0, len(prefix) - 1:]
+                cond = -torch.nn.functional.cross_entropy(logits, ids[0, len(prefix):]).item()
             cols["recall"].append(cond / min(cols["loss"][-1], -1e-12))
         secs["recall pass"] += time.perf_counter() - t
         t = time.perf_counter()
@@ -183,7 +196,7 @@ def per_attack_peer(target_dir, ref_dir, mem_f, non_f, window: int, shot_ids: li
     bos, eos = tok.bos_token_id, tok.eos_token_id
     docs = documents(tok, mem_f, non_f, window)
     logf = log_frequencies(tok, non_f)
-    prefix = recall_prefix(docs, shot_ids, eos, bos, window, tm.max_length)
+    prefix = recall_prefix(docs, shot_ids, eos, bos, tm.max_length)
 
     def lp_of(model, ids):
         with torch.no_grad():
@@ -224,19 +237,29 @@ def compare(res_samples, cols: dict) -> tuple[str, bool]:
     return text, ok
 
 
+def warm_up(target_dir) -> None:
+    """One short forward and backward, untimed, so neither way pays the process's first-call costs."""
+    from memaudit.models import load_model
+
+    model = load_model(target_dir, device="cpu", dtype="float32").model
+    ids = torch.zeros((2, 16), dtype=torch.long)
+    model(input_ids=ids).logits.float().mean().backward()
+
+
 def timed(fn, repeats: int):
-    """(result of the last call, fastest seconds)."""
-    best, out = float("inf"), None
+    """(result of the last call, median seconds)."""
+    times, out = [], None
     for _ in range(repeats):
         t0 = time.perf_counter()
         out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return out, best
+        times.append(time.perf_counter() - t0)
+    return out, statistics.median(times)
 
 
 def passes_today(target_dir, mem_f, non_f, window: int, shot_ids: list[str], repeats: int) -> list[tuple]:
-    """Rows 3 and 4: ReCaLL's and gradnorm's pass, the new way and the way before, on the same samples."""
-    from memaudit.attacks import gradient_norms
+    """Rows 3 to 5, each pass the new way and the way before on the same samples: ReCaLL's pass; the target and
+    gradnorm passes as mia runs them (now one forward gives both); gradnorm's pass alone."""
+    from memaudit.attacks import choose_gradient_method, gradient_norms, score_and_gradient_norms
     from memaudit.models import load_model
     from memaudit.scoring import score
 
@@ -244,30 +267,44 @@ def passes_today(target_dir, mem_f, non_f, window: int, shot_ids: list[str], rep
     tok, model = tm.tokenizer, tm.model
     bos, eos = tok.bos_token_id, tok.eos_token_id
     docs = documents(tok, mem_f, non_f, window)
-    prefix = recall_prefix(docs, shot_ids, eos, bos, window, tm.max_length)
+    prefix = recall_prefix(docs, shot_ids, eos, bos, tm.max_length)
     xs = [x for i, x in docs if i not in shot_ids]
     new, t_new = timed(lambda: score(model, xs, prefix=prefix, max_length=tm.max_length), repeats)
     old, t_old = timed(lambda: score(model, [prefix + x for x in xs], max_length=tm.max_length), repeats)
     d_recall = max(abs(float(a.logprob.mean()) - float(b.logprob[-len(x):].mean())) for a, b, x in zip(new, old, xs))
     all_x = [x for _, x in docs]
+
+    def joint():  # as mia runs them now: the method chosen, then one forward per batch for stats and norms
+        assert choose_gradient_method(model, all_x, bos_id=bos)[0] == "batched"
+        return score_and_gradient_norms(model, all_x, bos_id=bos)
+
+    (j_stats, j_norms), t_joint = timed(joint, repeats)
+    stats, t_score = timed(lambda: score(model, all_x, bos_id=bos), repeats)
     g_new, tg_new = timed(lambda: gradient_norms(model, all_x, bos_id=bos, method="auto"), repeats)
     g_old, tg_old = timed(lambda: gradient_norms(model, all_x, bos_id=bos, method="loop"), repeats)
-    d_grad = float(np.max(np.abs(g_new / g_old - 1)))
+    d_stats = max(float(np.max(np.abs(a.logprob - b.logprob))) for a, b in zip(j_stats, stats))
+    d_joint, d_grad = (float(np.max(np.abs(g / g_old - 1))) for g in (j_norms, g_new))
     return [("ReCaLL pass: cached shots vs shots re-read", len(xs), t_new, t_old, f"abs {d_recall:.1e} (LL(x | shots))",
              d_recall <= ATOL),
-            ("gradnorm pass: batched vs backward each", len(all_x), tg_new, tg_old, f"rel {d_grad:.1e} (gradnorm)",
-             d_grad <= RTOL["gradnorm"])]
+            ("target + gradnorm passes, as mia runs them", len(all_x), t_joint, t_score + tg_old,
+             f"abs {d_stats:.1e} (logprob); rel {d_joint:.1e} (gradnorm)",
+             d_stats <= ATOL and d_joint <= RTOL["gradnorm"]),
+            ("  gradnorm's share of them (minus target pass)", len(all_x), max(t_joint - t_score, 1e-9), tg_old,
+             "as above", d_stats <= ATOL and d_joint <= RTOL["gradnorm"]),
+            ("gradnorm pass alone: batched vs backward each", len(all_x), tg_new, tg_old,
+             f"rel {d_grad:.1e} (gradnorm)", d_grad <= RTOL["gradnorm"])]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=int, default=16, help="members and as many non-members")
     ap.add_argument("--repeats", type=int, default=1, help="time each way this many times, interleaved; report the "
-                                                          "fastest of each (the CPU may be shared)")
-    ap.add_argument("--window", type=int, default=64)
-    ap.add_argument("--config", default="gpt2", help="gpt2 (GPT2Config() defaults, 124M-parameter shape with "
-                                                     "GPT-2's vocabulary; here the test tokenizer's), tiny, small "
-                                                     "or LxW")
+                                                          "median of each")
+    ap.add_argument("--window", type=int, default=64, help="tokens per sample (each document's first); 0: whole "
+                                                           "documents, as mia's default")
+    ap.add_argument("--config", default="gpt2", help="gpt2: GPT2Config() defaults, GPT-2 124M (12 layers, width "
+                                                     "768, context 1024, 50,257 output tokens; the local tokenizer "
+                                                     "uses the first 2,048); or tiny, small, LxW")
     args = ap.parse_args()
 
     from memaudit import mia
@@ -278,36 +315,39 @@ def main() -> None:
         tmp = Path(d)
         target, ref, mem_f, non_f = build(tmp, args.docs, args.config)
         params = count_parameters(load_model(target, device="cpu").model)
-        kw = dict(model_dir=target, members=mem_f, nonmembers=non_f, reference=ref, k=KS, window=args.window,
+        warm_up(target)
+        kw = dict(model_dir=target, members=mem_f, nonmembers=non_f, reference=ref, k=KS, window=args.window or None,
                   bootstrap=0, device="cpu", dtype="float32", write=False)
-        t_mem = t_mimir = t_logit = t_peer = float("inf")
+        times = defaultdict(list)  # way -> seconds of each repeat (interleaved, so drifts in load hit both ways)
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             res = mia(**kw, attacks="all")
-            t_mem = min(t_mem, time.perf_counter() - t0)
+            times["mem"].append(time.perf_counter() - t0)
             shots = res.summary["recall"]["shot_ids"]
             t0 = time.perf_counter()
             cols, secs = mimir_loop(target, ref, mem_f, non_f, args.window, shots)
-            t_mimir = min(t_mimir, time.perf_counter() - t0)
+            times["mimir"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             res_logit = mia(**kw, attacks=LOGIT_ATTACKS)
-            t_logit = min(t_logit, time.perf_counter() - t0)
+            times["logit"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             peer_cols = per_attack_peer(target, ref, mem_f, non_f, args.window, shots)
-            t_peer = min(t_peer, time.perf_counter() - t0)
+            times["peer"].append(time.perf_counter() - t0)
+        t_mem, t_mimir, t_logit, t_peer = (statistics.median(times[w]) for w in ("mem", "mimir", "logit", "peer"))
         n = len(res.samples)
         rows.append(("memaudit mia vs MIMIR's loop, all attacks", n, t_mem, t_mimir, *compare(res.samples, cols)))
         rows.append(("old: logit attacks vs a loop per attack", n, t_logit, t_peer,
                      *compare(res_logit.samples, peer_cols)))
         rows += passes_today(target, mem_f, non_f, args.window, shots, args.repeats)
 
-    print(f"model: GPT-2 {args.config}, {params:,} parameters, vocab 2048, context 1024; {n} samples of "
-          f"{args.window} tokens (+BOS), {args.docs} members and {args.docs} non-members, 5 ReCaLL shots; CPU, "
-          f"torch threads {torch.get_num_threads()}; fastest of {args.repeats} interleaved run(s) each")
-    print(f"MIMIR's loop, seconds by part: " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()))
-    print(f"{'row':<46}{'samples':>8}{'new s':>9}{'old s':>9}{'new/s':>8}{'old/s':>8}{'ratio':>7}  max score diff")
+    size = f"{args.window} tokens" if args.window else "whole documents"
+    print(f"model: GPT-2 --config {args.config}, {params:,} parameters, tokenizer vocab 2048, context 1024; {n} samples of "
+          f"{size} (+BOS), {args.docs} members and {args.docs} non-members, 5 ReCaLL shots; CPU, "
+          f"torch threads {torch.get_num_threads()}; median of {args.repeats} interleaved run(s) each")
+    print("MIMIR's loop, seconds by part: " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()))
+    print(f"{'row':<48}{'samples':>8}{'new s':>9}{'old s':>9}{'new/s':>8}{'old/s':>8}{'ratio':>7}  max score diff")
     for name, m, t_new, t_old, diff, _ in rows:
-        print(f"{name:<46}{m:>8}{t_new:>9.1f}{t_old:>9.1f}{m / t_new:>8.2f}{m / t_old:>8.2f}{t_old / t_new:>7.2f}  "
+        print(f"{name:<48}{m:>8}{t_new:>9.1f}{t_old:>9.1f}{m / t_new:>8.2f}{m / t_old:>8.2f}{t_old / t_new:>7.2f}  "
               f"{diff}")
     ok = all(r[-1] for r in rows)
     print(f"scores equal in every row (absolute {ATOL:g}; relative " + ", ".join(f"{c} {t:g}" for c, t in RTOL.items())
