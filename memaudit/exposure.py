@@ -206,6 +206,7 @@ class ExposureSettings:
         checks.choice("--estimator", self.estimator, ESTIMATORS)
         checks.seed(self.seed)
         checks.batch_size(self.batch_size)
+        checks.device(self.device)
         check_placement(self.device_map, self.max_memory, self.quantize, self.device)
         if self.canaries is None and not self.canary_file().is_file():
             raise MemauditError(f"no canaries.jsonl in {self.model_dir}: pass --canaries FILE")

@@ -220,6 +220,7 @@ class RiskSettings:
         else:
             _check_prediction_settings(self.train_sequences, self.train_tokens, self.window, self.precision,
                                        self.bits_per_token, self.random_vocab)
+            checks.device(self.device)
             self._check_measuring_inputs(gate)
         checks.number("--params", self.params, low=1, high=MAX_COUNT)
 
