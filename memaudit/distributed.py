@@ -96,6 +96,14 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def start(device: str, model_device: torch.device | None = None) -> str:
+    """Join torchrun's processes, if any, for a command that runs on `device` (gloo on CPU, NCCL on CUDA; an
+    already loaded model's `model_device` decides when given). Returns this rank's device (its own GPU)."""
+    dev = rank_device(device)
+    init_from_env(model_device or torch.device("cpu" if dev == "auto" else dev))
+    return dev
+
+
 def rank_device(device: str) -> str:
     """Under torchrun each rank uses its own GPU: `auto`/`cuda` become `cuda:<local rank>`."""
     if env_world() > 1 and torch.cuda.is_available() and device in ("auto", "cuda"):

@@ -25,7 +25,6 @@ from typing import Any, Sequence, TypedDict
 
 import numpy as np
 import pandas as pd
-import torch
 
 from . import checks, distributed
 from .canaries import Canary, default_canary_file, read_canaries
@@ -245,8 +244,7 @@ def exposure(settings: ExposureSettings | None = None, /, **options: Any) -> Exp
     # The canaries are read before the model directory is checked: errors keep the order they have always had.
     cans = _read_inserted(s.canary_file())
     checks.model_dir(s.model_dir, allow_pickle=s.allow_pickle)
-    device = distributed.rank_device(s.device)
-    distributed.init_from_env(torch.device("cpu" if device == "auto" else device))
+    device = distributed.start(s.device)
     out = s.out or distributed.broadcast_object(RunDir.default_out("exposure"))
     if distributed.is_main():
         check_output(out, "exposure", inputs=[s.model_dir, s.canary_file()], overwrite=s.overwrite)

@@ -343,11 +343,7 @@ def _load(s: ExtractSettings) -> tuple[LoadedModel, _Corpus, RunDir | None]:
 
 def _join(s: ExtractSettings) -> str:
     """Join torchrun's processes, if any (gloo on CPU, NCCL on CUDA); returns this rank's device (its own GPU)."""
-    device = distributed.rank_device(s.device)
-    group_device = s.model_dir.device if isinstance(s.model_dir, LoadedModel) else torch.device(
-        "cpu" if device == "auto" else device)
-    distributed.init_from_env(group_device)
-    return device
+    return distributed.start(s.device, s.model_dir.device if isinstance(s.model_dir, LoadedModel) else None)
 
 
 def _token_arrays(docs: Documents, tokenizer) -> Sequence[np.ndarray]:

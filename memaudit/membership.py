@@ -424,8 +424,7 @@ def _plan(s: MiaSettings) -> _Plan:
 def _start(s: MiaSettings) -> tuple[str, Path | None]:
     """Join torchrun's processes (if any) and refuse an output folder that may not be written, before any work.
     Returns this rank's device and the run directory (None with write=False)."""
-    dev = distributed.rank_device(s.device)
-    distributed.init_from_env(torch.device("cpu" if dev == "auto" else dev))
+    dev = distributed.start(s.device)
     if not s.write:
         return dev, None
     out = Path(s.out) if s.out is not None else distributed.broadcast_object(RunDir.default_out("mia"))

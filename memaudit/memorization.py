@@ -23,7 +23,6 @@ from typing import Any, Iterator, Sequence, TypedDict
 
 import numpy as np
 import pandas as pd
-import torch
 import zstandard
 
 from . import checks, distributed
@@ -323,8 +322,7 @@ def memorization(settings: MemorizationSettings | None = None, /, **options: Any
 
 def _start(s: MemorizationSettings) -> Path:
     """Join torchrun's processes (if any); the output folder, refused now (by rank 0) if it may not be written."""
-    dev = distributed.rank_device(s.device)
-    distributed.init_from_env(torch.device("cpu" if dev == "auto" else dev))
+    distributed.start(s.device)
     out = Path(s.out) if s.out is not None else distributed.broadcast_object(RunDir.default_out("memorization"))
     if distributed.is_main():
         check_output(out, "memorization", inputs=s.input_paths(), resume=s.resume, overwrite=s.overwrite)

@@ -26,8 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypedDict
 
-import torch
-
 from . import checks, distributed
 from .canaries import default_canary_file, read_canaries
 from .capacity.laws import (LAW_SOURCES, LAWS, PUBLISHED_ALPHA, PUBLISHED_ALPHA_BF16, PUBLISHED_ALPHA_FP32,
@@ -300,8 +298,7 @@ def risk(settings: RiskSettings | None = None, /, *, echo: Callable[[str], None]
     s = settings_from(RiskSettings, settings, options)
     s.validate()
     if s.mode == "post-training":  # under torchrun every measuring command shards its work over the ranks
-        device = distributed.rank_device(s.device)
-        distributed.init_from_env(torch.device("cpu" if device == "auto" else device))
+        distributed.start(s.device)
     out = Path(s.out) if s.out is not None else distributed.broadcast_object(RunDir.default_out("risk"))
     main = distributed.is_main()
     if main:
